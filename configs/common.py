@@ -1,0 +1,188 @@
+"""Shared defaults and the variants every stage config accepts.
+
+`get_config(stage, arg)` builds the config for one stage. `arg` is the `:suffix` of
+`--config=configs/stage2.py:paper,h100x8`: a comma-separated list of variants applied left to right.
+The default (empty suffix) is `demo`. Every hyper-parameter of handi-jax lives here and nowhere else.
+"""
+
+import ml_collections
+
+
+def unet_config(full_size: bool) -> ml_collections.ConfigDict:
+  """The HANDI UNet (ModelScope text-to-video 3D UNet + AnimateAnything extension); diffusers names."""
+  if full_size:
+    return ml_collections.ConfigDict(dict(
+        in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        attention_head_dim=64, cross_attention_dim=1024, norm_num_groups=32, norm_eps=1e-5,
+        transformer_in_heads=8, mask_channels=1, motion_strength=True, sample_size=32))
+  return ml_collections.ConfigDict(dict(
+      in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+      attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8, norm_eps=1e-5,
+      transformer_in_heads=4, mask_channels=1, motion_strength=True, sample_size=8))
+
+
+def vae_config(full_size: bool) -> ml_collections.ConfigDict:
+  """SD 1.5 AutoencoderKL; diffusers names."""
+  if full_size:
+    return ml_collections.ConfigDict(dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215, sample_size=512))
+  return ml_collections.ConfigDict(dict(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+      layers_per_block=1, norm_num_groups=8, scaling_factor=0.18215, sample_size=64))
+
+
+def text_encoder_config(full_size: bool) -> ml_collections.ConfigDict:
+  """transformers CLIPTextModel; 23 x 1024 is the ModelScope/OpenCLIP-H tower (SD 1.5: 12 x 768)."""
+  if full_size:
+    return ml_collections.ConfigDict(dict(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+  return ml_collections.ConfigDict(dict(
+      vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="gelu",
+      bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+
+
+def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.seed = 0
+
+  # Devices. Axis sizes of the (data, fsdp, tensor) mesh; one of them may be -1 = all remaining devices.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis name -> mesh axes (None = replicated). Models annotate parameters with logical names.
+  config.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),       # model width / input features of a projection
+      ("heads", "tensor"),     # attention projection outputs (heads x head_dim)
+      ("mlp", "tensor"),       # feed-forward hidden width
+      ("conv_in", None),       # input channels of a conv kernel
+      ("conv_out", "fsdp"),    # output channels of a conv kernel
+      ("norm", None),          # norm scales and biases: small, replicated
+      ("vocab", None),
+  )
+  # Multi-host: None = decide from the environment (JAX_COORDINATOR_ADDRESS, TPU/SLURM variables).
+  config.multihost = ml_collections.config_dict.placeholder(bool)
+  config.num_devices_expected = 0  # 0 = whatever exists; variants that target hardware set it
+
+  # Models. `pretrained` is a diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/,
+  # scheduler/); empty = random init from the configs below (tests, demo).
+  config.model = ml_collections.ConfigDict()
+  config.model.pretrained = ""
+  config.model.unet = unet_config(full_size=False)
+  config.model.vae = vae_config(full_size=False)
+  config.model.text_encoder = text_encoder_config(full_size=False)
+  config.model.param_dtype = "float32"
+  config.model.dtype = "float32"      # compute dtype; bf16 on accelerators
+  config.model.attention = "xla"      # xla | cudnn | tpu_flash (spatial attention only)
+  config.model.remat = "none"         # none | full | dots_saveable (per UNet block)
+  config.model.vae_decode_chunk = 4   # frames decoded per VAE call
+
+  # Diffusion (training schedule; the release's DDPMScheduler config).
+  config.diffusion = ml_collections.ConfigDict(dict(
+      num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+      prediction_type="epsilon",
+      # The release sets rescale_schedule but it is a silent no-op there; off = what it trained with.
+      rescale_zero_terminal_snr=False))
+
+  # Sampling (DPM-Solver++ 2M, classifier-free guidance).
+  config.sampling = ml_collections.ConfigDict(dict(
+      sampler="dpmsolver++", num_inference_steps=25, guidance_scale=9.0,
+      timestep_spacing="linspace", steps_offset=0, lower_order_final=True,
+      init="noised_context",          # noised_context (the release) | noise
+      motion_strength=3.0, negative_prompt="",
+      replace_background=True,        # paper: pixels outside the mask = context image
+      target_area=512 * 512,          # aspect-preserving resize to this area, sides multiples of 8
+      height=0, width=0))             # > 0: fixed size instead of target_area
+
+  # Stage-1 mask clean-up.
+  config.mask_cleanup = ml_collections.ConfigDict(dict(
+      threshold=0.5, min_component_fraction=0.002, closing_kernel=7))
+
+  # Data.
+  config.data = ml_collections.ConfigDict()
+  config.data.dir = ""                # TFRecord dataset directory; empty = demo data under workdir
+  config.data.split = "train"
+  config.data.num_frames = 16         # frame 0 = context image, L = num_frames - 1 targets
+  config.data.height = 64
+  config.data.width = 64
+  config.data.shuffle_buffer = 64
+  config.data.conditioning_mask = "union"   # stage 2: union (paper M_gen target) | prior
+  config.data.build = ml_collections.ConfigDict(dict(
+      detector="solutions",           # solutions (bundled mediapipe models) | a path to a .task file
+      max_num_hands=2, model_complexity=1, min_detection_confidence=0.1,
+      min_tracking_confidence=0.1, static_image_mode=True,
+      mask_rule="per_hand_hull",      # per_hand_hull (paper) | joint_hull (the release)
+      keep_handless_clips=False, frames_per_shard=256, motion_intensive_fraction=0.1))
+  config.data.demo = ml_collections.ConfigDict(dict(num_clips=8, seed=0))
+
+  # Training.
+  config.train = ml_collections.ConfigDict(dict(
+      global_batch_size=2, learning_rate=5e-5, warmup_steps=20, weight_decay=0.0,
+      adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip_norm=1.0, num_steps=4,
+      uncond_prob=0.15, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+      transfer_guard="allow"))
+
+  # Losses.
+  config.loss = ml_collections.ConfigDict(dict(
+      alpha_miou=0.1, eta_hand=0.1, hand_frame_stride=1, decode_dtype="float32",
+      remat_decoder=True, remat_landmarks=True, hand_presence_weight=0.0))
+
+  apply_variants(config, arg)
+  return config
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
+  names = [a.strip() for a in (arg or "demo").split(",") if a.strip()]
+  for name in names:
+    if name not in VARIANTS:
+      raise ValueError(f"unknown config variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    VARIANTS[name](config)
+
+
+def _variant_demo(config):
+  """Tiny model, demo data, whatever devices exist (the defaults above)."""
+
+
+def _variant_paper(config):
+  """The paper's and the release's hyper-parameters, full-size models."""
+  config.model.unet = unet_config(full_size=True)
+  config.model.vae = vae_config(full_size=True)
+  config.model.text_encoder = text_encoder_config(full_size=True)
+  config.data.num_frames = 16
+  config.data.height = config.data.width = 256
+  config.train.global_batch_size = 48
+  config.train.learning_rate = 5e-5
+  config.train.num_steps = 50_000
+  config.train.log_every = 50
+  config.train.checkpoint_every = 2000
+  config.train.transfer_guard = "disallow"
+  config.loss.alpha_miou = 0.1
+  config.loss.eta_hand = 0.1
+  config.sampling.num_inference_steps = 25
+  config.sampling.guidance_scale = 9.0
+  config.model.remat = "full"
+
+
+def _variant_h100x8(config):
+  """One host with 8 H100: FSDP over the 8 GPUs, bf16 compute, cuDNN attention."""
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
+  config.num_devices_expected = 8
+  config.multihost = False
+  config.model.dtype = "bfloat16"
+  config.model.attention = "cudnn"
+
+
+def _variant_tpu_v5p_64(config):
+  """A v5p-64 slice: 32 chips on 8 hosts; data x fsdp over all chips, multi-host."""
+  config.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=16, tensor=1))
+  config.num_devices_expected = 32
+  config.multihost = True
+  config.model.dtype = "bfloat16"
+  config.model.attention = "tpu_flash"
+
+
+VARIANTS = {"demo": _variant_demo, "paper": _variant_paper, "h100x8": _variant_h100x8,
+            "tpu_v5p_64": _variant_tpu_v5p_64}

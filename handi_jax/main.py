@@ -1,0 +1,152 @@
+"""handi-jax entry point: `python -m handi_jax.main --config=configs/stage2.py --workdir=DIR --mode=MODE`.
+
+Parses flags and the config, sets up JAX (multi-host when asked), then hands over to one mode.
+"""
+
+import difflib
+import importlib
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import configs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Config file with optional variants, e.g. configs/stage2.py:paper,h100x8. "
+    "Override any field with --config.<field>=<value> (e.g. --config.train.learning_rate=1e-4).",
+    lock_config=True)
+flags.mark_flag_as_required("config")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, logs and outputs.")
+
+def describe(config, workdir):
+  """Print the resolved config and the device mesh it would build; build it when the devices exist."""
+  import jax
+
+  from handi_jax import sharding
+
+  print(config)
+  shape = sharding.mesh_shape(config.mesh, jax.device_count(), config.num_devices_expected)
+  print(f"mesh axes {sharding.MESH_AXES} -> shape {tuple(shape.values())}")
+  if shape.num_devices != jax.device_count():
+    print(f"this config wants {shape.num_devices} devices ({config.num_devices_expected} expected by the "
+          f"variant); {jax.device_count()} {jax.default_backend()} device(s) exist here, so the mesh is not "
+          "built. On the target hardware it is; for a dry run on CPU set "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={shape.num_devices}.")
+    return
+  mesh = sharding.make_mesh(config)
+  print(f"mesh built: {dict(mesh.shape)} over {mesh.devices.size} device(s)")
+
+
+# mode -> function or "module:function" (imported on use); each takes (config, workdir).
+MODES = {
+    "describe": describe,
+    "train": "handi_jax.train:train_and_evaluate",
+    "generate": "handi_jax.generate:generate_from_config",
+    "evaluate": "handi_jax.evaluate:evaluate",
+    "export": "handi_jax.convert.cli:export_from_config",
+    "predict_masks": "handi_jax.generate:predict_masks_from_config",
+    "demo": "handi_jax.demo:run_demo",
+}
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run: " + ", ".join(MODES) + ".")
+
+
+def _parse_flags(argv):
+  """absl parsing, with one-line errors for bad --config overrides instead of a traceback."""
+  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]) and "--help" not in argv:
+    sys.exit("error: --config is required, e.g. --config=configs/stage2.py (variants: configs/stage2.py:paper)")
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f"error: {_explain_flag_error(e, argv)}")
+
+
+def _explain_flag_error(error, argv) -> str:
+  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
+    error = error.args[0]
+  text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  lines = [line.strip().strip("'") for line in text.splitlines() if line.strip()] or [type(error).__name__]
+  # A config file that raised: its own last line says what is wrong, the traceback does not.
+  message = f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else "; ".join(lines)
+  override = next((a for a in argv[1:] if a.startswith("--config.")
+                   and _mentions(message, a.split("=")[0][len("--config."):])), None)
+  if override is None:
+    return message
+  key = override.split("=")[0][len("--config."):]
+  valid = _valid_keys(argv)
+  close = difflib.get_close_matches(key, valid, n=5, cutoff=0.5)
+  parent = key.rpartition(".")[0]
+  siblings = [k for k in valid if k.rpartition(".")[0] == parent][:12]
+  hint = ", ".join(close or siblings)
+  return f"bad override {override!r}: {message}. Valid keys near it: {hint}"
+
+
+def _mentions(message: str, key: str) -> bool:
+  return any(part and part in message for part in key.split(".")) or "override" in message.lower()
+
+
+def _valid_keys(argv) -> list[str]:
+  """Flattened field names of the config the command line selects (without overrides)."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/stage2.py")
+  try:
+    config = configs.load(path)
+  except Exception:  # noqa: BLE001 - only used to suggest names; the caller reports the real error
+    return []
+  keys = []
+
+  def walk(node, prefix):
+    for name, value in node.items():
+      full = f"{prefix}{name}"
+      if hasattr(value, "items"):
+        walk(value, full + ".")
+      else:
+        keys.append(full)
+
+  walk(config, "")
+  return keys
+
+
+def _maybe_initialize_distributed(config):
+  import os
+
+  import jax
+
+  multihost = config.multihost
+  if multihost is None:
+    multihost = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
+    multihost = multihost and int(os.environ.get("SLURM_NTASKS", "2")) > 1
+  if multihost:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  import jax
+  import tensorflow as tf
+
+  # TensorFlow only feeds data: keep it off the accelerators JAX owns.
+  tf.config.experimental.set_visible_devices([], "GPU")
+  config = _CONFIG.value
+  _maybe_initialize_distributed(config)
+  logging.info("config:\n%s", config)
+  logging.info("JAX backend %s, process %d of %d, %d local / %d global devices", jax.default_backend(),
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  target = MODES[_MODE.value]
+  if callable(target):
+    return target(config, _WORKDIR.value)
+  module_name, function_name = target.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if not re.match(rf"No module named '{re.escape(module_name)}'", str(e)):
+      raise
+    sys.exit(f"error: --mode={_MODE.value} is not available in this version of handi-jax "
+             f"({module_name} is not implemented yet).")
+  getattr(module, function_name)(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

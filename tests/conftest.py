@@ -1,0 +1,26 @@
+"""Test setup: 8 simulated CPU devices and sandboxed caches, set before JAX or TF is imported."""
+
+import os
+import pathlib
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_cache = tempfile.mkdtemp(prefix="handi_jax_test_home_")
+os.environ.setdefault("KERAS_HOME", os.path.join(_cache, "keras"))
+os.environ.setdefault("HF_HOME", os.path.join(_cache, "hf"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """../shared/data (real frames and clips); tests that need it skip cleanly when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real test data not found at {SHARED_DATA}")
+  return SHARED_DATA

@@ -1,0 +1,66 @@
+import jax
+import ml_collections
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs import common
+from handi_jax import sharding
+
+
+def _mesh_config(**sizes):
+  return ml_collections.ConfigDict(dict(mesh=ml_collections.ConfigDict(sizes), num_devices_expected=0))
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("demo", (8, 1, 1)),
+    ("h100x8", (1, 8, 1)),
+])
+def test_mesh_shape_on_8_simulated_devices(variant, expected):
+  assert jax.device_count() == 8
+  config = common.get_config(2, variant)
+  mesh = sharding.make_mesh(config)
+  assert tuple(mesh.shape.values()) == expected
+  assert mesh.axis_names == sharding.MESH_AXES
+
+
+def test_pod_mesh_resolves_for_32_devices_and_refuses_8():
+  config = common.get_config(2, "tpu_v5p_64")
+  assert sharding.mesh_shape(config.mesh, 8, config.num_devices_expected).values() == (2, 16, 1)
+  with pytest.raises(ValueError, match="needs 32 devices, but 8 exist"):
+    sharding.make_mesh(config)
+
+
+def test_free_axis_takes_the_rest():
+  assert sharding.mesh_shape(_mesh_config(data=2, fsdp=-1, tensor=2).mesh, 8).values() == (2, 2, 2)
+  with pytest.raises(ValueError, match="only one axis may be -1"):
+    sharding.mesh_shape(_mesh_config(data=-1, fsdp=-1, tensor=1).mesh, 8)
+
+
+def test_logical_rules_for_representative_parameters():
+  rules = common.get_config(2, "h100x8").sharding_rules
+  mesh = sharding.make_mesh(common.get_config(2, "h100x8"))
+  # conv kernel HWIO: output channels over fsdp.
+  assert sharding.logical_to_spec((None, None, "conv_in", "conv_out"), rules, (3, 3, 320, 640), mesh) == \
+      P(None, None, None, "fsdp")
+  # attention projection (in, heads*dim): input features over fsdp, heads over tensor (size 1 here).
+  assert sharding.logical_to_spec(("embed", "heads"), rules, (320, 320), mesh) == P("fsdp", "tensor")
+  # norm scale: replicated.
+  assert sharding.logical_to_spec(("norm",), rules, (320,), mesh) == P(None)
+  # a dimension that fsdp=8 does not divide stays replicated (conv_out of 4 latent channels).
+  assert sharding.logical_to_spec((None, None, "conv_in", "conv_out"), rules, (3, 3, 320, 4), mesh) == \
+      P(None, None, None, None)
+  with pytest.raises(KeyError, match="'nope' has no sharding rule"):
+    sharding.logical_to_spec(("nope",), rules)
+
+
+def test_param_shardings_of_an_abstract_module():
+  config = common.get_config(2, "h100x8")
+  mesh = sharding.make_mesh(config)
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+  abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(64, 128, kernel_init=init, rngs=nnx.Rngs(0))))
+  shardings = sharding.param_shardings(abstract, mesh, config.sharding_rules)
+  assert shardings["kernel"].spec == P("fsdp", "tensor")
+  assert shardings["bias"].spec == P()
+  params = jax.device_put(nnx.state(nnx.Linear(64, 128, kernel_init=init, rngs=nnx.Rngs(0))), shardings)
+  assert params["kernel"].value.sharding.spec == P("fsdp", "tensor")
