@@ -91,6 +91,13 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   config.sampling = ml_collections.ConfigDict(dict(
       sampler="dpmsolver++", num_inference_steps=25, guidance_scale=9.0,
       timestep_spacing="linspace", steps_offset=0, lower_order_final=True,
+      # DPM-Solver++: "sigma_min" ends at sigma(t=0) as the release's diffusers 0.24 did; "zero" is the
+      # diffusers >= 0.26 default (and forces a first-order last step).
+      solver_order=2, final_sigmas_type="sigma_min", lambda_min_clipped=-float("inf"),
+      eta=0.0, clip_sample=False, set_alpha_to_one=False,   # DDIM (ModelScope's scheduler values)
+      # A diffusers scheduler_config.json whose keys override these and config.diffusion; empty = the one
+      # in <model.pretrained>/scheduler/ when that exists.
+      scheduler_config="",
       init="noised_context",          # noised_context (the release) | noise
       motion_strength=3.0, negative_prompt="",
       replace_background=True,        # paper: pixels outside the mask = context image
@@ -100,6 +107,16 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   # Stage-1 mask clean-up.
   config.mask_cleanup = ml_collections.ConfigDict(dict(
       threshold=0.5, min_component_fraction=0.002, closing_kernel=7))
+
+  # Generation (--mode=generate, python -m handi_jax.generate): one image + prompt, or a JSON-lines file of
+  # {"source", "target", "prompt"} rows (the release's format). A mask (file or mask_dir/<stem>[_mask].png)
+  # skips stage 1. Pretrained stage dirs: a diffusers unet/ dir or a training workdir; empty = random init.
+  config.generate = ml_collections.ConfigDict(dict(
+      image="", prompt="", mask="", prompts_file="", image_dir="", mask_dir="", output_dir="",
+      stage1_pretrained="", stage2_pretrained="",
+      prior_mask="",                  # stage-1 conditioning mask PNG; empty = all ones (the release's rule)
+      flow_threshold=1.0,             # motion-flow map: optical-flow magnitude (pixels) that counts as motion
+      fps=8))
 
   # Data.
   config.data = ml_collections.ConfigDict()
@@ -123,7 +140,9 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       global_batch_size=2, learning_rate=5e-5, warmup_steps=20, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip_norm=1.0, num_steps=4,
       uncond_prob=0.15, log_every=1, checkpoint_every=2, keep_checkpoints=2,
-      transfer_guard="allow"))
+      transfer_guard="allow",
+      trainable="all",             # all | release (the release's module subset: 643.8M of 1.41B)
+      freeze_background=True))     # outside the mask every target frame = the context latent (release)
 
   # Losses.
   config.loss = ml_collections.ConfigDict(dict(

@@ -10,4 +10,6 @@ from configs import common
 def get_config(arg=None):
   config = common.get_config(stage=1, arg=arg)
   config.data.conditioning_mask = "prior"
+  # The mask video is the target everywhere; the soft prior is no motion area to freeze outside of.
+  config.train.freeze_background = False
   return config
