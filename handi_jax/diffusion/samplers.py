@@ -115,6 +115,7 @@ class SamplerPlan:
   sampler: str = flax.struct.field(pytree_node=False)
   prediction_type: str = flax.struct.field(pytree_node=False)
   clip_range: float = flax.struct.field(pytree_node=False)   # DDIM x0 clipping; 0 = off
+  stochastic: bool = flax.struct.field(pytree_node=False)    # DDIM with eta > 0: each step adds noise
 
   @property
   def num_steps(self) -> int:
@@ -174,7 +175,7 @@ def _dpm_plan(settings: SamplerSettings, alphas_cumprod: np.ndarray) -> SamplerP
   return SamplerPlan(
       timesteps=jnp.asarray(timesteps, jnp.int32), signal=jnp.asarray(alpha[:-1]), noise=jnp.asarray(sigma[:-1]),
       coefficients={k: jnp.asarray(v, jnp.float32) for k, v in coefficients.items()}, sampler="dpmsolver++",
-      prediction_type=settings.prediction_type, clip_range=0.0)
+      prediction_type=settings.prediction_type, clip_range=0.0, stochastic=False)
 
 
 def _ddim_plan(settings: SamplerSettings, alphas_cumprod: np.ndarray) -> SamplerPlan:
@@ -194,7 +195,7 @@ def _ddim_plan(settings: SamplerSettings, alphas_cumprod: np.ndarray) -> Sampler
       noise=jnp.asarray(beta ** np.float32(0.5)),
       coefficients={k: jnp.asarray(v, jnp.float32) for k, v in coefficients.items()}, sampler="ddim",
       prediction_type=settings.prediction_type,
-      clip_range=float(settings.clip_sample_range) if settings.clip_sample else 0.0)
+      clip_range=float(settings.clip_sample_range) if settings.clip_sample else 0.0, stochastic=settings.eta > 0)
 
 
 def make_plan(settings: SamplerSettings, schedule: schedules.Schedule) -> SamplerPlan:
@@ -223,11 +224,12 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], plan: SamplerP
   """Run all `plan.num_steps` steps from `x_init` in one lax.scan.
 
   model_fn(x, t) -> model output shaped like x, with t an int32 scalar (broadcast it to the batch inside).
-  `key` is needed only by DDIM with eta > 0. Returns the final sample, and with `return_trajectory` also the
+  `key` is needed (and used) only by DDIM with eta > 0. Returns the final sample, and with `return_trajectory` also the
   (N, ...) stack of the samples after each step.
   """
   x_init = x_init.astype(jnp.float32)
-  stochastic = plan.sampler == "ddim" and key is not None
+  if plan.stochastic and key is None:
+    raise ValueError("DDIM with eta > 0 adds noise at every step: pass a `key` to sample()")
 
   def step(carry, inputs):
     x, previous_x0 = carry
@@ -241,7 +243,7 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], plan: SamplerP
       if plan.clip_range:
         x0 = jnp.clip(x0, -plan.clip_range, plan.clip_range)
       x_next = c["prev_signal"] * x0 + c["direction"] * eps
-      if stochastic:
+      if plan.stochastic:
         x_next = x_next + c["std"] * jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
     return (x_next, x0), (x_next if return_trajectory else None)
 
