@@ -1,0 +1,149 @@
+"""One clip -> one schema record: sample frames, detect hands, map them into the stored geometry, draw masks.
+
+Everything here runs in worker processes without TensorFlow; frames and masks leave as PNG bytes.
+"""
+
+import dataclasses
+import pathlib
+
+import cv2
+import numpy as np
+
+from data_prep import masks as masks_lib
+from data_prep.hands import DetectorSettings, HandDetector, assign_slots, block_tensorflow_import, empty_keypoints
+from data_prep.video import ClipRejected, CropGeometry, read_sampled_frames
+from handi_jax.data.schema import NO_HAND, NUM_HANDS
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipJob:
+  clip_id: str
+  video: str
+  caption: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+  clip_id: str
+  video: str
+  reason: str
+  detail: str
+
+
+@dataclasses.dataclass
+class ClipRecord:
+  fields: dict            # schema fields, frames and masks as PNG bytes
+  union_mask: np.ndarray  # (H, W) uint8 {0, 255}, for the prior mask
+  hands_per_frame: list   # detected hands per sampled frame, for the report
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+  """What a worker needs from the config (picklable)."""
+
+  num_frames: int
+  height: int
+  width: int
+  mask_rule: str
+  keep_handless_clips: bool
+  detector: DetectorSettings
+
+  @classmethod
+  def from_config(cls, config) -> "BuildSettings":
+    data = config.data
+    return cls(num_frames=data.num_frames, height=data.height, width=data.width, mask_rule=data.build.mask_rule,
+               keep_handless_clips=data.build.keep_handless_clips,
+               detector=DetectorSettings.from_config(data.build))
+
+
+def _png(image: np.ndarray) -> bytes:
+  """Lossless, deterministic PNG of an RGB (H, W, 3) or single-channel (H, W) uint8 image."""
+  if image.ndim == 3:
+    image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+  ok, encoded = cv2.imencode(".png", image)
+  if not ok:
+    raise RuntimeError(f"PNG encoding failed for an image of shape {image.shape}")
+  return encoded.tobytes()
+
+
+def make_record(*, clip_id: str, caption: str, frames: np.ndarray, keypoints: np.ndarray, presence: np.ndarray,
+                handedness: np.ndarray, handedness_score: np.ndarray, frame_indices: np.ndarray, fps: float,
+                source_size: tuple[int, int], num_source_frames: int, mask_rule: str) -> ClipRecord:
+  """A record from frames (F, H, W, 3) uint8 RGB in the stored geometry and keypoints in that geometry.
+
+  The masks are drawn here from the stored keypoints, so they are aligned with the stored frames by construction.
+  """
+  num_frames, height, width, _ = frames.shape
+  frame_masks, union = masks_lib.clip_masks(keypoints, presence, height, width, mask_rule)
+  fields = dict(
+      frames=[_png(f) for f in frames], frame_masks=[_png(m) for m in frame_masks], union_mask=_png(union),
+      keypoints=keypoints.astype(np.float32), presence=presence.astype(np.uint8),
+      handedness=handedness.astype(np.int64), handedness_score=handedness_score.astype(np.float32),
+      mask_area=np.float32(masks_lib.area_fraction(union)), caption=caption, clip_id=clip_id,
+      frame_indices=np.asarray(frame_indices, np.int64), fps=np.float32(fps),
+      source_height=np.int64(source_size[0]), source_width=np.int64(source_size[1]),
+      num_source_frames=np.int64(num_source_frames))
+  hands_per_frame = [int(n) for n in (handedness != NO_HAND).sum(axis=1)]
+  return ClipRecord(fields, union, hands_per_frame)
+
+
+_detector: HandDetector | None = None
+
+
+def init_worker(settings: BuildSettings) -> None:
+  """Pool initializer: one MediaPipe detector per process, reused across clips."""
+  global _detector
+  block_tensorflow_import()
+  _detector = HandDetector(settings.detector)
+
+
+def process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord | Rejection:
+  """Build one clip's record, or say why it cannot be used. Never raises for a bad clip."""
+  try:
+    return _process_video(job, settings)
+  except ClipRejected as e:
+    return Rejection(job.clip_id, job.video, e.reason, e.detail)
+  except cv2.error as e:
+    return Rejection(job.clip_id, job.video, "corrupt_video", f"OpenCV failed: {e}".strip())
+  except Exception as e:  # noqa: BLE001 - one broken clip must not stop a long run; it is reported, not hidden
+    return Rejection(job.clip_id, job.video, "processing_error", f"{type(e).__name__}: {e}")
+
+
+def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
+  if not job.caption.strip():
+    raise ClipRejected("empty_caption", f"clip {job.clip_id!r} has an empty caption")
+  if _detector is None:
+    raise RuntimeError("data_prep.clips.init_worker must run before process_video")
+  clip = read_sampled_frames(job.video, settings.num_frames)
+  source_h, source_w = clip.frames.shape[1:3]
+  geometry = CropGeometry(source_h, source_w, settings.height, settings.width)
+  hands_per_frame = _detector.detect_clip(clip.frames, clip.fps)
+
+  num_frames = settings.num_frames
+  keypoints, presence = empty_keypoints(num_frames)
+  handedness = np.full((num_frames, NUM_HANDS), NO_HAND, np.int64)
+  scores = np.zeros((num_frames, NUM_HANDS), np.float32)
+  for f, hands in enumerate(hands_per_frame):
+    slots, handedness[f] = assign_slots(hands)
+    for s, hand in enumerate(slots):
+      if hand is None:
+        continue
+      points, inside = geometry.points(hand.landmarks)
+      keypoints[f, s] = np.where(inside[:, None], points, 0.0)
+      presence[f, s] = inside
+      scores[f, s] = hand.score
+  if not presence.any() and not settings.keep_handless_clips:
+    raise ClipRejected("no_hands", f"no hand found in any of the {num_frames} sampled frames of {job.video} "
+                       "(keep such clips with --config.data.build.keep_handless_clips=True)")
+  frames = np.stack([geometry.image(frame) for frame in clip.frames])
+  return make_record(
+      clip_id=job.clip_id, caption=job.caption, frames=frames, keypoints=keypoints, presence=presence,
+      handedness=handedness, handedness_score=scores, frame_indices=clip.frame_indices, fps=clip.fps,
+      source_size=(source_h, source_w), num_source_frames=clip.num_source_frames, mask_rule=settings.mask_rule)
+
+
+def job_key(job: ClipJob) -> str:
+  """What identifies a job's input for the restart fingerprint: id, caption, file name and size."""
+  path = pathlib.Path(job.video)
+  stat = f"{path.stat().st_size}" if path.is_file() else "missing"
+  return f"{job.clip_id}\t{job.caption}\t{path.name}\t{stat}"

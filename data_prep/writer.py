@@ -1,0 +1,215 @@
+"""Sharded, restartable, deterministic writing of clip records, then the per-split summary files.
+
+Jobs are cut into shards of `frames_per_shard // num_frames` clips in input order, so shard k always holds the
+same clips. A shard is finished when its progress file `<split>/_progress/shard-0000k.json` exists; it is
+written (atomically, like every file here) after the shard itself, and carries a fingerprint of the shard's
+inputs and settings. A rerun skips finished shards with a matching fingerprint and redoes the rest; identical
+input and config give byte-identical shards.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import report as report_lib
+from data_prep.clips import ClipRecord, Rejection
+from handi_jax.data import schema
+
+PROGRESS_DIR = "_progress"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSummary:
+  data_dir: pathlib.Path
+  split: str
+  num_clips: int
+  num_rejected: int
+  rejected_by_reason: dict
+  num_shards: int
+  shards_reused: int
+
+  def __str__(self) -> str:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.rejected_by_reason.items())) or "none"
+    return (f"split {self.split!r}: {self.num_clips} clips written in {self.num_shards} shards "
+            f"({self.shards_reused} reused from an earlier run), {self.num_rejected} rejected ({reasons}); "
+            f"dataset at {self.data_dir}")
+
+
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
+  """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
+  tmp = path.with_name(f".tmp-{path.name}")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _json_bytes(value) -> bytes:
+  return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array, allow_pickle=False)
+  return buffer.getvalue()
+
+
+def clips_per_shard(config) -> int:
+  return max(1, config.data.build.frames_per_shard // config.data.num_frames)
+
+
+def _fingerprint(settings_key: str, keys: Sequence[str]) -> str:
+  digest = hashlib.sha256(f"{schema.SCHEMA_VERSION}\n{settings_key}\n".encode())
+  for key in keys:
+    digest.update(key.encode() + b"\n")
+  return digest.hexdigest()
+
+
+def _run_jobs(process: Callable, jobs: Sequence, workers: int, initializer: Callable | None,
+              initargs: tuple) -> Iterator:
+  """Results in job order; in this process for workers <= 1, else in a pool of spawned processes."""
+  if workers <= 1:
+    if initializer is not None:
+      initializer(*initargs)
+    yield from map(process, jobs)
+    return
+  # spawn, not fork: the parent holds TensorFlow and JAX thread pools that a forked child must not inherit.
+  context = multiprocessing.get_context("spawn")
+  with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    yield from pool.imap(process, jobs, chunksize=1)
+
+
+def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process: Callable, *, config,
+                settings_key: str, job_keys: Sequence[str], workers: int = 1, initializer: Callable | None = None,
+                initargs: tuple = (), progress: bool = True) -> SplitSummary:
+  """Turn `jobs` into shards of `split` under `data_dir`, then write the split's summary files and metadata.
+
+  `process(job)` returns a ClipRecord or a Rejection (it runs in worker processes when workers > 1, so it must
+  be picklable). `settings_key` and `job_keys` (one string per job) identify the inputs for restarts.
+  """
+  if not jobs:
+    raise ValueError(f"split {split!r} has no clips to write; check the caption file")
+  if len(job_keys) != len(jobs):
+    raise ValueError(f"{len(job_keys)} job keys for {len(jobs)} jobs")
+  data_dir = pathlib.Path(data_dir)
+  progress_dir = data_dir / split / PROGRESS_DIR
+  progress_dir.mkdir(parents=True, exist_ok=True)
+  per_shard = clips_per_shard(config)
+  num_shards = math.ceil(len(jobs) / per_shard)
+  shard_jobs = [range(s * per_shard, min(len(jobs), (s + 1) * per_shard)) for s in range(num_shards)]
+  fingerprints = [_fingerprint(settings_key, [job_keys[i] for i in r]) for r in shard_jobs]
+
+  def finished(shard: int) -> bool:
+    state = progress_dir / f"shard-{shard:05d}.json"
+    return (state.is_file() and schema.shard_path(data_dir, split, shard, num_shards).is_file()
+            and json.loads(state.read_text()).get("fingerprint") == fingerprints[shard])
+
+  pending = [s for s in range(num_shards) if not finished(s)]
+  pending_jobs = [jobs[i] for s in pending for i in shard_jobs[s]]
+  features = schema.make_features(config.data.num_frames, config.data.height, config.data.width)
+  serialize = schema.Serializer(features)
+  results = _run_jobs(process, pending_jobs, workers, initializer, initargs)
+  try:
+    with tqdm(total=len(jobs), initial=len(jobs) - len(pending_jobs), desc=f"{split} clips", unit="clip",
+              disable=not progress) as bar:
+      for shard in pending:
+        chunk = []
+        for _ in shard_jobs[shard]:
+          chunk.append(next(results))
+          bar.update(1)
+        _write_shard(data_dir, split, shard, num_shards, chunk, serialize, fingerprints[shard], config)
+  finally:
+    results.close()  # stops the worker pool
+  _remove_stale(data_dir, split, num_shards)
+  return finalize_split(data_dir, split, num_shards, config, shards_reused=num_shards - len(pending))
+
+
+def _write_shard(data_dir, split, shard, num_shards, results, serialize, fingerprint, config) -> None:
+  import tensorflow as tf
+
+  path = schema.shard_path(data_dir, split, shard, num_shards)
+  tmp = path.with_name(f".tmp-{path.name}")
+  records = [r for r in results if isinstance(r, ClipRecord)]
+  with tf.io.TFRecordWriter(str(tmp)) as writer:
+    for record in records:
+      writer.write(serialize(record.fields))
+  os.replace(tmp, path)
+  union_count = np.zeros((config.data.height, config.data.width), np.int64)
+  for record in records:
+    union_count += record.union_mask > 0
+  progress_dir = data_dir / split / PROGRESS_DIR
+  atomic_write(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
+  state = dict(
+      fingerprint=fingerprint, num_bytes=path.stat().st_size,
+      clips=[dict(clip_id=r.fields["clip_id"], mask_area=float(r.fields["mask_area"]),
+                  hands_per_frame=r.hands_per_frame) for r in records],
+      rejected=[dataclasses.asdict(r) for r in results if isinstance(r, Rejection)])
+  atomic_write(progress_dir / f"shard-{shard:05d}.json", _json_bytes(state))
+
+
+def _remove_stale(data_dir: pathlib.Path, split: str, num_shards: int) -> None:
+  """Shards and progress files of an earlier run with a different number of shards."""
+  planned = {schema.shard_path(data_dir, split, s, num_shards) for s in range(num_shards)}
+  for path in schema.split_files(data_dir, split):
+    if path not in planned:
+      path.unlink()
+  for path in (data_dir / split / PROGRESS_DIR).glob("shard-*"):
+    if int(path.stem.split("-")[1]) >= num_shards:
+      path.unlink()
+
+
+def finalize_split(data_dir: pathlib.Path, split: str, num_shards: int, config,
+                   shards_reused: int = 0) -> SplitSummary:
+  """rejected.jsonl, prior mask, motion-intensive index, report, TFDS metadata and manifest for one split."""
+  progress_dir = data_dir / split / PROGRESS_DIR
+  states = [json.loads((progress_dir / f"shard-{s:05d}.json").read_text()) for s in range(num_shards)]
+  clips = [clip for state in states for clip in state["clips"]]
+  rejected = [r for state in states for r in state["rejected"]]
+  split_dir = data_dir / split
+  atomic_write(split_dir / schema.REJECTED, b"".join(_json_bytes(r).replace(b"\n", b"") + b"\n" for r in rejected))
+  by_reason = dict(collections.Counter(r["reason"] for r in rejected))
+  if clips:
+    union_count = sum(np.load(progress_dir / f"shard-{s:05d}.npy") for s in range(num_shards))
+    prior = (union_count / len(clips)).astype(np.float32)
+    report_lib.write_split_files(split_dir, clips, rejected, prior, config, atomic_write)
+    _write_metadata(data_dir, split, states, config)
+  return SplitSummary(data_dir, split, len(clips), len(rejected), by_reason, num_shards, shards_reused)
+
+
+def _write_metadata(data_dir: pathlib.Path, split: str, states: list[dict], config) -> None:
+  """manifest.json (all splits built into this folder) and the TFDS folder-dataset metadata."""
+  import tensorflow_datasets as tfds
+
+  manifest_path = data_dir / schema.MANIFEST
+  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+  size = dict(num_frames=config.data.num_frames, height=config.data.height, width=config.data.width)
+  if manifest and any(manifest[k] != v for k, v in size.items()):
+    raise ValueError(f"{data_dir} holds clips of {[manifest[k] for k in size]} (frames, height, width) but this "
+                     f"run writes {list(size.values())}; use another output folder")
+  splits = manifest.get("splits", {})
+  splits[split] = dict(
+      num_clips=sum(len(s["clips"]) for s in states), num_rejected=sum(len(s["rejected"]) for s in states),
+      shard_lengths=[len(s["clips"]) for s in states], num_bytes=sum(s["num_bytes"] for s in states),
+      config=json.loads(config.data.to_json_best_effort()))
+  manifest = dict(schema_version=schema.SCHEMA_VERSION, dataset_name=schema.DATASET_NAME,
+                  file_format=schema.FILE_FORMAT, feature_names=list(schema.feature_names()), splits=splits, **size)
+  features = schema.make_features(**size)
+  split_infos = [tfds.core.SplitInfo(name=name, shard_lengths=info["shard_lengths"], num_bytes=info["num_bytes"],
+                                     filename_template=schema.filename_template(data_dir, name))
+                 for name, info in sorted(splits.items())]
+  tfds.folder_dataset.write_metadata(
+      data_dir=data_dir, features=features, split_infos=split_infos, version=schema.SCHEMA_VERSION,
+      filename_template=schema.filename_template(data_dir, split), check_data=False,
+      description="HANDI clips: frames, MediaPipe hand keypoints, per-frame and union motion-area masks.")
+  atomic_write(manifest_path, _json_bytes(manifest))
