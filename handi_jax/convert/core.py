@@ -6,14 +6,18 @@ is read in both directions: `to_flax` (import) and `to_torch` (export). Checkpoi
 written as safetensors without torch; torch is imported only for a legacy `.bin` file.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import re
+import shutil
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -123,6 +127,15 @@ def load_flat_params(module: nnx.Module, params: Mapping[str, np.ndarray], what:
   nnx.update(module, state)
 
 
+
+def build_with_params(build: Callable[[], nnx.Module], params: Mapping[str, np.ndarray], what: str) -> nnx.Module:
+  """The module `build()` makes, holding `params`: built abstractly (no random init), then filled."""
+  module = nnx.eval_shape(build)
+  load_flat_params(module, params, what)
+  state = nnx.state(module)
+  nnx.update(module, jax.tree.map(jnp.asarray, state))
+  return module
+
 # ---------------------------------------------------------------------------------------------------
 # Files: safetensors (read and written without torch), legacy .bin (torch), diffusers/transformers dirs.
 
@@ -226,3 +239,26 @@ def write_model_dir(directory: str | os.PathLike, config: Mapping, state_dict: M
   tmp = directory / "config.json.tmp"
   tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
   os.replace(tmp, directory / "config.json")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yield a temporary sibling folder to fill; on success it replaces `directory`, on error it is removed.
+
+  Readers never see a half-written model or pipeline directory.
+  """
+  directory = pathlib.Path(directory)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+  if directory.exists():
+    os.replace(directory, old)
+  os.replace(tmp, directory)
+  shutil.rmtree(old, ignore_errors=True)

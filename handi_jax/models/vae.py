@@ -1,0 +1,287 @@
+"""SD-style AutoencoderKL in Flax NNX, channels-last, with the diffusers module names.
+
+Attribute paths equal the diffusers state-dict names (`encoder.down_blocks.0.resnets.1.conv2`,
+`decoder.mid_block.attentions.0.to_out.0`, `quant_conv`, ...), so `handi_jax.convert.vae` maps checkpoints
+with one rule table. `encode_video` / `decode_video` are pure helpers for latent videos, usable inside
+`jax.jit` and `jax.grad` (the stage losses decode predicted clean latents in-graph).
+"""
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+# diffusers builds every VAE GroupNorm (resnets, mid-block attention, conv_norm_out) with eps 1e-6.
+_NORM_EPS = 1e-6
+# torch's default Conv/Linear init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+_TORCH_DEFAULT_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _conv(in_channels, out_channels, kernel_size, *, rngs, dtype, param_dtype, stride=1, padding="SAME"):
+  return nnx.Conv(
+      in_channels, out_channels, (kernel_size, kernel_size), strides=stride, padding=padding,
+      dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(_TORCH_DEFAULT_INIT, (None, None, "conv_in", "conv_out")),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("conv_out",)), rngs=rngs)
+
+
+def _group_norm(channels, groups, *, rngs, dtype, param_dtype):
+  return nnx.GroupNorm(
+      channels, num_groups=groups, epsilon=_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)), rngs=rngs)
+
+
+def _linear(in_features, out_features, names, *, rngs, dtype, param_dtype):
+  return nnx.Linear(
+      in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(_TORCH_DEFAULT_INIT, names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)), rngs=rngs)
+
+
+class ResnetBlock2D(nnx.Module):
+  """norm-SiLU-conv twice plus a (1x1-projected when the width changes) shortcut; no time embedding."""
+
+  def __init__(self, in_channels, out_channels, groups, **kw):
+    self.norm1 = _group_norm(in_channels, groups, **kw)
+    self.conv1 = _conv(in_channels, out_channels, 3, **kw)
+    self.norm2 = _group_norm(out_channels, groups, **kw)
+    self.conv2 = _conv(out_channels, out_channels, 3, **kw)
+    self.conv_shortcut = _conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
+
+  def __call__(self, x):
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = self.conv2(nnx.silu(self.norm2(h)))
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    return x + h
+
+
+class Attention(nnx.Module):
+  """The mid-block self-attention over all pixels: one head as wide as the channels, residual."""
+
+  def __init__(self, channels, groups, **kw):
+    self.group_norm = _group_norm(channels, groups, **kw)
+    self.to_q = _linear(channels, channels, ("embed", "heads"), **kw)
+    self.to_k = _linear(channels, channels, ("embed", "heads"), **kw)
+    self.to_v = _linear(channels, channels, ("embed", "heads"), **kw)
+    self.to_out = nnx.List([_linear(channels, channels, ("heads", "embed"), **kw)])
+
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    tokens = self.group_norm(x).reshape(n, h * w, c)
+    q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+    # diffusers upcasts these softmax logits to float32 (upcast_softmax=True).
+    logits = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=jnp.float32) * c ** -0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = self.to_out[0](jnp.einsum("nqk,nkc->nqc", weights, v))
+    return x + out.reshape(n, h, w, c)
+
+
+class Downsample2D(nnx.Module):
+  """Stride-2 3x3 conv after zero-padding only the bottom and right edge, as diffusers' VAE does."""
+
+  def __init__(self, channels, **kw):
+    self.conv = _conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+  """Nearest-neighbour x2 then a 3x3 conv."""
+
+  def __init__(self, channels, **kw):
+    self.conv = _conv(channels, channels, 3, **kw)
+
+  def __call__(self, x):
+    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class DownEncoderBlock2D(nnx.Module):
+
+  def __init__(self, in_channels, out_channels, num_layers, groups, add_downsample, **kw):
+    self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+                             for i in range(num_layers)])
+    self.downsamplers = nnx.List([Downsample2D(out_channels, **kw)]) if add_downsample else None
+
+  def __call__(self, x):
+    for resnet in self.resnets:
+      x = resnet(x)
+    if self.downsamplers is not None:
+      x = self.downsamplers[0](x)
+    return x
+
+
+class UpDecoderBlock2D(nnx.Module):
+
+  def __init__(self, in_channels, out_channels, num_layers, groups, add_upsample, **kw):
+    self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+                             for i in range(num_layers)])
+    self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None
+
+  def __call__(self, x):
+    for resnet in self.resnets:
+      x = resnet(x)
+    if self.upsamplers is not None:
+      x = self.upsamplers[0](x)
+    return x
+
+
+class UNetMidBlock2D(nnx.Module):
+  """resnet, attention, resnet at the lowest resolution."""
+
+  def __init__(self, channels, groups, **kw):
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
+    self.attentions = nnx.List([Attention(channels, groups, **kw)])
+
+  def __call__(self, x):
+    x = self.resnets[0](x)
+    x = self.attentions[0](x)
+    return self.resnets[1](x)
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, config, **kw):
+    channels, groups = tuple(config.block_out_channels), config.norm_num_groups
+    self.conv_in = _conv(config.in_channels, channels[0], 3, **kw)
+    self.down_blocks = nnx.List([
+        DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
+                           add_downsample=i < len(channels) - 1, **kw)
+        for i in range(len(channels))])
+    self.mid_block = UNetMidBlock2D(channels[-1], groups, **kw)
+    self.conv_norm_out = _group_norm(channels[-1], groups, **kw)
+    self.conv_out = _conv(channels[-1], 2 * config.latent_channels, 3, **kw)
+
+  def __call__(self, x):
+    x = self.conv_in(x)
+    for block in self.down_blocks:
+      x = block(x)
+    x = self.mid_block(x)
+    return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, config, **kw):
+    reversed_channels, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
+    self.conv_in = _conv(config.latent_channels, reversed_channels[0], 3, **kw)
+    self.mid_block = UNetMidBlock2D(reversed_channels[0], groups, **kw)
+    self.up_blocks = nnx.List([
+        UpDecoderBlock2D(reversed_channels[max(i - 1, 0)], reversed_channels[i], config.layers_per_block + 1,
+                         groups, add_upsample=i < len(reversed_channels) - 1, **kw)
+        for i in range(len(reversed_channels))])
+    self.conv_norm_out = _group_norm(reversed_channels[-1], groups, **kw)
+    self.conv_out = _conv(reversed_channels[-1], config.out_channels, 3, **kw)
+
+  def __call__(self, z):
+    x = self.mid_block(self.conv_in(z))
+    for block in self.up_blocks:
+      x = block(x)
+    return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nnx.Module):
+  """`config` is config.model.vae (diffusers field names). Images (N, H, W, 3) in [-1, 1]."""
+
+  def __init__(self, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = ml_collections.FrozenConfigDict(config)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    latent = self.config.latent_channels
+    self.encoder = Encoder(self.config, **kw)
+    self.decoder = Decoder(self.config, **kw)
+    self.quant_conv = _conv(2 * latent, 2 * latent, 1, **kw)
+    self.post_quant_conv = _conv(latent, latent, 1, **kw)
+
+  def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(N, H, W, 3) -> posterior mean and log-variance, each (N, H/8, W/8, latent_channels), unscaled."""
+    moments = self.quant_conv(self.encoder(images))
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """(N, h, w, latent_channels) unscaled latents -> (N, 8h, 8w, 3) images in about [-1, 1]."""
+    return self.decoder(self.post_quant_conv(latents))
+
+  @classmethod
+  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "AutoencoderKL":
+    """A diffusers `vae/` directory (config.json + safetensors or .bin)."""
+    from handi_jax.convert import vae as convert_vae
+
+    return convert_vae.load_diffusers(directory, dtype=dtype, param_dtype=param_dtype)
+
+  def save_pretrained(self, directory) -> None:
+    """config.json + diffusion_pytorch_model.safetensors that diffusers' AutoencoderKL.from_pretrained loads."""
+    from handi_jax.convert import vae as convert_vae
+
+    convert_vae.save_diffusers(self, directory)
+
+
+def _map_frames(fn: Callable[[jax.Array], jax.Array], video: jax.Array, chunk_size: int | None,
+                remat: bool) -> jax.Array:
+  """Apply an image function to every frame of (B, F, ...) video, `chunk_size` frames of each clip per call.
+
+  The batch axis stays the leading axis of every call (B * chunk_size images), so a batch sharded over
+  the mesh stays sharded; the chunks run one after another under `lax.map` to bound activation memory.
+  """
+  batch, frames = video.shape[:2]
+  chunk_size = frames if chunk_size is None else int(chunk_size)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive number of frames, got {chunk_size} "
+                     "(set config.model.vae_decode_chunk to e.g. 4)")
+  chunk_size = min(chunk_size, frames)
+
+  def per_chunk(clips):  # (B, c, ...) -> (B, c, ...out)
+    c = clips.shape[1]
+    out = fn(clips.reshape(batch * c, *clips.shape[2:]))
+    return out.reshape(batch, c, *out.shape[1:])
+
+  if remat:
+    per_chunk = jax.checkpoint(per_chunk)
+  num_full, rest = divmod(frames, chunk_size)
+  full = video[:, :num_full * chunk_size].reshape(batch, num_full, chunk_size, *video.shape[2:])
+  mapped = jax.lax.map(per_chunk, jnp.moveaxis(full, 1, 0))  # (num_full, B, c, ...)
+  out = jnp.moveaxis(mapped, 0, 1).reshape(batch, num_full * chunk_size, *mapped.shape[3:])
+  if rest:
+    out = jnp.concatenate([out, per_chunk(video[:, num_full * chunk_size:])], axis=1)
+  return out
+
+
+def encode_video(vae: AutoencoderKL, frames: jax.Array, key: jax.Array | None = None,
+                 chunk_size: int | None = None) -> jax.Array:
+  """(B, F, H, W, 3) in [-1, 1] -> scaled latents (B, F, H/8, W/8, C): the posterior mean, or with `key` a sample.
+
+  Latents are multiplied by config.scaling_factor (0.18215 for SD 1.5), the scale the UNet works in.
+  `chunk_size` frames of each clip are encoded per call (None: all frames at once).
+  """
+  _check_video(frames, 3, "frames")
+  graphdef, state = nnx.split(vae)
+
+  def moments(images):
+    mean, logvar = nnx.merge(graphdef, state).encode(images)
+    return jnp.concatenate([mean, logvar], axis=-1)
+
+  mean, logvar = jnp.split(_map_frames(moments, frames, chunk_size, remat=False), 2, axis=-1)
+  latents = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  return latents * vae.config.scaling_factor
+
+
+def decode_video(vae: AutoencoderKL, latents: jax.Array, chunk_size: int, remat: bool = False) -> jax.Array:
+  """Scaled latents (B, F, h, w, C) -> frames (B, F, 8h, 8w, 3) in about [-1, 1].
+
+  Decodes `chunk_size` frames of each clip per call (config.model.vae_decode_chunk); the result equals
+  decoding all frames at once. `remat=True` recomputes each chunk's activations in the backward pass
+  instead of storing them (what an in-graph loss through the decoder wants).
+  """
+  _check_video(latents, vae.config.latent_channels, "latents")
+  graphdef, state = nnx.split(vae)
+  scale = 1.0 / vae.config.scaling_factor
+  return _map_frames(lambda z: nnx.merge(graphdef, state).decode(z * scale), latents, chunk_size, remat)
+
+
+def _check_video(video: jax.Array, channels: int, what: str) -> None:
+  if video.ndim != 5 or video.shape[-1] != channels:
+    raise ValueError(f"{what}: expected a channels-last video (B, F, H, W, {channels}), got shape {video.shape}")
