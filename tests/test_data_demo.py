@@ -87,3 +87,34 @@ def test_demo_is_deterministic_and_rerun_reuses_shards(demo, tmp_path):
   assert shard.stat().st_mtime_ns == before
   for name in (schema.PRIOR_MASK_NPY, schema.MOTION_INTENSIVE, schema.REPORT):
     assert (path / "train" / name).read_bytes() == (again / "train" / name).read_bytes()
+
+
+def test_crashed_write_resumes_to_the_same_bytes_without_duplicates(demo, tmp_path, monkeypatch):
+  config, clean = demo
+  config = _config()
+  config.data.build.frames_per_shard = 2 * config.data.num_frames  # 4 shards of 2 clips
+  intact = demo_data._demo_record
+
+  def crash_on_clip_5(index, config):
+    if index == 5:
+      raise RuntimeError("simulated crash")
+    return intact(index, config)
+
+  monkeypatch.setattr(demo_data, "_demo_record", crash_on_clip_5)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    demo_data.write_demo_dataset(tmp_path / "a", config)
+  shards = schema.split_files(tmp_path / "a", "train")
+  assert [p.name[-14:] for p in shards] == ["00000-of-00004", "00001-of-00004"]
+  before = [p.stat().st_mtime_ns for p in shards]
+  monkeypatch.setattr(demo_data, "_demo_record", intact)
+  demo_data.write_demo_dataset(tmp_path / "a", config)
+  assert [p.stat().st_mtime_ns for p in shards] == before  # finished shards were not redone
+  fresh = demo_data.write_demo_dataset(tmp_path / "b", config)
+  resumed = schema.split_files(tmp_path / "a", "train")
+  assert len(resumed) == 4
+  for a, b in zip(resumed, schema.split_files(fresh, "train"), strict=True):
+    assert a.read_bytes() == b.read_bytes()
+  ids = [e["clip_id"] for e in tfds.builder_from_directory(str(tmp_path / "a")).as_dataset(split="train")
+         .as_numpy_iterator()]
+  assert len(ids) == len(set(ids)) == config.data.demo.num_clips
+  assert not list((tmp_path / "a").glob(".tmp-*"))

@@ -1,0 +1,252 @@
+"""data_prep.build on the real clips (../shared/data/clips/*.gif, converted to mp4), next to broken clips."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import common
+from data_prep import build, masks
+from data_prep.hands import DetectorSettings, Hand, HandDetector, assign_slots
+from handi_jax.data import schema
+from tests.conftest import REPO_ROOT
+from tests.test_data_demo import _hull_mask
+
+NUM_FRAMES, SIZE = 8, 256
+OVERRIDES = {"data.num_frames": NUM_FRAMES, "data.height": SIZE, "data.width": SIZE,
+             "data.build.frames_per_shard": 2 * NUM_FRAMES}
+GOOD = ("31", "36", "816")
+FAULTS = {"broken/truncated.mp4": "corrupt_video", "broken/text.mp4": "not_a_video",
+          "broken/three_frames.mp4": "too_few_frames", "broken/nowhere.mp4": "missing_file"}
+
+
+def _config():
+  config = common.get_config(2)
+  for key, value in OVERRIDES.items():
+    section, *rest = key.split(".")
+    node = config[section]
+    for name in rest[:-1]:
+      node = node[name]
+    node[rest[-1]] = value
+  return config
+
+
+def _read_all_frames(path):
+  capture = cv2.VideoCapture(str(path))
+  frames = []
+  while True:
+    ok, frame = capture.read()
+    if not ok:
+      return frames
+    frames.append(frame)
+
+
+def _write_mp4(path, frames, fps=10.0):
+  height, width = frames[0].shape[:2]
+  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+  for frame in frames:
+    writer.write(frame)
+  writer.release()
+
+
+@pytest.fixture(scope="module")
+def videos(shared_data, tmp_path_factory):
+  """The three real clips as mp4 (each listed 4 times with different captions) and the broken cases."""
+  root = tmp_path_factory.mktemp("videos")
+  (root / "broken").mkdir()
+  for name in GOOD:
+    _write_mp4(root / f"{name}.mp4", _read_all_frames(shared_data / "clips" / f"{name}.gif"))
+  data = (root / "31.mp4").read_bytes()
+  (root / "broken/truncated.mp4").write_bytes(data[: len(data) // 2])
+  (root / "broken/text.mp4").write_text("this is a text file, not a video\n")
+  _write_mp4(root / "broken/three_frames.mp4", _read_all_frames(shared_data / "clips" / "31.gif")[:3])
+  entries = []
+  for repeat in range(4):
+    entries += [dict(video=f"{name}.mp4", caption=f"clip {name}, take {repeat}") for name in GOOD]
+    if repeat == 0:
+      entries += [dict(video=video, caption="a broken clip") for video in FAULTS]
+      entries.append(dict(video="36.mp4", caption=""))
+  (root / "captions.json").write_text(json.dumps(entries))
+  return root
+
+
+@pytest.fixture(scope="module")
+def built(videos, tmp_path_factory):
+  out = tmp_path_factory.mktemp("built")
+  summary = build.build(_config(), videos / "captions.json", out, workers=1, progress=False)
+  return summary, out
+
+
+def _plain_mediapipe():
+  import mediapipe as mp
+
+  return mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2, model_complexity=1,
+                                  min_detection_confidence=0.1, min_tracking_confidence=0.1)
+
+
+def test_bad_clips_are_rejected_with_distinct_reasons_and_good_ones_written(built):
+  summary, out = built
+  assert (summary.num_clips, summary.num_rejected) == (12, 5)
+  rejected = [json.loads(line) for line in (out / "train" / schema.REJECTED).read_text().splitlines()]
+  reasons = {pathlib.Path(r["video"]).name: r["reason"] for r in rejected if r["reason"] != "empty_caption"}
+  assert reasons == {pathlib.Path(v).name: reason for v, reason in FAULTS.items()}
+  assert [r["clip_id"] for r in rejected if r["reason"] == "empty_caption"] == ["36~2"]
+  assert len({r["reason"] for r in rejected}) == 5
+  manifest = json.loads((out / schema.MANIFEST).read_text())
+  assert manifest["splits"]["train"]["num_clips"] == 12 and manifest["schema_version"] == schema.SCHEMA_VERSION
+  report = json.loads((out / "train" / schema.REPORT).read_text())
+  assert report["clips"] == 12 and report["frames"] == 12 * NUM_FRAMES and report["rejected"] == 5
+  assert len(report["hand_detection_rate_per_frame"]) == NUM_FRAMES
+  assert cv2.imread(str(out / "train" / schema.COVERAGE_HISTOGRAM)) is not None
+  index = json.loads((out / "train" / schema.MOTION_INTENSIVE).read_text())
+  areas = sorted((c["mask_area"] for c in json.loads((out / "train" / "_progress" / "shard-00000.json").read_text())
+                  ["clips"]), reverse=True)
+  assert len(index["clips"]) == 2 and index["clips"][0]["mask_area"] >= areas[0]  # ceil(10% of 12) = 2
+
+
+def test_stored_masks_are_hulls_of_stored_keypoints_and_line_up_with_the_frames(built, videos):
+  _, out = built
+  examples = list(tfds.builder_from_directory(str(out)).as_dataset(split="train").as_numpy_iterator())
+  assert len(examples) == 12 and len({e["clip_id"] for e in examples}) == 12
+  detector = _plain_mediapipe()
+  distances, inside, total = [], 0, 0
+  for example in examples[:3]:  # the three distinct videos
+    assert example["frames"].shape == (NUM_FRAMES, SIZE, SIZE, 3)
+    frame_masks = example["frame_masks"][..., 0]
+    np.testing.assert_array_equal(example["union_mask"][..., 0], np.bitwise_or.reduce(frame_masks))
+    for f in range(NUM_FRAMES):
+      expected = np.zeros((SIZE, SIZE), np.uint8)
+      for hand in range(2):
+        present = example["presence"][f, hand].astype(bool)
+        points = example["keypoints"][f, hand][present]
+        expected |= _hull_mask(points, SIZE, SIZE)
+        # Drawn on the stored frame, every stored joint is in (or touching) the stored mask.
+        for x, y in points:
+          column, row = min(int(x * SIZE), SIZE - 1), min(int(y * SIZE), SIZE - 1)
+          assert frame_masks[f, max(row - 1, 0):row + 2, max(column - 1, 0):column + 2].any()
+      np.testing.assert_array_equal(frame_masks[f], expected)
+      # Independent check of the geometry: MediaPipe run again on the stored frame finds the same hands at the
+      # stored keypoints, inside the stored mask (hands it finds only on the crop have no stored counterpart).
+      stored = [example["keypoints"][f, s] for s in range(2) if example["presence"][f, s].all()]
+      near = cv2.dilate(frame_masks[f], np.ones((9, 9), np.uint8)) > 0  # 4 px of detector jitter
+      for landmarks in detector.process(example["frames"][f]).multi_hand_landmarks or []:
+        found = np.array([(p.x, p.y) for p in landmarks.landmark])
+        matches = [s for s in stored if np.abs(found[0] - s[0]).max() < 0.1]
+        if not matches:
+          continue
+        distances.append(min(np.abs(found - s).mean() for s in matches) * SIZE)
+        pixels = np.clip((found * SIZE).astype(int), 0, SIZE - 1)
+        inside += int(near[pixels[:, 1], pixels[:, 0]].sum())
+        total += len(pixels)
+  assert len(distances) >= 15 and np.median(distances) < 3.0  # pixels at 256 x 256
+  assert inside / total > 0.9
+
+
+def test_hands_found_in_at_least_as_many_frames_as_plain_mediapipe(built, videos):
+  _, out = built
+  examples = list(tfds.builder_from_directory(str(out)).as_dataset(split="train").as_numpy_iterator())[:3]
+  detector = _plain_mediapipe()
+  for example in examples:
+    name = example["clip_id"].decode()
+    frames = _read_all_frames(videos / f"{name}.mp4")
+    plain = sum(bool(detector.process(cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)).multi_hand_landmarks)
+                for i in example["frame_indices"])
+    ours = int((example["handedness"] != schema.NO_HAND).any(axis=1).sum())
+    assert ours >= plain, name
+    assert ours > 0 and (example["presence"].any(axis=(1, 2)) <= (example["handedness"] != -1).any(axis=1)).all()
+
+
+def test_slot_rule_puts_colliding_labels_in_image_order(shared_data):
+  left_of_image = Hand(np.full((21, 2), 0.3, np.float32), hand=schema.RIGHT, score=0.6)
+  right_of_image = Hand(np.full((21, 2), 0.7, np.float32), hand=schema.RIGHT, score=0.9)
+  slots, codes = assign_slots([right_of_image, left_of_image])
+  assert slots == [left_of_image, right_of_image] and codes.tolist() == [schema.RIGHT, schema.RIGHT]
+  slots, codes = assign_slots([right_of_image])
+  assert slots == [None, right_of_image] and codes.tolist() == [schema.NO_HAND, schema.RIGHT]
+  # Real frames (../shared/data/README.md): frame 3 has two hands that MediaPipe labels alike; in frame 5 the
+  # knife hand on the right of the image is the person's right hand.
+  detector = HandDetector(DetectorSettings())
+  frames = np.stack([cv2.cvtColor(cv2.imread(str(shared_data / "ek_frames" / f"{i}.png")), cv2.COLOR_BGR2RGB)
+                     for i in (3, 5)])
+  collided, distinct = detector.detect_clip(frames, fps=1.0)
+  assert len(collided) == 2 and collided[0].hand == collided[1].hand
+  slots, _ = assign_slots(collided)
+  assert slots[0].landmarks[0, 0] < slots[1].landmarks[0, 0]
+  slots, codes = assign_slots(distinct)
+  assert codes.tolist() == [schema.LEFT, schema.RIGHT] and slots[1].landmarks[0, 0] > 0.7
+
+
+def test_mask_rules_by_hand():
+  # Two 3-joint "hands": right triangles with legs of 8 px, 24 px apart, in a 40 x 40 frame.
+  def triangle(x0):
+    return np.array([[x0, 4], [x0 + 8, 4], [x0, 12]], np.float64) + 0.5
+  keypoints = np.zeros((2, 21, 2), np.float32)
+  presence = np.zeros((2, 21), np.uint8)
+  keypoints[0, :3], keypoints[1, :3] = triangle(4) / 40, triangle(28) / 40
+  presence[:, :3] = 1
+  per_hand = masks.frame_mask(keypoints, presence, 40, 40, "per_hand_hull")
+  joint = masks.frame_mask(keypoints, presence, 40, 40, "joint_hull")
+  # A right triangle with 8-px legs on pixel centres covers 9 + 8 + ... + 1 = 45 pixels.
+  assert np.count_nonzero(per_hand) == 2 * 45
+  assert not per_hand[4:13, 13:28].any() and joint[4:13, 13:28].all()
+  assert np.count_nonzero(joint) > np.count_nonzero(per_hand) and (joint >= per_hand).all()
+  with pytest.raises(ValueError, match="mask_rule"):
+    masks.frame_mask(keypoints, presence, 40, 40, "squash")
+
+
+def test_caption_index_reads_the_release_json_lines(shared_data):
+  jobs = build.read_caption_index(shared_data / "ek_frames" / "prompt.json")
+  assert len(jobs) == 5 and all(j.caption for j in jobs)
+  assert jobs[0].clip_id == "target/1" and jobs[0].video == str(shared_data / "ek_frames" / "target" / "1.mp4")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_shards(built, videos, tmp_path):
+  summary, reference = built
+  out = tmp_path / "resumed"
+  command = [sys.executable, "-m", "data_prep.build", f"--captions={videos / 'captions.json'}",
+             f"--output_dir={out}", "--workers=2", "--noprogress"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  progress = out / "train" / "_progress" / "shard-00000.json"
+  deadline = time.monotonic() + 120
+  while not progress.exists() and first.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  os.killpg(first.pid, signal.SIGKILL)
+  first.wait()
+  done = sorted((out / "train" / "_progress").glob("shard-*.json"))
+  assert 1 <= len(done) < summary.num_shards, "the run was not interrupted midway"
+  finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 0, finished.stderr[-2000:]
+  assert f"({len(done)} reused from an earlier run)" in finished.stdout
+  ours, theirs = schema.split_files(out, "train"), schema.split_files(reference, "train")
+  assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == summary.num_shards
+  for a, b in zip(ours, theirs, strict=True):
+    assert a.read_bytes() == b.read_bytes(), a.name
+  assert not list(out.glob(".tmp-*"))
+  assert (out / "train" / schema.REJECTED).read_bytes() == (reference / "train" / schema.REJECTED).read_bytes()
+
+
+def test_exit_status_is_nonzero_only_when_nothing_was_written(videos, tmp_path, capsys):
+  captions = tmp_path / "bad.json"
+  captions.write_text(json.dumps([dict(video=v, caption="x") for v in FAULTS]))
+  assert build.run(_config(), captions, tmp_path / "out", video_dir=videos, workers=1, progress=False) == 1
+  output = capsys.readouterr()
+  assert "no clip could be written" in output.err and "0 clips written" in output.out and "4 rejected" in output.out
+
+
+def test_command_line_help_documents_the_flags():
+  result = subprocess.run([sys.executable, "-m", "data_prep.build", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert "Traceback" not in result.stderr  # absl exits with status 1 after --help
+  for flag in ("--captions", "--output_dir", "--split", "--video_dir", "--workers", "--config"):
+    assert flag in result.stdout
