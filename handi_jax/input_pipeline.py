@@ -107,22 +107,22 @@ class InputPipeline:
     if tuple(stored[:3]) != wanted:
       raise ValueError(f"dataset {data_dir} stores clips of {tuple(stored[:3])} (frames, height, width) but the "
                        f"config asks for {wanted}; rebuild the data or set config.data.num_frames/height/width")
-    files = schema.split_files(data_dir, split)
-    if not files:
-      raise FileNotFoundError(f"no shards of split {split!r} in {data_dir} (expected {schema.DATASET_NAME}-{split}."
-                              f"{schema.FILE_FORMAT}-*); splits there: {sorted(self._splits(data_dir))}")
+    splits = self._splits(data_dir)
+    if split not in splits:
+      raise FileNotFoundError(f"no split {split!r} in {data_dir}; splits there: {sorted(splits)}")
+    # Shards whose clips were all rejected are empty; hosts share only the others.
+    files = [f for f, n in zip(schema.split_files(data_dir, split), splits[split]["shard_lengths"], strict=True) if n]
     host_files = [str(f) for f in files[process_index::process_count]]
     if not host_files:
-      raise ValueError(f"split {split!r} has {len(files)} shard file(s) for {process_count} processes; every "
-                       "process needs one: rebuild with a smaller config.data.build.frames_per_shard")
+      raise ValueError(f"split {split!r} has {len(files)} non-empty shard file(s) for {process_count} processes; "
+                       "every process needs one: rebuild with a smaller config.data.build.frames_per_shard")
     self._prior = load_prior_mask(data_dir, split)
     self._dataset = self._make_dataset(tf, features, host_files, config)
     self._iterator = iter(self._dataset.as_numpy_iterator())
 
   @staticmethod
-  def _splits(data_dir: pathlib.Path) -> list[str]:
-    manifest = data_dir / schema.MANIFEST
-    return list(json.loads(manifest.read_text())["splits"]) if manifest.is_file() else []
+  def _splits(data_dir: pathlib.Path) -> dict:
+    return json.loads((data_dir / schema.MANIFEST).read_text())["splits"]
 
   def _make_dataset(self, tf, features, files: list[str], config):
     import tensorflow_datasets as tfds

@@ -250,3 +250,21 @@ def test_command_line_help_documents_the_flags():
   assert "Traceback" not in result.stderr  # absl exits with status 1 after --help
   for flag in ("--captions", "--output_dir", "--split", "--video_dir", "--workers", "--config"):
     assert flag in result.stdout
+
+
+def test_training_pipeline_reads_the_built_clips_past_empty_shards(built):
+  from handi_jax import input_pipeline, sharding
+
+  summary, out = built
+  lengths = json.loads((out / schema.MANIFEST).read_text())["splits"]["train"]["shard_lengths"]
+  assert 0 in lengths  # shards whose clips were all rejected
+  config = _config()
+  config.data.dir, config.train.global_batch_size = str(out), 16
+  examples = {e["clip_id"].decode(): e for e in tfds.builder_from_directory(str(out)).as_dataset(split="train")
+              .as_numpy_iterator()}
+  batch = next(input_pipeline.InputPipeline(config, sharding.make_mesh(config)))
+  assert batch["frames"].shape == (16, NUM_FRAMES, SIZE, SIZE, 3)
+  assert set(batch["clip_id"]) == set(examples)
+  for i, clip_id in enumerate(batch["clip_id"]):
+    np.testing.assert_array_equal(np.asarray(batch["keypoints"][i]), examples[clip_id]["keypoints"])
+    np.testing.assert_array_equal(np.asarray(batch["mask"][i]), examples[clip_id]["union_mask"] / np.float32(255))

@@ -113,3 +113,17 @@ def test_bad_batch_size_and_missing_data_say_what_to_do(dataset, tmp_path):
   config = _config(2, tmp_path)
   with pytest.raises(FileNotFoundError, match="data_prep.build"):
     input_pipeline.InputPipeline(config, sharding.make_mesh(config))
+
+
+def test_input_ids_come_from_the_given_tokenizer(dataset):
+  clip_text = pytest.importorskip("handi_jax.models.clip_text", reason="the CLIP module is not in this checkout yet")
+  from handi_jax.models import tokenizers
+
+  path, _ = dataset
+  config = _config(2, path)
+  tokenizer = tokenizers.demo_tokenizer()
+  batch = next(input_pipeline.InputPipeline(config, sharding.make_mesh(config), tokenizer=tokenizer))
+  assert batch["input_ids"].shape == (8, 77) and batch["input_ids"].dtype == np.int32
+  expected = tokenizer(batch["caption"], padding="max_length", max_length=77, truncation=True)["input_ids"]
+  np.testing.assert_array_equal(_host(batch, "input_ids"), np.array(expected))
+  np.testing.assert_array_equal(_host(batch, "input_ids"), clip_text.tokenize(tokenizer, batch["caption"]))
