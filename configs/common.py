@@ -18,7 +18,7 @@ def unet_config(full_size: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
       attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8, norm_eps=1e-5,
-      transformer_in_heads=4, mask_channels=1, motion_strength=True, sample_size=8))
+      transformer_in_heads=8, mask_channels=1, motion_strength=True, sample_size=8))
 
 
 def vae_config(full_size: bool) -> ml_collections.ConfigDict:

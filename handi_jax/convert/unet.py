@@ -1,0 +1,187 @@
+"""UNet3DConditionModel <-> PyTorch checkpoints: diffusers' stock keys and the original HANDI/AnimateAnything keys.
+
+The NNX attribute paths are the torch module names, so the shared rules of core.DEFAULT_RULES are the whole
+table (no exceptions: torch's nn.Sequential indices are nnx.List indices here). The formats differ only in which
+keys exist:
+  diffusers  stock diffusers `UNet3DConditionModel` keys; `time_embedding.cond_proj` is included through the
+             config field `time_cond_proj_dim` (diffusers >= 0.25 builds it), `conv_in2` and `motion_embedding`
+             are not diffusers parameters and are left out of an export (logged).
+  original   the release's keys (reference_spec.md 1.5): stock + conv_in2, cond_proj, motion_embedding.
+"""
+
+import logging
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from handi_jax.convert import core
+from handi_jax.models.unet3d import UNet3DConditionModel, unet_config_dict
+
+UNET_RULES = core.DEFAULT_RULES
+KEY_FORMATS = ("diffusers", "original")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Parameters of the HANDI/AnimateAnything extension, absent from stock diffusers checkpoints.
+MASK_KEYS = ("conv_in2.weight", "conv_in2.bias")
+COND_PROJ_KEYS = ("time_embedding.cond_proj.weight",)
+MOTION_EMBEDDING_KEYS = ("motion_embedding.0.weight", "motion_embedding.0.bias", "motion_embedding.2.weight",
+                         "motion_embedding.2.bias")
+HANDI_KEYS = MASK_KEYS + COND_PROJ_KEYS + MOTION_EMBEDDING_KEYS
+# Architecture constants of both diffusers' UNet3DConditionModel and the release (not config fields there).
+TRANSFORMER_IN_HEADS = 8
+_FIXED_FIELDS = {"act_fn": "silu", "downsample_padding": 1, "mid_block_scale_factor": 1, "num_attention_heads": None}
+
+log = logging.getLogger(__name__)
+
+
+def block_types(num_blocks: int) -> tuple[list[str], list[str]]:
+  down = ["CrossAttnDownBlock3D"] * (num_blocks - 1) + ["DownBlock3D"]
+  up = ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * (num_blocks - 1)
+  return down, up
+
+
+def to_pretrained_config(config, key_format: str) -> dict:
+  """config.model.unet -> the config.json of a diffusers (or original-release) UNet directory."""
+  cfg = unet_config_dict(config)
+  _check_key_format(key_format)
+  if cfg["transformer_in_heads"] != TRANSFORMER_IN_HEADS:
+    raise ValueError(f"transformer_in_heads={cfg['transformer_in_heads']}: the PyTorch UNet3DConditionModel "
+                     f"hard-codes {TRANSFORMER_IN_HEADS} heads in transformer_in, so this model cannot be exported; "
+                     f"set config.model.unet.transformer_in_heads={TRANSFORMER_IN_HEADS}")
+  down, up = block_types(len(cfg["block_out_channels"]))
+  out = dict(
+      _class_name="UNet3DConditionModel", sample_size=cfg["sample_size"], in_channels=cfg["in_channels"],
+      out_channels=cfg["out_channels"], down_block_types=down, up_block_types=up,
+      block_out_channels=list(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
+      norm_num_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
+      cross_attention_dim=cfg["cross_attention_dim"], attention_head_dim=cfg["attention_head_dim"], **_FIXED_FIELDS)
+  if key_format == "diffusers":
+    out["_diffusers_version"] = "0.42.1"
+    out["time_cond_proj_dim"] = cfg["block_out_channels"][0] if cfg["motion_strength"] else None
+  else:
+    out["_diffusers_version"] = "0.24.0"
+    del out["num_attention_heads"]  # not an argument of the release's class
+    out["motion_mask"] = bool(cfg["mask_channels"])
+    out["motion_strength"] = bool(cfg["motion_strength"])
+  return out
+
+
+def from_pretrained_config(pretrained: Mapping, state_shapes: Mapping[str, tuple], handi_extension: bool) -> dict:
+  """A UNet config.json (+ the checkpoint's key -> shape) -> config.model.unet fields.
+
+  The HANDI parameters are always built when `handi_extension` (the release builds them whatever its
+  motion_mask / motion_strength flags say; those only gate their use, which the call's mask / motion decide here).
+  """
+  name = pretrained.get("_class_name", "UNet3DConditionModel")
+  if name != "UNet3DConditionModel":
+    raise ValueError(f"config.json describes a {name}; expected a UNet3DConditionModel directory (the unet/ "
+                     "folder of a text-to-video pipeline)")
+  for field, value in _FIXED_FIELDS.items():
+    if pretrained.get(field, value) != value:
+      raise ValueError(f"config.json has {field}={pretrained[field]!r}; this UNet supports only {value!r}")
+  channels = tuple(pretrained.get("block_out_channels", (320, 640, 1280, 1280)))
+  down, up = block_types(len(channels))
+  for field, expected in (("down_block_types", down), ("up_block_types", up)):
+    if list(pretrained.get(field, expected)) != expected:
+      raise ValueError(f"config.json has {field}={pretrained[field]}; this UNet supports only {expected}")
+  head_dim = pretrained.get("attention_head_dim", 64)
+  if not isinstance(head_dim, int):
+    raise ValueError(f"config.json has attention_head_dim={head_dim!r}; this UNet supports one int for all blocks")
+  cond_dim = pretrained.get("time_cond_proj_dim")
+  if cond_dim not in (None, channels[0]):
+    raise ValueError(f"config.json has time_cond_proj_dim={cond_dim}; the motion condition is a {channels[0]}-d "
+                     "sinusoid (block_out_channels[0]), so only that or null is supported")
+  out_channels = pretrained.get("out_channels", 4)
+  mask_channels = 0
+  if handi_extension:
+    mask_channels = state_shapes[MASK_KEYS[0]][1] - out_channels if MASK_KEYS[0] in state_shapes else 1
+  return dict(
+      in_channels=pretrained.get("in_channels", 4), out_channels=out_channels, block_out_channels=channels,
+      layers_per_block=pretrained.get("layers_per_block", 2), attention_head_dim=head_dim,
+      cross_attention_dim=pretrained.get("cross_attention_dim", 1024),
+      norm_num_groups=pretrained.get("norm_num_groups", 32), norm_eps=pretrained.get("norm_eps", 1e-5),
+      transformer_in_heads=TRANSFORMER_IN_HEADS, mask_channels=mask_channels, motion_strength=handi_extension,
+      sample_size=pretrained.get("sample_size", 32))
+
+
+def export_state_dict(params: Mapping[str, np.ndarray], config, key_format: str = "diffusers") -> dict:
+  """Flat NNX params ({path: array}) -> torch state dict (numpy, torch layouts) in `key_format`.
+
+  Works on any array-likes numpy can transpose, e.g. `np.broadcast_to` placeholders for abstract shapes.
+  """
+  _check_key_format(key_format)
+  cfg = unet_config_dict(config)
+  to_pretrained_config(cfg, key_format)  # validates exportability
+  state = core.to_torch(params, UNET_RULES)
+  if key_format == "original":
+    missing = [k for k in HANDI_KEYS if k not in state]
+    if missing or state[MASK_KEYS[0]].shape[1] != 1 + cfg["out_channels"]:
+      raise ValueError(f"key_format='original' needs the release's extra parameters (1-channel mask conv_in2, "
+                       f"cond_proj, motion_embedding); this model lacks {missing or ['a 1-channel mask conv_in2']}. "
+                       "Build it with mask_channels=1 and motion_strength=True, or export key_format='diffusers'")
+    return state
+  dropped = [k for k in MASK_KEYS + MOTION_EMBEDDING_KEYS if k in state]
+  if dropped:
+    log.warning("diffusers format: leaving out %s (not parameters of diffusers' UNet3DConditionModel; "
+                "export key_format='original' to keep them)", ", ".join(dropped))
+  return {k: v for k, v in state.items() if k not in dropped}
+
+
+def save_unet(model: UNet3DConditionModel, directory: str | os.PathLike, key_format: str = "diffusers") -> None:
+  """config.json + diffusion_pytorch_model.safetensors that the PyTorch UNet of `key_format` loads."""
+  state = export_state_dict(core.flat_params(model), model.config, key_format)
+  core.write_model_dir(directory, to_pretrained_config(model.config, key_format), state, WEIGHTS_NAME)
+
+
+def load_unet(directory: str | os.PathLike, *, init_missing_handi_params: bool = False,
+              handi_extension: bool = True, dtype=np.float32, param_dtype=np.float32, attention: str = "xla",
+              remat: str = "none", rngs: nnx.Rngs | None = None) -> UNet3DConditionModel:
+  """A UNet3DConditionModel from a diffusers UNet directory or one saved by the original release.
+
+  Missing, unexpected or mis-shaped keys are an error naming them. A stock diffusers checkpoint lacks the HANDI
+  parameters: that is an error too unless `init_missing_handi_params=True`, which starts conv_in2 as conv_in on
+  the latent channels with a zero mask column, and cond_proj / motion_embedding at zero (the model then
+  behaves like the stock one). `handi_extension=False` builds the stock diffusers model instead.
+  """
+  state = core.read_state_dict(directory)
+  pretrained = core.read_config(directory)
+  config = from_pretrained_config(pretrained, {k: v.shape for k, v in state.items()}, handi_extension)
+  model = UNet3DConditionModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
+                               rngs=rngs or nnx.Rngs(0))
+  params = core.to_flax(state, UNET_RULES)
+  model_keys = core.to_torch(core.flat_params(model), UNET_RULES)
+  missing = [k for k in HANDI_KEYS if k in model_keys and k not in state]
+  if missing:
+    if not init_missing_handi_params:
+      raise core.CheckpointMismatchError(
+          f"UNet from {directory}: the checkpoint lacks the HANDI parameters {', '.join(missing)} (a stock "
+          "diffusers UNet). Pass init_missing_handi_params=True to start them from conv_in / zeros, or "
+          "handi_extension=False for the stock model.")
+    for key in missing:
+      flax_key = key.replace(".weight", ".kernel")
+      params[flax_key] = _initial_value(key, model_keys[key].shape, params, config["out_channels"])
+  core.load_flat_params(model, params, f"UNet from {directory}")
+  return model
+
+
+def _initial_value(torch_key: str, torch_shape: tuple, params: Mapping[str, np.ndarray], latent_channels: int):
+  """Start value (flax layout) of a missing HANDI parameter: conv_in2 = [zero mask columns, conv_in on the
+  latent channels]; everything else zero, so the model starts out as the stock one."""
+  if torch_key == "conv_in2.bias":
+    log.warning("init_missing_handi_params: conv_in2.bias starts as conv_in.bias")
+    return np.array(params["conv_in.bias"])
+  out, in_channels, kh, kw = torch_shape if len(torch_shape) == 4 else (0, 0, 0, 0)
+  if torch_key == "conv_in2.weight":
+    log.warning("init_missing_handi_params: conv_in2.weight starts as conv_in on the latent channels, zero on "
+                "the mask channel(s)")
+    kernel = np.zeros((kh, kw, in_channels, out), params["conv_in.kernel"].dtype)
+    kernel[:, :, in_channels - latent_channels:] = params["conv_in.kernel"][:, :, -latent_channels:]
+    return kernel
+  log.warning("init_missing_handi_params: %s starts at zero", torch_key)
+  return np.zeros(torch_shape[::-1], np.float32)
+
+
+def _check_key_format(key_format: str) -> None:
+  if key_format not in KEY_FORMATS:
+    raise ValueError(f"key_format={key_format!r}; valid: {', '.join(KEY_FORMATS)}")

@@ -1,0 +1,94 @@
+"""Scaled dot-product attention with a kernel chosen by config (`config.model.attention`).
+
+`xla` is plain attention that runs everywhere; `cudnn` is cuDNN's fused kernel on CUDA GPUs; `tpu_flash` is the
+Pallas splash-attention kernel on TPUs, meant for the long spatial sequences of the UNet. Temporal attention
+(sequence = frames, at most a few dozen) always takes the `xla` path: kernels gain nothing there.
+All functions take (batch, length, heads, head_dim) arrays and use scale head_dim ** -0.5.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash")
+_BACKEND_OF = {"cudnn": "gpu", "tpu_flash": "tpu"}
+_TPU_BLOCK = 128  # splash-attention block length; sequences are padded to a multiple of it
+
+
+def check_implementation(implementation: str, backend: str | None = None) -> None:
+  """Raise a ValueError naming the setting to use when `implementation` cannot run on `backend`."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention={implementation!r} is not known; valid settings: {', '.join(IMPLEMENTATIONS)} "
+                     "(--config.model.attention=xla works everywhere)")
+  backend = backend or jax.default_backend()
+  needed = _BACKEND_OF.get(implementation)
+  if needed is not None and backend != needed:
+    device = {"gpu": "a CUDA GPU", "tpu": "a TPU"}[needed]
+    raise ValueError(f"attention={implementation!r} needs {device}; on {backend} use "
+                     "--config.model.attention=xla")
+
+
+def dot_product_attention(query, key, value, implementation: str = "xla"):
+  """softmax(q k^T / sqrt(d)) v for q (N, Lq, H, D), k and v (N, Lk, H, D) -> (N, Lq, H, D)."""
+  check_implementation(implementation)
+  if implementation == "cudnn":
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention='cudnn' needs bfloat16 or float16 compute, got {query.dtype}; set "
+                       "--config.model.dtype=bfloat16 or --config.model.attention=xla")
+    return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+  if implementation == "tpu_flash":
+    return splash_attention(query, key, value)
+  return xla_attention(query, key, value)
+
+
+def xla_attention(query, key, value):
+  """Plain attention; logits and softmax in float32 whatever the compute dtype."""
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum("nqhd,nkhd->nhqk", query, key, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  return jnp.einsum("nhqk,nkhd->nqhd", weights, value)
+
+
+def splash_attention(query, key, value, interpret: bool = False):
+  """Pallas TPU splash attention; sequences are padded to the block length and padded keys masked out.
+
+  `interpret=True` runs the kernel in the Pallas interpreter (any backend; slow), which tests use.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+  _, q_len, heads, head_dim = query.shape
+  kv_len = key.shape[1]
+  q_padded, kv_padded = -(-q_len // _TPU_BLOCK) * _TPU_BLOCK, -(-kv_len // _TPU_BLOCK) * _TPU_BLOCK
+
+  def heads_major(x, length):  # (N, L, H, D) -> (N, H, L_padded, D)
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3)
+
+  q = heads_major(query * jnp.asarray(head_dim ** -0.5, query.dtype), q_padded)
+  k, v = heads_major(key, kv_padded), heads_major(value, kv_padded)
+  kernel = _splash_kernel(q_padded, kv_padded, heads, interpret)
+  # Only keys of the same segment are attended to: real keys are segment 0, padding is segment 1.
+  segments = splash.SegmentIds(q=jnp.zeros((q_padded,), jnp.int32),
+                               kv=(jnp.arange(kv_padded) >= kv_len).astype(jnp.int32))
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+  return out.transpose(0, 2, 1, 3)[:, :q_len]
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  block_q = _largest_dividing_block(q_len)
+  block_kv = _largest_dividing_block(kv_len)
+  sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                            block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                            block_q_dq=block_q, block_kv_dq=block_kv)
+  mask = masks.MultiHeadMask([masks.FullMask((q_len, kv_len))] * heads)
+  return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+def _largest_dividing_block(length: int) -> int:
+  """The largest of 512, 256, 128 that divides `length` (a multiple of 128)."""
+  return next(b for b in (512, 256, _TPU_BLOCK) if length % b == 0)

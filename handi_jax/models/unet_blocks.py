@@ -1,0 +1,395 @@
+"""Building blocks of the ModelScope 3D UNet, channels-last, attribute names = diffusers state-dict names.
+
+Spatial layers see frames as batch: (N, h, w, C) with N = batch * frames, frames inner (the order of torch's
+`repeat_interleave`). Temporal layers reshape to (batch, frames, h, w, C); their GroupNorms then take statistics
+across frames as well, as torch's GroupNorm on the 5-D tensor does.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from handi_jax.models import attention as attention_lib
+
+_kernel_init = nnx.initializers.lecun_normal()
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+  """Precision and attention kernel shared by every layer of a model."""
+
+  dtype: Any = jnp.float32        # compute dtype
+  param_dtype: Any = jnp.float32  # master weights
+  attention: str = "xla"          # kernel for spatial attention (see attention.py)
+
+
+def conv(in_features: int, out_features: int, opts: LayerOptions, rngs: nnx.Rngs, kernel: int = 3,
+         stride: int = 1, zero_init: bool = False) -> nnx.Conv:
+  """torch Conv2d(k, stride, padding=k//2): symmetric explicit padding (XLA 'SAME' pads (0, 1) at stride 2)."""
+  pad = kernel // 2
+  return nnx.Conv(
+      in_features, out_features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+      kernel_init=nnx.with_partitioning(_zeros if zero_init else _kernel_init, (None, None, "conv_in", "conv_out")),
+      bias_init=nnx.with_partitioning(_zeros, ("conv_out",)), dtype=opts.dtype, param_dtype=opts.param_dtype,
+      rngs=rngs)
+
+
+def temporal_conv(features: int, opts: LayerOptions, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.Conv:
+  """torch Conv3d(k=(3, 1, 1), padding=(1, 0, 0)) over (batch, frames, h, w, C)."""
+  return nnx.Conv(
+      features, features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)),
+      kernel_init=nnx.with_partitioning(_zeros if zero_init else _kernel_init,
+                                        (None, None, None, "conv_in", "conv_out")),
+      bias_init=nnx.with_partitioning(_zeros, ("conv_out",)), dtype=opts.dtype, param_dtype=opts.param_dtype,
+      rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, names: tuple[str, str], opts: LayerOptions, rngs: nnx.Rngs,
+           use_bias: bool = True, zero_init: bool = False) -> nnx.Linear:
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias,
+      kernel_init=nnx.with_partitioning(_zeros if zero_init else _kernel_init, names),
+      bias_init=nnx.with_partitioning(_zeros, (names[1],)), dtype=opts.dtype, param_dtype=opts.param_dtype,
+      rngs=rngs)
+
+
+def group_norm(features: int, groups: int, eps: float, opts: LayerOptions, rngs: nnx.Rngs) -> nnx.GroupNorm:
+  """Statistics over every non-batch axis (per frame on 4-D input, across frames on 5-D), two-pass variance."""
+  if features % groups:
+    raise ValueError(f"GroupNorm: {features} channels are not divisible by norm_num_groups={groups}; choose "
+                     "config.model.unet.norm_num_groups dividing every entry of block_out_channels")
+  return nnx.GroupNorm(features, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                       scale_init=nnx.with_partitioning(_ones, ("norm",)),
+                       bias_init=nnx.with_partitioning(_zeros, ("norm",)), dtype=opts.dtype,
+                       param_dtype=opts.param_dtype, rngs=rngs)
+
+
+def layer_norm(features: int, opts: LayerOptions, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False,
+                       scale_init=nnx.with_partitioning(_ones, ("norm",)),
+                       bias_init=nnx.with_partitioning(_zeros, ("norm",)), dtype=opts.dtype,
+                       param_dtype=opts.param_dtype, rngs=rngs)
+
+
+def sinusoidal_embedding(values: jax.Array, dim: int) -> jax.Array:
+  """[cos | sin] of values * 10000^(-k / (dim/2)), k < dim/2: diffusers Timesteps(dim, flip_sin_to_cos=True, 0)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(values, jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source index of each output index of torch `interpolate(mode='nearest')`: floor(i * in/out) in float32.
+
+  jax.image.resize uses half-pixel centres, which picks other pixels for non-x2 ratios (22 -> 43, 43 -> 85).
+  """
+  if out_size == in_size:
+    return np.arange(out_size)
+  if out_size == 2 * in_size:
+    return np.arange(out_size) // 2
+  scale = np.float32(in_size) / np.float32(out_size)
+  idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(idx, in_size - 1)
+
+
+def frames_major(x: jax.Array, num_frames: int) -> jax.Array:
+  """(N, h, w, C) -> (batch, frames, h, w, C)."""
+  return x.reshape((-1, num_frames) + x.shape[1:])
+
+
+class TimestepEmbedding(nnx.Module):
+  """linear_1 -> SiLU -> linear_2, with the optional `cond_proj` (no bias) added to the input first."""
+
+  def __init__(self, in_features: int, time_features: int, cond_features: int | None, opts: LayerOptions,
+               rngs: nnx.Rngs):
+    self.linear_1 = linear(in_features, time_features, ("embed", "mlp"), opts, rngs)
+    self.linear_2 = linear(time_features, time_features, ("mlp", "embed"), opts, rngs)
+    if cond_features is not None:
+      self.cond_proj = linear(cond_features, in_features, ("embed", "mlp"), opts, rngs, use_bias=False)
+
+  def __call__(self, sample: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    if condition is not None:
+      sample = sample + self.cond_proj(condition)
+    return self.linear_2(nnx.silu(self.linear_1(sample)))
+
+
+class ResnetBlock2D(nnx.Module):
+  """GN -> SiLU -> conv1 (+ time projection) -> GN -> SiLU -> conv2, plus a (1x1-projected) shortcut."""
+
+  def __init__(self, in_features: int, out_features: int, time_features: int, groups: int, eps: float,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    self.norm1 = group_norm(in_features, groups, eps, opts, rngs)
+    self.conv1 = conv(in_features, out_features, opts, rngs)
+    self.time_emb_proj = linear(time_features, out_features, ("embed", "mlp"), opts, rngs)
+    self.norm2 = group_norm(out_features, groups, eps, opts, rngs)
+    self.conv2 = conv(out_features, out_features, opts, rngs)
+    if in_features != out_features:
+      self.conv_shortcut = conv(in_features, out_features, opts, rngs, kernel=1)
+
+  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
+    h = self.conv2(nnx.silu(self.norm2(h)))
+    shortcut = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
+    return shortcut + h
+
+
+class TemporalConvLayer(nnx.Module):
+  """Four (GN, SiLU, [Dropout], Conv3d over frames) stages plus identity; conv4 starts at zero (identity layer).
+
+  The list indices reproduce torch's nn.Sequential keys: conv1.0 = GN, conv1.2 = Conv3d, conv{2,3,4}.3 = Conv3d.
+  Dropout is deterministic until `model.train()`.
+  """
+
+  def __init__(self, features: int, groups: int, eps: float, dropout: float, opts: LayerOptions, rngs: nnx.Rngs):
+    def stage(with_dropout: bool, zero_init: bool = False):
+      layers = [group_norm(features, groups, eps, opts, rngs), nnx.silu]
+      if with_dropout:
+        layers.append(nnx.Dropout(dropout, deterministic=True, rngs=rngs))
+      return nnx.List(layers + [temporal_conv(features, opts, rngs, zero_init=zero_init)])
+
+    self.conv1 = stage(with_dropout=False)
+    self.conv2 = stage(with_dropout=True)
+    self.conv3 = stage(with_dropout=True)
+    self.conv4 = stage(with_dropout=True, zero_init=True)
+
+  def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
+    identity = frames_major(x, num_frames)
+    h = identity
+    for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+      for layer in stage:
+        h = layer(h)
+    return (identity + h).reshape(x.shape)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; q/k/v without bias, `to_out.0` with bias. `context=None` is self-attention."""
+
+  def __init__(self, query_features: int, context_features: int | None, heads: int, head_dim: int,
+               implementation: str, opts: LayerOptions, rngs: nnx.Rngs):
+    inner = heads * head_dim
+    context_features = context_features or query_features
+    self.heads, self.head_dim, self.implementation = heads, head_dim, implementation
+    self.to_q = linear(query_features, inner, ("embed", "heads"), opts, rngs, use_bias=False)
+    self.to_k = linear(context_features, inner, ("embed", "heads"), opts, rngs, use_bias=False)
+    self.to_v = linear(context_features, inner, ("embed", "heads"), opts, rngs, use_bias=False)
+    self.to_out = nnx.List([linear(inner, query_features, ("heads", "embed"), opts, rngs)])
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    context = x if context is None else context
+    split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
+    out = attention_lib.dot_product_attention(split(self.to_q(x)), split(self.to_k(context)),
+                                              split(self.to_v(context)), self.implementation)
+    return self.to_out[0](out.reshape(out.shape[:2] + (-1,)))
+
+
+class GEGLU(nnx.Module):
+  """proj -> [hidden, gate] halves -> hidden * GELU(gate), exact (erf) GELU."""
+
+  def __init__(self, in_features: int, out_features: int, opts: LayerOptions, rngs: nnx.Rngs):
+    self.proj = linear(in_features, 2 * out_features, ("embed", "mlp"), opts, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+    return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+  """net.0 = GEGLU(dim -> 4 dim), net.1 = dropout (rate 0 in this model), net.2 = Linear(4 dim -> dim)."""
+
+  def __init__(self, features: int, opts: LayerOptions, rngs: nnx.Rngs, mult: int = 4):
+    self.net = nnx.List([GEGLU(features, mult * features, opts, rngs), nnx.Dropout(0.0),
+                         linear(mult * features, features, ("mlp", "embed"), opts, rngs)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+  """x + attn1(LN x); x + attn2(LN x, context); x + FF(LN x). attn2 is self-attention when context_features is
+  None (the temporal transformers' double_self_attention)."""
+
+  def __init__(self, features: int, heads: int, head_dim: int, context_features: int | None, implementation: str,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    self.norm1 = layer_norm(features, opts, rngs)
+    self.attn1 = Attention(features, None, heads, head_dim, implementation, opts, rngs)
+    self.norm2 = layer_norm(features, opts, rngs)
+    self.attn2 = Attention(features, context_features, heads, head_dim, implementation, opts, rngs)
+    self.norm3 = layer_norm(features, opts, rngs)
+    self.ff = FeedForward(features, opts, rngs)
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    x = x + self.attn1(self.norm1(x))
+    x = x + self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+  """Per-frame spatial transformer with text cross-attention: GN(eps 1e-6) -> proj_in -> block -> proj_out, + x."""
+
+  def __init__(self, heads: int, head_dim: int, features: int, context_features: int, groups: int,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    inner = heads * head_dim
+    self.norm = group_norm(features, groups, 1e-6, opts, rngs)
+    self.proj_in = linear(features, inner, ("embed", "mlp"), opts, rngs)
+    self.transformer_blocks = nnx.List([
+        BasicTransformerBlock(inner, heads, head_dim, context_features, opts.attention, opts, rngs)])
+    self.proj_out = linear(inner, features, ("mlp", "embed"), opts, rngs)
+
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    n, height, width, channels = x.shape
+    h = self.proj_in(self.norm(x).reshape(n, height * width, channels))
+    for block in self.transformer_blocks:
+      h = block(h, context)
+    return x + self.proj_out(h).reshape(x.shape)
+
+
+class TransformerTemporalModel(nnx.Module):
+  """Self-attention over frames at every pixel (no positional encoding): GN across frames -> proj_in -> block
+  (attn1 and attn2 both self-attention, always plain XLA attention) -> proj_out, + x."""
+
+  def __init__(self, heads: int, head_dim: int, features: int, groups: int, opts: LayerOptions, rngs: nnx.Rngs):
+    inner = heads * head_dim
+    self.norm = group_norm(features, groups, 1e-6, opts, rngs)
+    self.proj_in = linear(features, inner, ("embed", "mlp"), opts, rngs)
+    self.transformer_blocks = nnx.List([BasicTransformerBlock(inner, heads, head_dim, None, "xla", opts, rngs)])
+    self.proj_out = linear(inner, features, ("mlp", "embed"), opts, rngs)
+
+  def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
+    h = self.norm(frames_major(x, num_frames))                 # (B, T, h, w, C)
+    batch, frames, height, width, channels = h.shape
+    h = h.transpose(0, 2, 3, 1, 4).reshape(batch * height * width, frames, channels)
+    h = self.proj_in(h)
+    for block in self.transformer_blocks:
+      h = block(h)
+    h = self.proj_out(h).reshape(batch, height, width, frames, channels).transpose(0, 3, 1, 2, 4)
+    return x + h.reshape(x.shape)
+
+
+class Downsample2D(nnx.Module):
+  """3x3 conv, stride 2, padding 1 on both sides: (h, w) -> (ceil(h/2), ceil(w/2))."""
+
+  def __init__(self, features: int, opts: LayerOptions, rngs: nnx.Rngs):
+    self.conv = conv(features, features, opts, rngs, stride=2)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+  """Nearest upsampling to `size` (torch's index rule) followed by a 3x3 conv."""
+
+  def __init__(self, features: int, opts: LayerOptions, rngs: nnx.Rngs):
+    self.conv = conv(features, features, opts, rngs)
+
+  def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+    height, width = size or (2 * x.shape[1], 2 * x.shape[2])
+    x = jnp.take(x, nearest_indices(x.shape[1], height), axis=1)
+    x = jnp.take(x, nearest_indices(x.shape[2], width), axis=2)
+    return self.conv(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Shape of one UNet block; `head_dim` is the config's attention_head_dim (heads = channels // head_dim)."""
+
+  in_features: int
+  out_features: int
+  time_features: int
+  num_layers: int
+  groups: int
+  eps: float
+  head_dim: int
+  context_features: int
+  dropout: float = 0.1  # temporal convs
+
+
+class _Layers(nnx.Module):
+  """Per-layer containers shared by the down, mid and up blocks (names as in diffusers)."""
+
+  def _build(self, spec: BlockSpec, resnet_inputs: list[int], out_features: int, num_attentions: int,
+             opts: LayerOptions, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResnetBlock2D(c, out_features, spec.time_features, spec.groups, spec.eps, opts, rngs)
+                             for c in resnet_inputs])
+    self.temp_convs = nnx.List([TemporalConvLayer(out_features, spec.groups, spec.eps, spec.dropout, opts, rngs)
+                                for _ in resnet_inputs])
+    if num_attentions:
+      heads = out_features // spec.head_dim
+      self.attentions = nnx.List([
+          Transformer2DModel(heads, spec.head_dim, out_features, spec.context_features, spec.groups, opts, rngs)
+          for _ in range(num_attentions)])
+      self.temp_attentions = nnx.List([
+          TransformerTemporalModel(heads, spec.head_dim, out_features, spec.groups, opts, rngs)
+          for _ in range(num_attentions)])
+
+  def _layer(self, i: int, x, temb, context, num_frames: int):
+    """resnet -> temporal conv [-> spatial transformer -> temporal transformer]."""
+    x = self.temp_convs[i](self.resnets[i](x, temb), num_frames)
+    if hasattr(self, "attentions"):
+      x = self.attentions[i](x, context)
+      x = self.temp_attentions[i](x, num_frames)
+    return x
+
+
+class DownBlock3D(_Layers):
+  """CrossAttnDownBlock3D (with_attention) or DownBlock3D; every layer output and the downsampled output are
+  skip connections."""
+
+  def __init__(self, spec: BlockSpec, with_attention: bool, add_downsample: bool, opts: LayerOptions,
+               rngs: nnx.Rngs):
+    inputs = [spec.in_features] + [spec.out_features] * (spec.num_layers - 1)
+    self._build(spec, inputs, spec.out_features, len(inputs) if with_attention else 0, opts, rngs)
+    if add_downsample:
+      self.downsamplers = nnx.List([Downsample2D(spec.out_features, opts, rngs)])
+
+  def __call__(self, x, temb, context, num_frames: int):
+    skips = []
+    for i in range(len(self.resnets)):
+      x = self._layer(i, x, temb, context, num_frames)
+      skips.append(x)
+    if hasattr(self, "downsamplers"):
+      x = self.downsamplers[0](x)
+      skips.append(x)
+    return x, tuple(skips)
+
+
+class UNetMidBlock3DCrossAttn(_Layers):
+  """resnet0 -> temp_conv0 -> [attn -> temp_attn -> resnet1 -> temp_conv1]."""
+
+  def __init__(self, spec: BlockSpec, opts: LayerOptions, rngs: nnx.Rngs):
+    self._build(spec, [spec.in_features] * 2, spec.in_features, 1, opts, rngs)
+
+  def __call__(self, x, temb, context, num_frames: int):
+    x = self.temp_convs[0](self.resnets[0](x, temb), num_frames)
+    x = self.attentions[0](x, context)
+    x = self.temp_attentions[0](x, num_frames)
+    return self.temp_convs[1](self.resnets[1](x, temb), num_frames)
+
+
+class UpBlock3D(_Layers):
+  """CrossAttnUpBlock3D (with_attention) or UpBlock3D: each layer first concatenates the last skip ([x, skip])."""
+
+  def __init__(self, spec: BlockSpec, prev_out_features: int, with_attention: bool, add_upsample: bool,
+               opts: LayerOptions, rngs: nnx.Rngs):
+    n, out = spec.num_layers, spec.out_features
+    inputs = [(prev_out_features if i == 0 else out) + (spec.in_features if i == n - 1 else out) for i in range(n)]
+    self._build(spec, inputs, out, n if with_attention else 0, opts, rngs)
+    if add_upsample:
+      self.upsamplers = nnx.List([Upsample2D(out, opts, rngs)])
+
+  def __call__(self, x, skips, temb, context, num_frames: int, upsample_size: tuple[int, int] | None):
+    skips = list(skips)
+    for i in range(len(self.resnets)):
+      x = jnp.concatenate([x, skips.pop()], axis=-1)
+      x = self._layer(i, x, temb, context, num_frames)
+    if hasattr(self, "upsamplers"):
+      x = self.upsamplers[0](x, upsample_size)
+    return x
