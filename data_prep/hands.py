@@ -1,26 +1,29 @@
 """MediaPipe hand detection and the left/right slot layout of the stored keypoints.
 
-Handedness: MediaPipe labels hands as if the image were mirrored (a selfie camera); its documentation says to
-swap the labels for unmirrored input. Training videos are unmirrored (egocentric), so the hand MediaPipe calls
-'Right' is the person's left hand and goes to slot 0 (checked on ../shared/data/ek_frames/5.png: the knife
-hand on the right of the image is labelled 'Left').
+Handedness: `mp.solutions.hands` labels hands as if the image were mirrored (a selfie camera); its documentation
+says to swap the labels for unmirrored input. Training videos are unmirrored (egocentric), so the hand it calls
+'Right' is the person's left hand (checked on ../shared/data/ek_frames/5.png: the knife hand on the right of the
+image is labelled 'Left'). The Tasks `HandLandmarker` already reports the person's hand for unmirrored images
+('Right' for that knife hand, with the same models), so its labels are used as they are.
 
-Slot rule: each hand goes to the slot of its (swapped) label. When both hands get the same label (it happens,
-e.g. ek_frames/3.png at confidence 0.1), the hand whose wrist is further left in the image takes slot 0 and
-the other slot 1: in egocentric views the left hand is on the left.
+Slot rule: slot 0 = left hand, slot 1 = right hand, each hand in the slot of its label. When both hands get the
+same label (it happens, e.g. ek_frames/3.png at confidence 0.1), the hand whose wrist is further left in the
+image takes slot 0 and the other slot 1: in egocentric views the left hand is on the left.
 """
 
 import dataclasses
 import multiprocessing
 import pathlib
 import sys
+import zipfile
 
 import numpy as np
 
 from handi_jax.data.schema import LEFT, NO_HAND, NUM_HANDS, NUM_JOINTS, RIGHT
 
-# MediaPipe label -> the person's hand in an unmirrored video.
-_PERSON_HAND = {"Right": LEFT, "Left": RIGHT}
+# MediaPipe label -> the person's hand in an unmirrored video, per API (see the module docstring).
+_SOLUTIONS_HAND = {"Right": LEFT, "Left": RIGHT}
+_TASKS_HAND = {"Left": LEFT, "Right": RIGHT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,19 @@ class Hand:
   landmarks: np.ndarray  # (21, 2) normalised (x, y) of the detector's input frame
   hand: int              # LEFT or RIGHT: the person's hand as labelled by the detector
   score: float           # handedness confidence
+
+
+def write_bundled_task_file(path: str | pathlib.Path) -> pathlib.Path:
+  """A Tasks `hand_landmarker.task` made of the models bundled with mediapipe 0.10.21 (palm detector + full
+  landmark model), for the Tasks API without a download. A .task file is a zip of these two named models."""
+  import mediapipe
+
+  modules = pathlib.Path(mediapipe.__file__).parent / "modules"
+  path = pathlib.Path(path)
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as bundle:
+    bundle.write(modules / "palm_detection" / "palm_detection_full.tflite", "hand_detector.tflite")
+    bundle.write(modules / "hand_landmark" / "hand_landmark_full.tflite", "hand_landmarks_detector.tflite")
+  return path
 
 
 def block_tensorflow_import() -> None:
@@ -90,7 +106,7 @@ class HandDetector:
                                        strict=True):
         label = handedness.classification[0]
         points = np.array([(p.x, p.y) for p in landmarks.landmark], np.float32)
-        hands.append(Hand(points, _PERSON_HAND[label.label], float(label.score)))
+        hands.append(Hand(points, _SOLUTIONS_HAND[label.label], float(label.score)))
       hands_per_frame.append(hands)
     return hands_per_frame
 
@@ -115,7 +131,7 @@ class HandDetector:
         hands = []
         for landmarks, handedness in zip(result.hand_landmarks, result.handedness, strict=True):
           points = np.array([(p.x, p.y) for p in landmarks], np.float32)
-          hands.append(Hand(points, _PERSON_HAND[handedness[0].category_name], float(handedness[0].score)))
+          hands.append(Hand(points, _TASKS_HAND[handedness[0].category_name], float(handedness[0].score)))
         hands_per_frame.append(hands)
     return hands_per_frame
 

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from data_prep import build, masks
-from data_prep.hands import DetectorSettings, Hand, HandDetector, assign_slots
+from data_prep.hands import DetectorSettings, Hand, HandDetector, assign_slots, write_bundled_task_file
 from handi_jax.data import schema
 from tests.conftest import REPO_ROOT
 from tests.test_data_demo import _hull_mask
@@ -182,6 +182,24 @@ def test_slot_rule_puts_colliding_labels_in_image_order(shared_data):
   assert slots[0].landmarks[0, 0] < slots[1].landmarks[0, 0]
   slots, codes = assign_slots(distinct)
   assert codes.tolist() == [schema.LEFT, schema.RIGHT] and slots[1].landmarks[0, 0] > 0.7
+
+
+def test_tasks_hand_landmarker_agrees_with_solutions_on_slots(shared_data, tmp_path):
+  frames = np.stack([cv2.cvtColor(cv2.imread(str(shared_data / "ek_frames" / f"{i}.png")), cv2.COLOR_BGR2RGB)
+                     for i in (1, 5)])
+  task = write_bundled_task_file(tmp_path / "hand_landmarker.task")
+  by_tasks = HandDetector(DetectorSettings(detector=str(task))).detect_clip(frames, fps=1.0)
+  by_solutions = HandDetector(DetectorSettings()).detect_clip(frames, fps=1.0)
+  for tasks_hands, solutions_hands in zip(by_tasks, by_solutions, strict=True):
+    tasks_slots, tasks_codes = assign_slots(tasks_hands)
+    solutions_slots, solutions_codes = assign_slots(solutions_hands)
+    assert tasks_codes.tolist() == solutions_codes.tolist()
+    for a, b in zip(tasks_slots, solutions_slots, strict=True):
+      assert (a is None) == (b is None)
+      if a is not None:
+        assert np.abs(a.landmarks - b.landmarks).mean() < 0.02  # the two graphs crop the hand slightly differently
+  with pytest.raises(FileNotFoundError, match="task"):
+    HandDetector(DetectorSettings(detector=str(tmp_path / "missing.task")))
 
 
 def test_mask_rules_by_hand():
