@@ -1,0 +1,189 @@
+"""The CLIP text encoder (transformers CLIPTextModel architecture) in Flax NNX, and its tokenizer.
+
+Attribute paths equal the transformers state-dict names (`text_model.encoder.layers.3.self_attn.q_proj`,
+`text_model.final_layer_norm`, ...), so `handi_jax.convert.clip_text` maps checkpoints with one rule table.
+Width, depth, heads and activation come from config.model.text_encoder: 23 x 1024 (OpenCLIP-H, exact GELU)
+for ModelScope / HANDI, 12 x 768 (quick GELU) for SD 1.5.
+"""
+
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+# CLIP's context length (the text encoder has this many position embeddings).
+CONTEXT_LENGTH = 77
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+_LINEAR_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
+_EMBED_INIT = nnx.initializers.normal(0.02)
+
+
+def _linear(in_features, out_features, names, *, rngs, dtype, param_dtype):
+  return nnx.Linear(
+      in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(_LINEAR_INIT, names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)), rngs=rngs)
+
+
+def _layer_norm(features, eps, *, rngs, dtype, param_dtype):
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)), rngs=rngs)
+
+
+class CLIPTextEmbeddings(nnx.Module):
+
+  def __init__(self, config, *, rngs, dtype, param_dtype):
+    self.token_embedding = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(_EMBED_INIT, ("vocab", "embed")), rngs=rngs)
+    self.position_embedding = nnx.Embed(
+        config.max_position_embeddings, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(_EMBED_INIT, (None, "embed")), rngs=rngs)
+
+  def __call__(self, input_ids):
+    positions = jnp.arange(input_ids.shape[-1])
+    return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+
+
+class CLIPAttention(nnx.Module):
+  """Multi-head self-attention with a causal mask (each token sees itself and the tokens before it)."""
+
+  def __init__(self, config, **kw):
+    width, self.num_heads = config.hidden_size, config.num_attention_heads
+    if width % self.num_heads:
+      raise ValueError(f"config.model.text_encoder: hidden_size {width} is not divisible by "
+                       f"num_attention_heads {self.num_heads}; pick a head count that divides the width")
+    self.q_proj = _linear(width, width, ("embed", "heads"), **kw)
+    self.k_proj = _linear(width, width, ("embed", "heads"), **kw)
+    self.v_proj = _linear(width, width, ("embed", "heads"), **kw)
+    self.out_proj = _linear(width, width, ("heads", "embed"), **kw)
+
+  def __call__(self, x):
+    batch, length, width = x.shape
+    head_dim = width // self.num_heads
+
+    def heads(projection):
+      return projection(x).reshape(batch, length, self.num_heads, head_dim)
+
+    q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+    # Logits and softmax in float32, as transformers does, whatever the compute dtype.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+    return self.out_proj(out)
+
+
+class CLIPMLP(nnx.Module):
+
+  def __init__(self, config, **kw):
+    if config.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"config.model.text_encoder.hidden_act={config.hidden_act!r} is not supported; "
+                       f"use one of {sorted(_ACTIVATIONS)}")
+    self.activation = config.hidden_act
+    self.fc1 = _linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
+    self.fc2 = _linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, config, **kw):
+    self.self_attn = CLIPAttention(config, **kw)
+    self.layer_norm1 = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+    self.mlp = CLIPMLP(config, **kw)
+    self.layer_norm2 = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+
+  def __call__(self, x):
+    x = x + self.self_attn(self.layer_norm1(x))
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+
+  def __init__(self, config, **kw):
+    self.layers = nnx.List([CLIPEncoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+class CLIPTextTransformer(nnx.Module):
+
+  def __init__(self, config, **kw):
+    self.embeddings = CLIPTextEmbeddings(config, **kw)
+    self.encoder = CLIPEncoder(config, **kw)
+    self.final_layer_norm = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+
+  def __call__(self, input_ids):
+    return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+
+
+class CLIPTextModel(nnx.Module):
+  """`config` is config.model.text_encoder (transformers field names).
+
+  `text_encoder(input_ids)` with int ids (B, L), L <= max_position_embeddings, returns the last hidden state
+  after the final LayerNorm, (B, L, hidden_size): the text conditioning of the UNet.
+  """
+
+  def __init__(self, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = ml_collections.FrozenConfigDict(config)
+    self.text_model = CLIPTextTransformer(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array) -> jax.Array:
+    if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
+      raise ValueError(f"input_ids: expected (batch, length <= {self.config.max_position_embeddings}) token ids, "
+                       f"got shape {input_ids.shape}; tokenize prompts with clip_text.tokenize")
+    return self.text_model(input_ids)
+
+  @classmethod
+  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "CLIPTextModel":
+    """A transformers CLIPTextModel directory (config.json + model.safetensors or pytorch_model.bin)."""
+    from handi_jax.convert import clip_text as convert_clip_text
+
+    return convert_clip_text.load_transformers(directory, dtype=dtype, param_dtype=param_dtype)
+
+  def save_pretrained(self, directory) -> None:
+    """config.json + model.safetensors that transformers' CLIPTextModel.from_pretrained loads."""
+    from handi_jax.convert import clip_text as convert_clip_text
+
+    convert_clip_text.save_transformers(self, directory)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+  """transformers' CLIPTokenizer from a pipeline's `tokenizer/` folder (vocab.json + merges.txt or tokenizer.json)."""
+  directory = pathlib.Path(directory)
+  if not ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+          or (directory / "tokenizer.json").is_file()):
+    raise FileNotFoundError(f"tokenizer directory {directory} has no vocab.json + merges.txt (or tokenizer.json): "
+                            "expected the tokenizer/ folder of a diffusers pipeline")
+  from transformers import CLIPTokenizer
+
+  # from_pretrained reads the folder's tokenizer_config.json too (lower-casing, pad token); transformers 5
+  # silently ignores the v4 `vocab_file=` / `merges_file=` constructor keywords.
+  return CLIPTokenizer.from_pretrained(str(directory))
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = CONTEXT_LENGTH) -> np.ndarray:
+  """Token ids (B, max_length) int32: BOS, the prompt, EOS, then padding; longer prompts are truncated."""
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="np")["input_ids"]
+  return np.asarray(ids, np.int32)
