@@ -144,10 +144,11 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       trainable="all",             # all | release (the release's module subset: 643.8M of 1.41B)
       freeze_background=True))     # outside the mask every target frame = the context latent (release)
 
-  # Losses.
+  # Losses. Pixel losses decode x0 in-graph `frame_chunk` frames at a time (lax.map); remat_* recompute the
+  # decoder / landmark network activations in the backward pass; decode_fn should compute in decode_dtype.
   config.loss = ml_collections.ConfigDict(dict(
       alpha_miou=0.1, eta_hand=0.1, hand_frame_stride=1, decode_dtype="float32",
-      remat_decoder=True, remat_landmarks=True, hand_presence_weight=0.0))
+      remat_decoder=True, remat_landmarks=True, hand_presence_weight=0.0, frame_chunk=4))
 
   apply_variants(config, arg)
   return config

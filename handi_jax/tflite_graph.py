@@ -207,16 +207,20 @@ def _apply(op: Op, params: dict, args: list[jax.Array]) -> jax.Array:
 
 
 def run_tflite(graph: TFLiteGraph, inputs: list[jax.Array]) -> list[jax.Array]:
-  """Run the graph on batched float32 inputs (leading axis = batch); returns the outputs in file order."""
+  """Run the graph on batched inputs (leading axis = batch); returns the outputs in file order.
+
+  Computes in the params' dtype (float32 as loaded; cast the params for another precision).
+  """
   program = graph.program
   if len(inputs) != len(program.inputs):
     raise ValueError(f"the TFLite graph takes {len(program.inputs)} input(s), got {len(inputs)}")
+  dtype = jax.tree.leaves(graph.params)[0].dtype
   values = {}
   for tensor, value, shape in zip(program.inputs, inputs, program.input_shapes, strict=True):
     if tuple(value.shape[1:]) != shape[1:]:
       raise ValueError(f"TFLite graph input {tensor}: expected (N, {', '.join(map(str, shape[1:]))}), "
                        f"got {tuple(value.shape)}; resize or crop the input to that size first")
-    values[tensor] = jnp.asarray(value, jnp.float32)
+    values[tensor] = jnp.asarray(value, dtype)
   for op in program.ops:
     values[op.output] = _apply(op, graph.params, [values[i] for i in op.inputs])
   return [values[i] for i in program.outputs]
