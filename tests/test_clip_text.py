@@ -146,6 +146,9 @@ def test_every_parameter_has_logical_axes_that_shard_on_a_mesh():
 def test_bad_inputs_give_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist: expected a transformers CLIPTextModel folder"):
     CLIPTextModel.from_pretrained(tmp_path / "nope")
+  _transformers_encoder(TINY).save_pretrained(tmp_path / "text_encoder")
+  with pytest.raises(core.CheckpointMismatchError, match="num_hidden_layers: checkpoint 2, config 3"):
+    CLIPTextModel.from_pretrained(tmp_path / "text_encoder", expected_config=dict(TINY, num_hidden_layers=3))
   with pytest.raises(FileNotFoundError, match="has no vocab.json"):
     load_tokenizer(tmp_path)
   with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):

@@ -179,5 +179,7 @@ def test_bad_directories_and_configs_give_clear_errors(vae_dir, tmp_path):
   with pytest.raises(core.CheckpointMismatchError, match=r"shape mismatch for decoder.conv_in.kernel: "
                      r"checkpoint \(3, 3, 4, 32\), model \(3, 3, 4, 48\)"):
     AutoencoderKL.from_pretrained(tmp_path / "wide")
+  with pytest.raises(core.CheckpointMismatchError, match="layers_per_block: checkpoint 1, config 2"):
+    AutoencoderKL.from_pretrained(vae_dir, expected_config=dict(TINY, layers_per_block=2))
   with pytest.raises(ValueError, match="chunk_size must be a positive number"):
     decode_video(AutoencoderKL(MICRO, rngs=nnx.Rngs(0)), jnp.zeros((1, 2, 4, 4, 4)), 0)

@@ -27,6 +27,9 @@ TRANSFORMERS_VERSION = "5.23.0"
 _FIELDS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                num_attention_heads=8, max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu",
                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+# The fields that change the computation (the token ids only matter to the tokenizer).
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "max_position_embeddings", "layer_norm_eps", "hidden_act")
 
 
 def config_from_transformers(hf_config: dict, where: str = "config.json") -> dict:
@@ -45,12 +48,16 @@ def config_to_transformers(config) -> dict:
           "transformers_version": TRANSFORMERS_VERSION, **{name: config[name] for name in _FIELDS}}
 
 
-def load_transformers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIPTextModel:
+def load_transformers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                      expected_config=None) -> CLIPTextModel:
+  """The text encoder in `directory`; with `expected_config` (config.model.text_encoder) the architecture must agree."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"text encoder directory {directory} does not exist: expected a transformers "
                             "CLIPTextModel folder with config.json and model.safetensors (or pytorch_model.bin)")
   config = config_from_transformers(core.read_config(directory), str(directory / "config.json"))
+  if expected_config is not None:
+    core.check_config_matches(config, expected_config, ARCHITECTURE_FIELDS, "the text encoder", str(directory))
   state_dict = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in core.read_state_dict(directory).items()}
   state_dict = {k: v for k, v in state_dict.items() if k not in BUFFERS}
   params = core.to_flax(state_dict, RULES)

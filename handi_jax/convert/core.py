@@ -262,3 +262,18 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
     os.replace(directory, old)
   os.replace(tmp, directory)
   shutil.rmtree(old, ignore_errors=True)
+
+
+def check_config_matches(found: Mapping, expected: Mapping, fields: Sequence[str], what: str, where: str) -> None:
+  """Raise naming every field in which a checkpoint's config (`found`) differs from the run's (`expected`)."""
+
+  def plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+  diffs = [f"{field}: checkpoint {plain(found[field])!r}, config {plain(expected[field])!r}" for field in fields
+           if plain(found[field]) != plain(expected[field])]
+  if diffs:
+    raise CheckpointMismatchError(
+        f"{what} at {where} does not match the config:\n  " + "\n  ".join(diffs) +
+        "\nSet these fields of the config to the checkpoint's values (e.g. --config.model.<component>.<field>=...) "
+        "or point config.model.pretrained at a matching checkpoint.")

@@ -71,12 +71,17 @@ def rename_legacy_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
   return renamed
 
 
-def load_diffusers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> AutoencoderKL:
+def load_diffusers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   expected_config=None) -> AutoencoderKL:
+  """The VAE in `directory`; with `expected_config` (config.model.vae) its architecture fields must agree."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"VAE directory {directory} does not exist: expected a diffusers AutoencoderKL "
                             "folder with config.json and diffusion_pytorch_model.safetensors (or .bin)")
   config = config_from_diffusers(core.read_config(directory), str(directory / "config.json"))
+  if expected_config is not None:
+    core.check_config_matches(config, expected_config, [f for f in _FIELDS if f != "sample_size"], "the VAE",
+                              str(directory))
   params = core.to_flax(rename_legacy_keys(core.read_state_dict(directory)), RULES)
   return core.build_with_params(
       lambda: AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), params,

@@ -154,11 +154,13 @@ class CLIPTextModel(nnx.Module):
     return self.text_model(input_ids)
 
   @classmethod
-  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "CLIPTextModel":
+  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                      expected_config=None) -> "CLIPTextModel":
     """A transformers CLIPTextModel directory (config.json + model.safetensors or pytorch_model.bin)."""
     from handi_jax.convert import clip_text as convert_clip_text
 
-    return convert_clip_text.load_transformers(directory, dtype=dtype, param_dtype=param_dtype)
+    return convert_clip_text.load_transformers(directory, dtype=dtype, param_dtype=param_dtype,
+                                               expected_config=expected_config)
 
   def save_pretrained(self, directory) -> None:
     """config.json + model.safetensors that transformers' CLIPTextModel.from_pretrained loads."""

@@ -207,11 +207,13 @@ class AutoencoderKL(nnx.Module):
     return self.decoder(self.post_quant_conv(latents))
 
   @classmethod
-  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "AutoencoderKL":
+  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                      expected_config=None) -> "AutoencoderKL":
     """A diffusers `vae/` directory (config.json + safetensors or .bin)."""
     from handi_jax.convert import vae as convert_vae
 
-    return convert_vae.load_diffusers(directory, dtype=dtype, param_dtype=param_dtype)
+    return convert_vae.load_diffusers(directory, dtype=dtype, param_dtype=param_dtype,
+                                      expected_config=expected_config)
 
   def save_pretrained(self, directory) -> None:
     """config.json + diffusion_pytorch_model.safetensors that diffusers' AutoencoderKL.from_pretrained loads."""
