@@ -16,7 +16,7 @@ from flax import nnx
 
 from handi_jax.models import attention as attention_lib
 
-_kernel_init = nnx.initializers.lecun_normal()
+_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")  # cheap to compile per shape
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
 
