@@ -76,15 +76,16 @@ def build(config, captions, output_dir, *, split: str = "train", video_dir=None,
           progress: bool = True):
   """Build (or finish) one split; returns the writer's SplitSummary."""
   from data_prep import writer
-  from data_prep.clips import BuildSettings, init_worker, job_key, process_video
+  from data_prep.clips import BuildSettings, job_key, process_video
+  from data_prep.hands import HandDetector
 
   jobs = read_caption_index(captions, video_dir)
   settings = BuildSettings.from_config(config)
+  HandDetector(settings.detector)  # a wrong detector setting fails here, not once per clip
   workers = min(workers or os.cpu_count() or 1, len(jobs))
   return writer.write_split(
       output_dir, split, jobs, functools.partial(process_video, settings=settings), config=config,
-      settings_key=repr(settings), job_keys=[job_key(j) for j in jobs], workers=workers, initializer=init_worker,
-      initargs=(settings,), progress=progress)
+      settings_key=repr(settings), job_keys=[job_key(j) for j in jobs], workers=workers, progress=progress)
 
 
 def run(config, captions, output_dir, **kw) -> int:

@@ -87,14 +87,16 @@ def make_record(*, clip_id: str, caption: str, frames: np.ndarray, keypoints: np
   return ClipRecord(fields, union, hands_per_frame)
 
 
-_detector: HandDetector | None = None
+_detectors: dict[DetectorSettings, HandDetector] = {}
 
 
-def init_worker(settings: BuildSettings) -> None:
-  """Pool initializer: one MediaPipe detector per process, reused across clips."""
-  global _detector
-  block_tensorflow_import()
-  _detector = HandDetector(settings.detector)
+def _detector(settings: DetectorSettings) -> HandDetector:
+  """One MediaPipe detector per process and settings, made on first use (a failure then rejects the clip
+  instead of crashing a pool initializer, which multiprocessing would restart forever)."""
+  if settings not in _detectors:
+    block_tensorflow_import()
+    _detectors[settings] = HandDetector(settings)
+  return _detectors[settings]
 
 
 def process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord | Rejection:
@@ -112,12 +114,10 @@ def process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord | Rejecti
 def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
   if not job.caption.strip():
     raise ClipRejected("empty_caption", f"clip {job.clip_id!r} has an empty caption")
-  if _detector is None:
-    raise RuntimeError("data_prep.clips.init_worker must run before process_video")
   clip = read_sampled_frames(job.video, settings.num_frames)
   source_h, source_w = clip.frames.shape[1:3]
   geometry = CropGeometry(source_h, source_w, settings.height, settings.width)
-  hands_per_frame = _detector.detect_clip(clip.frames, clip.fps)
+  hands_per_frame = _detector(settings.detector).detect_clip(clip.frames, clip.fps)
 
   num_frames = settings.num_frames
   keypoints, presence = empty_keypoints(num_frames)

@@ -76,23 +76,18 @@ def _fingerprint(settings_key: str, keys: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-def _run_jobs(process: Callable, jobs: Sequence, workers: int, initializer: Callable | None,
-              initargs: tuple) -> Iterator:
+def _run_jobs(process: Callable, jobs: Sequence, workers: int) -> Iterator:
   """Results in job order; in this process for workers <= 1, else in a pool of spawned processes."""
   if workers <= 1:
-    if initializer is not None:
-      initializer(*initargs)
     yield from map(process, jobs)
     return
   # spawn, not fork: the parent holds TensorFlow and JAX thread pools that a forked child must not inherit.
-  context = multiprocessing.get_context("spawn")
-  with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
     yield from pool.imap(process, jobs, chunksize=1)
 
 
 def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process: Callable, *, config,
-                settings_key: str, job_keys: Sequence[str], workers: int = 1, initializer: Callable | None = None,
-                initargs: tuple = (), progress: bool = True) -> SplitSummary:
+                settings_key: str, job_keys: Sequence[str], workers: int = 1, progress: bool = True) -> SplitSummary:
   """Turn `jobs` into shards of `split` under `data_dir`, then write the split's summary files and metadata.
 
   `process(job)` returns a ClipRecord or a Rejection (it runs in worker processes when workers > 1, so it must
@@ -119,7 +114,7 @@ def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process
   pending_jobs = [jobs[i] for s in pending for i in shard_jobs[s]]
   features = schema.make_features(config.data.num_frames, config.data.height, config.data.width)
   serialize = schema.Serializer(features)
-  results = _run_jobs(process, pending_jobs, workers, initializer, initargs)
+  results = _run_jobs(process, pending_jobs, workers)
   try:
     with tqdm(total=len(jobs), initial=len(jobs) - len(pending_jobs), desc=f"{split} clips", unit="clip",
               disable=not progress) as bar:
