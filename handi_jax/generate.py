@@ -1,0 +1,355 @@
+"""Generation: one image + an action text -> a hand video, with HANDI's two stages.
+
+    python -m handi_jax.generate --image=kitchen.png --prompt="julienne the carrot" --output_dir=out
+    python -m handi_jax.generate --prompts_file=prompt.json --image_dir=frames --output_dir=out
+    python -m handi_jax.main --config=configs/stage2.py:paper --mode=generate --workdir=runs/g \\
+        --config.generate.prompts_file=prompt.json --config.model.pretrained=/path/to/pipeline
+
+Input: `config.generate.image` + `.prompt` (optionally `.mask`, which skips stage 1), or `.prompts_file`, a
+JSON-lines file in the original release's format (`{"source": "source/1.png", "target": ..., "prompt": ...}`
+per line; images at `image_dir/source`, or `image_dir/<file name>`; masks, if `mask_dir` is set, at
+`mask_dir/<stem>_mask.png` or `<stem>.png`). A batch resumes: a sample whose `done.json` exists is skipped.
+
+Per sample, in `output_dir/<image stem>/` (default output_dir: `<workdir>/generate`):
+  video.mp4, video.gif   the 16 frames at config.generate.fps; frame 0 is the context image itself
+  mask.png               the binary motion-area mask stage 2 used (stage 1's, cleaned; or the user's)
+  mask_video.mp4         stage 1's decoded mask video (only when stage 1 ran)
+  flow.png               motion-flow map: per pixel, the share of the L consecutive-frame pairs whose
+                         Farneback flow exceeds config.generate.flow_threshold px, as a heat map on the image
+  done.json              written last: prompt, sizes, mask source, seconds
+
+Pipeline: the image is resized to about config.sampling.target_area pixels keeping its aspect ratio (sides
+multiples of 8, Lanczos; or config.sampling.height x width) and encoded to the context latent. Stage 1 samples
+the mask video conditioned on the prior mask (config.generate.prior_mask; all ones when empty, the release's
+no-mask rule), which is decoded and cleaned up (handi_jax.mask_cleanup) into the motion-area mask. Stage 2
+samples the RGB video conditioned on that mask (conv_in2), decodes it and, with
+config.sampling.replace_background (the paper's rule; off reproduces the release), replaces every pixel
+outside the mask by the context image. Sampling: DPM-Solver++ 2M (or DDIM), config.sampling.num_inference_steps
+steps, classifier-free guidance config.sampling.guidance_scale, all steps in one compiled loop
+(handi_jax.diffusion.video).
+
+Models: VAE, text encoder, tokenizer and scheduler config from config.model.pretrained (a diffusers pipeline
+directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
+directory or a training workdir with checkpoints/; stage 2 falls back to <pretrained>/unet). Anything not
+given is randomly initialised from the (tiny) config, and a log line says so; without a pretrained directory
+the tokenizer is handi_jax.models.tokenizers.demo_tokenizer(), written into <workdir>/demo_tokenizer.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from handi_jax import conditioning, mask_cleanup, video_io
+from handi_jax.convert import core
+from handi_jax.diffusion import samplers, schedules
+from handi_jax.diffusion import video as video_sampling
+from handi_jax.models import clip_text, tokenizers, unet3d
+from handi_jax.models import vae as vae_lib
+
+DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  index: int                       # position in the input list: seeds the sample's random key
+  name: str                        # output folder name (the image stem)
+  image: pathlib.Path
+  prompt: str
+  mask: pathlib.Path | None        # a user mask skips stage 1
+
+
+def _mask_for(mask_dir: str, stem: str) -> pathlib.Path | None:
+  if not mask_dir:
+    return None
+  for name in (f"{stem}_mask.png", f"{stem}.png"):
+    if (pathlib.Path(mask_dir) / name).is_file():
+      return pathlib.Path(mask_dir) / name
+  raise FileNotFoundError(f"no mask for sample {stem!r} in config.generate.mask_dir={mask_dir!r}: expected "
+                          f"{stem}.png or {stem}_mask.png (or leave mask_dir empty to predict masks with stage 1)")
+
+
+def _image_for(image_dir: str, source: str, line: int, prompts_file: str) -> pathlib.Path:
+  candidates = [pathlib.Path(image_dir) / source, pathlib.Path(image_dir) / pathlib.Path(source).name]
+  for candidate in candidates:
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(f"{prompts_file} line {line}: image {source!r} not found; looked for "
+                          f"{' and '.join(map(str, candidates))} (set config.generate.image_dir)")
+
+
+def samples_from_config(config) -> list[Sample]:
+  """The samples config.generate asks for: a prompts file (JSON lines) or one image + prompt."""
+  g = config.generate
+  if g.prompts_file:
+    path = pathlib.Path(g.prompts_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"config.generate.prompts_file {path} does not exist")
+    samples = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {line_number} is not JSON ({e}); expected one "
+                         '{"source": ..., "prompt": ...} object per line') from e
+      if not isinstance(row, dict) or "source" not in row or "prompt" not in row:
+        raise ValueError(f"{path} line {line_number}: expected keys 'source' and 'prompt', found {row!r}")
+      image = _image_for(g.image_dir, row["source"], line_number, str(path))
+      samples.append(Sample(len(samples), image.stem, image, row["prompt"], _mask_for(g.mask_dir, image.stem)))
+  elif g.image:
+    image = pathlib.Path(g.image)
+    samples = [Sample(0, image.stem, image, g.prompt, pathlib.Path(g.mask) if g.mask else None)]
+  else:
+    raise ValueError("nothing to generate: set config.generate.image and config.generate.prompt, or "
+                     "config.generate.prompts_file (JSON lines with 'source' and 'prompt')")
+  for sample in samples:
+    if not sample.prompt or not sample.prompt.strip():
+      raise ValueError(f"sample {sample.name!r} ({sample.image}) has an empty prompt; give the action text "
+                       "(config.generate.prompt or the 'prompt' field of the prompts file)")
+  names = [s.name for s in samples]
+  if len(set(names)) != len(names):
+    raise ValueError(f"two samples share an output folder name: {sorted({n for n in names if names.count(n) > 1})}; "
+                     "give the images distinct file names")
+  return samples
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_text(graphdef, state, input_ids):
+  return nnx.merge(graphdef, state)(input_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_image(graphdef, state, image):
+  return vae_lib.encode_video(nnx.merge(graphdef, state), image[None, None])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _decode(graphdef, state, latents, chunk_size):
+  return vae_lib.decode_video(nnx.merge(graphdef, state), latents, chunk_size)
+
+
+def load_stage_unet(config, stage: int) -> unet3d.UNet3DConditionModel:
+  """The stage-1 or stage-2 UNet config.generate names (see the module docstring), or a random one."""
+  kwargs = dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype))
+  source = config.generate.stage1_pretrained if stage == 1 else config.generate.stage2_pretrained
+  release_unet = pathlib.Path(config.model.pretrained) / "unet" if config.model.pretrained else None
+  if not source and stage == 2 and release_unet is not None and release_unet.is_dir():
+    source = str(release_unet)
+  if not source:
+    logging.warning("no pretrained stage-%d UNet (config.generate.stage%d_pretrained): randomly initialised",
+                    stage, stage)
+    return unet3d.UNet3DConditionModel(config.model.unet, attention=config.model.attention,
+                                       rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), stage)),
+                                       **kwargs)
+  path = pathlib.Path(source)
+  what = f"the stage-{stage} UNet"
+  if (path / "checkpoints").is_dir():
+    from handi_jax import train  # training workdir: orbax checkpoints of the UNet
+
+    logging.info("%s: latest training checkpoint in %s", what, path)
+    return train.restore_unet(config, path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{what}: {path} is neither a diffusers unet directory nor a training workdir")
+  found = core.read_config(path)
+  expected = unet3d.unet_config_dict(config.model.unet)
+  core.check_config_matches(found, expected, [f for f in unet3d.CONFIG_FIELDS if f in found], what, str(path))
+  logging.info("%s: %s", what, path)
+  try:
+    return unet3d.UNet3DConditionModel.from_pretrained(path, attention=config.model.attention, **kwargs)
+  except core.CheckpointMismatchError as e:
+    raise core.CheckpointMismatchError(f"{what} at {path}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  frames: np.ndarray | None   # (F, H, W, 3) uint8 as written (None in predict_masks mode)
+  mask: np.ndarray            # (H, W) bool motion-area mask
+  context: np.ndarray         # (H, W, 3) uint8 context image at the model size
+  record: dict                # what done.json holds
+
+
+def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, replace_background: bool):
+  """Decoded frames (F, H, W, 3) in [-1, 1] -> uint8 video: frame 0 is the context image itself (the slot the
+  model reconstructs), and with `replace_background` every pixel outside the (H, W) mask is the context's."""
+  frames = np.array(generated, np.float32)
+  frames[0] = context
+  if replace_background:
+    frames = np.where(mask[None, :, :, None], frames, context[None])
+  return video_io.to_uint8(frames)
+
+
+class Generator:
+  """The models and the sampling plan, loaded once; `run` produces one sample's outputs."""
+
+  def __init__(self, config, workdir: str | pathlib.Path):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    model = config.model
+    self.kwargs = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
+    root = pathlib.Path(model.pretrained) if model.pretrained else None
+    rng = jax.random.key(config.seed)
+    if root is not None:
+      vae = vae_lib.AutoencoderKL.from_pretrained(root / "vae", expected_config=model.vae, **self.kwargs)
+      text_encoder = clip_text.CLIPTextModel.from_pretrained(root / "text_encoder",
+                                                             expected_config=model.text_encoder, **self.kwargs)
+      self.tokenizer = clip_text.load_tokenizer(root / "tokenizer")
+    else:
+      logging.warning("config.model.pretrained is empty: the VAE and the text encoder are randomly initialised "
+                      "and the tokenizer is the demo tokenizer (outputs show the pipeline, not real videos)")
+      vae_key, text_key = jax.random.split(jax.random.fold_in(rng, 1000))
+      vae = vae_lib.AutoencoderKL(model.vae, rngs=nnx.Rngs(vae_key), **self.kwargs)
+      text_encoder = clip_text.CLIPTextModel(model.text_encoder, rngs=nnx.Rngs(text_key), **self.kwargs)
+      self.tokenizer = tokenizers.demo_tokenizer(self.workdir / "demo_tokenizer")
+    self.vae = video_sampling.canonical_split(vae)
+    self.text_encoder = video_sampling.canonical_split(text_encoder)
+    self.scaling_factor = float(model.vae.scaling_factor)
+
+    scheduler_file = config.sampling.scheduler_config or (
+        root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
+    scheduler_json = samplers.read_scheduler_config(scheduler_file) if scheduler_file else None
+    self.settings, diffusion = samplers.settings_from_config(config, scheduler_json)
+    self.plan = samplers.make_plan(self.settings, schedules.make_schedule(ml_collections.ConfigDict(diffusion)))
+    logging.info("sampler %s, %d steps, timesteps %s", self.settings.sampler, self.plan.num_steps,
+                 np.asarray(self.plan.timesteps).tolist())
+    self.uncond = self._text(config.sampling.negative_prompt)
+    self._unets = {}
+
+  def unet(self, stage: int):
+    """(graphdef, state) of a stage's UNet, loaded on first use."""
+    if stage not in self._unets:
+      self._unets[stage] = video_sampling.canonical_split(load_stage_unet(self.config, stage))
+    return self._unets[stage]
+
+  def _text(self, prompt: str) -> jax.Array:
+    ids = jnp.asarray(clip_text.tokenize(self.tokenizer, [prompt]))
+    return _encode_text(self.text_encoder[0], self.text_encoder[1], ids)
+
+  def _sample(self, stage: int, context_latent, text, latent_mask, key) -> np.ndarray:
+    """One stage: sample the latent video and decode it -> (F, H, W, 3) float32 in about [-1, 1]."""
+    config = self.config
+    motion = jnp.array([config.sampling.motion_strength], jnp.float32) if config.model.unet.motion_strength else None
+    graphdef, state = self.unet(stage)
+    latents = video_sampling.sample_video_jit(
+        graphdef, state, self.plan, context_latent, text, self.uncond, latent_mask, motion,
+        jnp.float32(config.sampling.guidance_scale), key, num_frames=int(config.data.num_frames),
+        init=config.sampling.init)
+    frames = _decode(self.vae[0], self.vae[1], latents, int(config.model.vae_decode_chunk))
+    return np.asarray(frames[0], np.float32)
+
+  def run(self, sample: Sample, out_dir: pathlib.Path, mode: str = "generate") -> "Result":
+    """All outputs of one sample into out_dir (`mode` "predict_masks" stops after the mask)."""
+    config = self.config
+    start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = jax.random.fold_in(jax.random.key(config.seed), sample.index)
+    stage1_key, stage2_key = jax.random.split(key)
+    image = video_io.load_image(sample.image)
+    height, width = video_io.model_size(image.width, image.height, int(config.sampling.target_area),
+                                        int(config.sampling.height), int(config.sampling.width))
+    pixels = video_io.image_to_model_input(image, height, width)
+    context_latent = _encode_image(self.vae[0], self.vae[1], jnp.asarray(pixels))
+    text = self._text(sample.prompt)
+    record = dict(prompt=sample.prompt, image=str(sample.image), height=height, width=width,
+                  sampler=self.settings.sampler, steps=self.plan.num_steps,
+                  guidance_scale=float(config.sampling.guidance_scale))
+
+    if sample.mask is not None:
+      mask = video_io.load_mask(sample.mask, height, width, binary=True) > 0
+      record["mask_source"] = str(sample.mask)
+    else:
+      prior = (video_io.load_mask(config.generate.prior_mask, height, width, binary=False)
+               if config.generate.prior_mask else np.ones((height, width), np.float32))
+      mask_frames = self._sample(1, context_latent, text, self._latent_mask(prior), stage1_key)
+      mask = mask_cleanup.clean_mask_video_from_config(mask_frames[1:], config.mask_cleanup)
+      video_io.write_mp4(out_dir / "mask_video.mp4", video_io.to_uint8(mask_frames), config.generate.fps)
+      record["mask_source"] = "stage 1"
+      if not mask.any():
+        logging.warning("sample %s: the stage-1 mask is empty after clean-up", sample.name)
+    video_io.write_png(out_dir / "mask.png", mask.astype(np.uint8) * 255)
+    record["mask_fraction"] = float(mask.mean())
+
+    frames = None
+    if mode == "generate":
+      generated = self._sample(2, context_latent, text, self._latent_mask(mask.astype(np.float32)), stage2_key)
+      frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background))
+      video_io.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
+      video_io.write_gif(out_dir / "video.gif", frames, config.generate.fps)
+      flow = video_io.motion_flow_map(frames, float(config.generate.flow_threshold))
+      video_io.write_png(out_dir / "flow.png", video_io.flow_heatmap(frames[0], flow))
+      record["mean_flow"] = float(flow.mean())
+    record["seconds"] = round(time.time() - start, 2)
+    done = out_dir / DONE_FILE[mode]
+    done.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
+    done.with_suffix(".tmp").replace(done)
+    return Result(frames=frames, mask=mask, context=video_io.to_uint8(pixels), record=record)
+
+  @staticmethod
+  def _latent_mask(pixel_mask: np.ndarray) -> jax.Array:
+    """(H, W) pixel mask -> (1, h, w, 1) latent-grid mask, soft edges kept as in the release's inference."""
+    return conditioning.latent_mask(jnp.asarray(pixel_mask, jnp.float32)[None, :, :, None], threshold=None)
+
+
+def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
+  samples = samples_from_config(config)
+  default_dir = "generate" if mode == "generate" else "masks"
+  out_root = pathlib.Path(config.generate.output_dir or pathlib.Path(workdir) / default_dir)
+  todo = [s for s in samples if not (out_root / s.name / DONE_FILE[mode]).is_file()]
+  if len(todo) < len(samples):
+    logging.info("resuming: %d of %d samples already done in %s", len(samples) - len(todo), len(samples), out_root)
+  if todo:
+    generator = Generator(config, workdir)
+    for sample in tqdm.tqdm(todo, desc=mode, unit="sample"):
+      generator.run(sample, out_root / sample.name, mode)
+  return [out_root / s.name for s in samples]
+
+
+def generate_from_config(config, workdir) -> list[pathlib.Path]:
+  """--mode=generate: every sample of config.generate; returns the output folders."""
+  return _run_all(config, workdir, "generate")
+
+
+def predict_masks_from_config(config, workdir) -> list[pathlib.Path]:
+  """--mode=predict_masks: stage 1 and the clean-up only (mask.png, mask_video.mp4 per sample)."""
+  return _run_all(config, workdir, "predict_masks")
+
+
+def _main():
+  """`python -m handi_jax.generate`: flags are defined here, not at import, so --mode=generate of
+  handi_jax.main (which owns --config and --workdir) can import this module."""
+  config_flag = config_flags.DEFINE_config_file(
+      "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py"),
+      "Config file with optional variants (configs/stage2.py:paper); override fields with --config.<field>=...",
+      lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", "runs/generate", "Working directory (default output_dir, demo "
+                                     "tokenizer).")
+  shortcuts = {name: flags.DEFINE_string(name, None, f"Sets config.generate.{name}.")
+               for name in ("image", "prompt", "mask", "prompts_file", "image_dir", "mask_dir", "output_dir",
+                            "stage1_pretrained", "stage2_pretrained")}
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = config_flag.value
+    for name, flag in shortcuts.items():
+      if flag.value is not None:
+        config.generate[name] = flag.value
+    for folder in generate_from_config(config, workdir_flag.value):
+      print(folder)
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _main()

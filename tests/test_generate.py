@@ -1,0 +1,160 @@
+"""Generation end to end with tiny random models on the release's test images (../shared/data/ek_frames)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common
+from handi_jax import generate, video_io
+from handi_jax.convert import core
+from handi_jax.diffusion import video as video_sampling
+from handi_jax.models import clip_text, tokenizers, unet3d
+from tests.conftest import REPO_ROOT
+
+FRAMES = 16
+HEIGHT, WIDTH = 48, 88   # a 448 x 256 image at target area 64 * 64: scale 5.29 -> 88 x 48 (multiples of 8)
+
+
+def _config(tmp_path, **generate_fields):
+  config = common.get_config(stage=2)
+  config.sampling.num_inference_steps = 2
+  config.sampling.target_area = 64 * 64
+  # A one-level UNet (its mid block still has cross-attention and every temporal layer): it compiles in a
+  # fraction of the tiny default's time; tests/test_unet*.py cover the full block structure.
+  config.model.unet.block_out_channels = (16,)
+  config.model.unet.transformer_in_heads = 2
+  config.generate.output_dir = str(tmp_path / "out")
+  config.generate.update(generate_fields)
+  return config
+
+
+def _prompts(shared_data):
+  return [json.loads(line) for line in (shared_data / "ek_frames" / "prompt.json").read_text().splitlines()]
+
+
+def test_model_size_follows_the_release_rule():
+  assert video_io.model_size(448, 256, 512 * 512) == (384, 680)   # reference_spec.md section 5: latents 85 x 48
+  assert video_io.model_size(448, 256, 64 * 64) == (HEIGHT, WIDTH)
+  assert video_io.model_size(448, 256, 512 * 512, 256, 256) == (256, 256)
+  with pytest.raises(ValueError, match="multiples of 8"):
+    video_io.model_size(448, 256, 512 * 512, 250, 256)
+
+
+def test_demo_tokenizer_is_byte_level_clip():
+  ids = clip_text.tokenize(tokenizers.demo_tokenizer(), ["Julienne it"])[0]
+  # BOS, 'j' 'u' 'l' 'i' 'e' 'n' 'n' and word-final 'e</w>' (256 + 'e'), 'i', 't</w>', EOS, then EOS padding
+  assert ids[:12].tolist() == [512, 106, 117, 108, 105, 101, 110, 110, 256 + 101, 105, 256 + 116, 513]
+  assert ids.shape == (77,) and (ids[12:] == 513).all()
+
+
+def test_stage1_cleanup_stage2_writes_all_outputs(tmp_path, shared_data):
+  prompt = _prompts(shared_data)[0]["prompt"]
+  config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt=prompt)
+  generator = generate.Generator(config, tmp_path)
+  compiled_before = video_sampling.sample_video_jit._cache_size()
+  result = generator.run(generate.samples_from_config(config)[0], tmp_path / "out" / "1")
+  out = tmp_path / "out" / "1"
+  for name in ("video.mp4", "video.gif", "mask_video.mp4"):
+    decoded = video_io.read_video(out / name)
+    assert decoded.shape == (FRAMES, HEIGHT, WIDTH, 3), name
+  mask = np.asarray(Image.open(out / "mask.png"))
+  assert mask.shape == (HEIGHT, WIDTH) and set(np.unique(mask)) <= {0, 255}
+  np.testing.assert_array_equal(mask == 255, result.mask)
+  assert np.asarray(Image.open(out / "flow.png")).shape == (HEIGHT, WIDTH, 3)
+  record = json.loads((out / "done.json").read_text())
+  assert record["mask_source"] == "stage 1" and record["prompt"] == prompt
+  # Frame 0 is the context; outside the stage-1 mask every frame equals it exactly.
+  np.testing.assert_array_equal(result.frames[0], result.context)
+  assert (result.frames[:, ~result.mask] == result.context[~result.mask]).all()
+  # Stage 1 and stage 2 (two UNets, one structure) ran through a single compilation of the sampling loop.
+  assert video_sampling.sample_video_jit._cache_size() - compiled_before <= 1
+
+
+def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_data, monkeypatch):
+  frames_dir = shared_data / "ek_frames"
+  config = _config(tmp_path, prompts_file=str(frames_dir / "prompt.json"), image_dir=str(frames_dir),
+                   mask_dir=str(frames_dir))
+  real_run = generate.Generator.run
+  calls = []
+
+  def interrupted_run(self, sample, out_dir, mode="generate"):
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # the user stops the batch during the third sample
+    calls.append(sample.name)
+    return real_run(self, sample, out_dir, mode)
+
+  monkeypatch.setattr(generate.Generator, "run", interrupted_run)
+  with pytest.raises(KeyboardInterrupt):
+    generate.generate_from_config(config, tmp_path)
+  out = tmp_path / "out"
+  assert sorted(p.name for p in out.iterdir() if (p / "done.json").is_file()) == ["1", "2"]
+  finished = {name: (out / name / "done.json").stat().st_mtime_ns for name in ("1", "2")}
+
+  results = []
+  monkeypatch.setattr(generate.Generator, "run",
+                      lambda self, sample, out_dir, mode="generate": results.append(
+                          real_run(self, sample, out_dir, mode)) or results[-1])
+  folders = generate.generate_from_config(config, tmp_path)
+  assert [f.name for f in folders] == ["1", "2", "3", "4", "5"]
+  assert [r.record["image"] for r in results] == [str(frames_dir / f"{i}.png") for i in (3, 4, 5)]
+  assert {name: (out / name / "done.json").stat().st_mtime_ns for name in ("1", "2")} == finished
+  for result in results:
+    user_mask = video_io.load_mask(result.record["mask_source"], HEIGHT, WIDTH) > 0
+    np.testing.assert_array_equal(result.mask, user_mask)
+    assert 0 < user_mask.mean() < 0.5
+    assert (result.frames[:, ~user_mask] == result.context[~user_mask]).all()
+    assert not (out / pathlib.Path(result.record["image"]).stem / "mask_video.mp4").exists()  # no stage 1 ran
+  assert video_io.read_video(out / "5" / "video.gif").shape == (FRAMES, HEIGHT, WIDTH, 3)
+  # A finished batch is all skipped: no models are even loaded.
+  monkeypatch.setattr(generate, "Generator", None)
+  assert len(generate.generate_from_config(config, tmp_path)) == 5
+
+
+def test_bad_inputs_name_the_problem(tmp_path, shared_data):
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not a png")
+  with pytest.raises(ValueError, match="broken.png as an image"):
+    video_io.load_image(broken)
+  config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt="  ")
+  with pytest.raises(ValueError, match="empty prompt"):
+    generate.samples_from_config(config)
+  with pytest.raises(ValueError, match="nothing to generate"):
+    generate.samples_from_config(_config(tmp_path))
+  lines = tmp_path / "prompts.json"
+  lines.write_text(json.dumps({"source": "source/9.png", "prompt": "cut"}) + "\n")
+  with pytest.raises(FileNotFoundError, match="line 1: image 'source/9.png' not found"):
+    generate.samples_from_config(_config(tmp_path, prompts_file=str(lines), image_dir=str(tmp_path)))
+
+
+def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, shared_data):
+  # The config.json of a UNet saved from the default tiny config ((32, 64, 64, 64) channels); the check reads
+  # it before any weights.
+  (tmp_path / "unet").mkdir()
+  other = unet3d.unet_config_dict(common.get_config(stage=2).model.unet)
+  (tmp_path / "unet" / "config.json").write_text(json.dumps(dict(other, block_out_channels=[32, 64, 64, 64])))
+  config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt="cut",
+                   stage1_pretrained=str(tmp_path / "unet"))
+  with pytest.raises(core.CheckpointMismatchError, match="(?s)stage-1 UNet .* block_out_channels"):
+    generate.load_stage_unet(config, 1)
+
+
+@pytest.mark.slow
+def test_command_line_generates_with_25_steps(tmp_path, shared_data):
+  image = tmp_path / "kitchen.png"
+  shutil.copy(shared_data / "ek_frames" / "2.png", image)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "handi_jax.generate", f"--image={image}", "--prompt=wash the cucumber",
+       f"--output_dir={tmp_path / 'out'}", f"--workdir={tmp_path}", "--config.sampling.target_area=4096"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((tmp_path / "out" / "kitchen" / "done.json").read_text())
+  assert record["steps"] == 25 and record["mask_source"] == "stage 1"
+  assert video_io.read_video(tmp_path / "out" / "kitchen" / "video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
