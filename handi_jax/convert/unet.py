@@ -148,7 +148,7 @@ def load_unet(directory: str | os.PathLike, *, init_missing_handi_params: bool =
   pretrained = core.read_config(directory)
   config = from_pretrained_config(pretrained, {k: v.shape for k, v in state.items()}, handi_extension)
   model = UNet3DConditionModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
-                               rngs=rngs or nnx.Rngs(0))
+                               rngs=rngs or nnx.Rngs(params=0, dropout=0))
   params = core.to_flax(state, UNET_RULES)
   model_keys = core.to_torch(core.flat_params(model), UNET_RULES)
   missing = [k for k in HANDI_KEYS if k in model_keys and k not in state]
