@@ -129,12 +129,17 @@ def load_flat_params(module: nnx.Module, params: Mapping[str, np.ndarray], what:
 
 
 def build_with_params(build: Callable[[], nnx.Module], params: Mapping[str, np.ndarray], what: str) -> nnx.Module:
-  """The module `build()` makes, holding `params`: built abstractly (no random init), then filled."""
+  """The module `build()` makes, holding `params`: built abstractly (no random init of parameters), then filled.
+
+  Non-parameter state (e.g. dropout RNG streams) is made by `build` under jit, where the unused parameter
+  initialisers are dropped.
+  """
   module = nnx.eval_shape(build)
   load_flat_params(module, params, what)
-  state = nnx.state(module)
-  nnx.update(module, jax.tree.map(jnp.asarray, state))
-  return module
+  graphdef, loaded, rest = nnx.split(module, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, loaded), rest)
 
 # ---------------------------------------------------------------------------------------------------
 # Files: safetensors (read and written without torch), legacy .bin (torch), diffusers/transformers dirs.

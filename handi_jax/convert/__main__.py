@@ -1,0 +1,7 @@
+"""`python -m handi_jax.convert {import,export,inspect}`: see handi_jax/convert/cli.py."""
+
+import sys
+
+from handi_jax.convert.cli import main
+
+sys.exit(main())

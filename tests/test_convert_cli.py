@@ -1,0 +1,149 @@
+"""`python -m handi_jax.convert`: whole tiny pipelines PyTorch -> JAX -> PyTorch, bit-exact; clear errors."""
+
+import json
+import shutil
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from configs import common
+from handi_jax.convert import cli, core
+from handi_jax.models.unet3d import UNet3DConditionModel
+from tests.test_clip_text import write_tiny_tokenizer
+from tests.test_vae import _diffusers_vae
+
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
+             "prediction_type": "epsilon"}
+# The demo UNet with the 8 temporal heads PyTorch's UNet3DConditionModel hard-codes (needed for export).
+UNET = dict(common.unet_config(full_size=False), transformer_in_heads=8)
+
+
+def _stock_diffusers_unet():
+  torch.manual_seed(3)
+  return diffusers.UNet3DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+      attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8).eval()
+
+
+def _random_handi_unet():
+  """Random normal parameters without running the initialisers (an eager random init of a UNet is slow)."""
+  rng = np.random.default_rng(5)
+  abstract = nnx.state(nnx.eval_shape(lambda: UNet3DConditionModel(UNET, rngs=nnx.Rngs(0))), nnx.Param)
+  params = {".".join(map(str, path)): (0.05 * rng.standard_normal(v.value.shape)).astype(np.float32)
+            for path, v in nnx.to_flat_state(abstract)}
+  return core.build_with_params(lambda: UNet3DConditionModel(UNET, rngs=nnx.Rngs(0)), params, "random UNet")
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+  """Two tiny pipelines sharing VAE, text encoder, tokenizer and scheduler: a stock diffusers UNet and a HANDI one."""
+  root = tmp_path_factory.mktemp("pipelines")
+  stock = root / "stock"
+  _diffusers_vae(common.vae_config(full_size=False)).save_pretrained(stock / "vae")
+  torch.manual_seed(4)
+  transformers.CLIPTextModel(transformers.CLIPTextConfig(**common.text_encoder_config(full_size=False))).save_pretrained(
+      stock / "text_encoder")
+  write_tiny_tokenizer(stock / "tokenizer")
+  (stock / "scheduler").mkdir()
+  (stock / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+  (stock / "model_index.json").write_text(json.dumps(cli.MODEL_INDEX))
+  _stock_diffusers_unet().save_pretrained(stock / "unet")
+  handi = root / "handi"
+  shutil.copytree(stock, handi, ignore=shutil.ignore_patterns("unet"))
+  _random_handi_unet().save_pretrained(handi / "unet", key_format="original")
+  return dict(stock=stock, handi=handi)
+
+
+def _assert_same_weights(a, b, component):
+  """Same tensors; text encoder names compared without the `text_model.` prefix transformers 5 leaves out."""
+
+  def read(directory):
+    return {k.removeprefix("text_model."): v for k, v in core.read_state_dict(directory / component).items()}
+
+  left, right = read(a), read(b)
+  assert sorted(left) == sorted(right), component
+  for key in left:
+    assert left[key].dtype == right[key].dtype, key
+    np.testing.assert_array_equal(left[key], right[key], err_msg=f"{component}: {key}")
+
+
+def _assert_same_files(a, b):
+  files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+  assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+  for file in files:
+    assert (a / file).read_bytes() == (b / file).read_bytes(), file
+
+
+def test_stock_pipeline_round_trip_through_the_cli_is_bit_exact(pipelines, tmp_path, capsys):
+  source = pipelines["stock"]
+  assert cli.main(["import", str(source), str(tmp_path / "jax"), "--stock_unet"]) == 0
+  manifest = json.loads((tmp_path / "jax" / cli.MANIFEST).read_text())
+  assert manifest["components"] == {"unet": "UNet3DConditionModel", "vae": "AutoencoderKL",
+                                    "text_encoder": "CLIPTextModel"}
+  params = core.read_safetensors(tmp_path / "jax" / "vae" / cli.PARAMS_FILE)
+  assert params["decoder.conv_in.kernel"].shape == (3, 3, 4, 32)  # NNX path, HWIO
+  assert cli.main(["export", str(tmp_path / "jax"), str(tmp_path / "back")]) == 0
+  for component in cli.MODELS:
+    _assert_same_weights(source, tmp_path / "back", component)
+  for name in ("tokenizer", "scheduler"):
+    _assert_same_files(source / name, tmp_path / "back" / name)
+  assert (tmp_path / "back" / "model_index.json").read_bytes() == (source / "model_index.json").read_bytes()
+  # ... and the libraries load what was exported.
+  unet = diffusers.UNet3DConditionModel.from_pretrained(tmp_path / "back" / "unet")
+  reference = _stock_diffusers_unet()
+  for key, value in reference.state_dict().items():
+    assert torch.equal(unet.state_dict()[key], value), key
+  diffusers.AutoencoderKL.from_pretrained(tmp_path / "back" / "vae")
+  transformers.CLIPTextModel.from_pretrained(tmp_path / "back" / "text_encoder")
+  transformers.CLIPTokenizer.from_pretrained(tmp_path / "back" / "tokenizer")
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+  out = capsys.readouterr().out
+  count = sum(p.numel() for p in reference.parameters())
+  assert f"unet: {len(reference.state_dict())} tensors, {count:,} parameters" in out
+
+
+@pytest.mark.slow
+def test_handi_unet_keeps_its_extension_parameters(pipelines, tmp_path):
+  source = pipelines["handi"]
+  cli.import_pipeline(source, tmp_path / "jax")
+  unet = cli.load_jax_component("unet", tmp_path / "jax" / "unet")
+  assert "conv_in2.kernel" in core.flat_params(unet)
+  cli.export_pipeline(tmp_path / "jax", tmp_path / "back")
+  _assert_same_weights(source, tmp_path / "back", "unet")
+  assert json.loads((tmp_path / "back" / "unet" / "config.json").read_text())["motion_mask"] is True
+
+
+def test_export_from_config_writes_the_pretrained_models_back(pipelines, tmp_path):
+  config = common.get_config(2)
+  config.model.unet.transformer_in_heads = 8
+  config.model.pretrained = str(pipelines["handi"])
+  destination = cli.export_from_config(config, tmp_path / "run")
+  assert destination == tmp_path / "run" / "export"
+  for component in cli.MODELS:
+    _assert_same_weights(pipelines["handi"], destination, component)
+  _assert_same_files(pipelines["handi"] / "tokenizer", destination / "tokenizer")
+  assert json.loads((destination / "unet" / "config.json").read_text())["motion_mask"] is True  # original keys
+
+
+def test_bad_directories_give_clear_errors_and_leave_nothing_behind(pipelines, tmp_path, capsys):
+  broken = tmp_path / "broken"
+  shutil.copytree(pipelines["stock"], broken, ignore=shutil.ignore_patterns("text_encoder"))
+  assert cli.main(["import", str(broken), str(tmp_path / "out")]) == 2
+  error = capsys.readouterr().err
+  assert f"pipeline directory {broken} lacks text_encoder/; expected unet/, vae/, text_encoder/" in error
+  assert cli.main(["export", str(pipelines["stock"]), str(tmp_path / "out")]) == 2
+  assert "is not a handi-jax checkpoint directory" in capsys.readouterr().err
+  # A checkpoint that fails half-way (the VAE does not fit its config) leaves no destination and no temp folder.
+  shutil.copytree(pipelines["stock"], tmp_path / "bad_vae")
+  config_file = tmp_path / "bad_vae" / "vae" / "config.json"
+  config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "latent_channels": 8}))
+  with pytest.raises(core.CheckpointMismatchError, match="shape mismatch for decoder.conv_in.kernel"):
+    cli.import_pipeline(tmp_path / "bad_vae", tmp_path / "out", stock_unet=True)
+  assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+  with pytest.raises(core.CheckpointMismatchError, match="lacks the HANDI parameters"):
+    cli.import_pipeline(pipelines["stock"], tmp_path / "out")
