@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import sys
 
 from absl import app, flags
@@ -100,6 +101,29 @@ def run(config, captions, output_dir, **kw) -> int:
   return 0
 
 
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _flag_error(error: Exception, argv) -> str:
+  """One line for a bad flag or --config override (ml_collections raises a bare AttributeError for an unknown
+  field, while the flag is defined or parsed)."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  names = re.findall(r"'(\w+)'", text) or re.findall(r"--config\.[\w.]+", text)
+  culprit = next((a for a in argv[1:] if a.startswith("--config.") and any(n in a for n in names)), None)
+  text = text.strip().strip("\"'")
+  hint = next((line.strip().strip("\"'") for line in text.splitlines() if line.strip().startswith("Did you mean")), "")
+  what = f"{culprit} is not a valid override ({hint or 'no such field, or a bad value: ' + text})" if culprit else text
+  return (f"error: {what}. Config fields are defined in configs/common.py (data settings under config.data "
+          "and config.data.build); run with --help for the flags.")
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    sys.exit(_flag_error(e, argv))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -112,5 +136,8 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  _define_flags()
-  app.run(main)
+  try:
+    _define_flags()
+  except _FLAG_ERRORS as e:
+    sys.exit(_flag_error(e, sys.argv))
+  app.run(main, flags_parser=_parse_flags)

@@ -286,3 +286,11 @@ def test_training_pipeline_reads_the_built_clips_past_empty_shards(built):
   for i, clip_id in enumerate(batch["clip_id"]):
     np.testing.assert_array_equal(np.asarray(batch["keypoints"][i]), examples[clip_id]["keypoints"])
     np.testing.assert_array_equal(np.asarray(batch["mask"][i]), examples[clip_id]["union_mask"] / np.float32(255))
+
+
+def test_bad_config_override_is_one_line():
+  result = subprocess.run([sys.executable, "-m", "data_prep.build", "--captions=x.json", "--output_dir=out",
+                           "--config.data.build.mask_rul=joint_hull"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "--config.data.build.mask_rul=joint_hull is not a valid override" in result.stderr
