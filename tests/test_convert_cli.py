@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import common
 from handi_jax.convert import cli, core
+from handi_jax.convert import unet as convert_unet
 from handi_jax.models.unet3d import UNet3DConditionModel
 from tests.test_clip_text import write_tiny_tokenizer
 from tests.test_vae import _diffusers_vae
@@ -30,13 +31,14 @@ def _stock_diffusers_unet():
       attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8).eval()
 
 
-def _random_handi_unet():
-  """Random normal parameters without running the initialisers (an eager random init of a UNet is slow)."""
+def _write_random_handi_unet(directory):
+  """Random parameters in the release's key format, written without running any initialiser (slow on a CPU)."""
   rng = np.random.default_rng(5)
   abstract = nnx.state(nnx.eval_shape(lambda: UNet3DConditionModel(UNET, rngs=nnx.Rngs(0))), nnx.Param)
   params = {".".join(map(str, path)): (0.05 * rng.standard_normal(v.value.shape)).astype(np.float32)
             for path, v in nnx.to_flat_state(abstract)}
-  return core.build_with_params(lambda: UNet3DConditionModel(UNET, rngs=nnx.Rngs(0)), params, "random UNet")
+  state = convert_unet.export_state_dict(params, UNET, "original")
+  core.write_model_dir(directory, convert_unet.to_pretrained_config(UNET, "original"), state, convert_unet.WEIGHTS_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def pipelines(tmp_path_factory):
   _stock_diffusers_unet().save_pretrained(stock / "unet")
   handi = root / "handi"
   shutil.copytree(stock, handi, ignore=shutil.ignore_patterns("unet"))
-  _random_handi_unet().save_pretrained(handi / "unet", key_format="original")
+  _write_random_handi_unet(handi / "unet")
   return dict(stock=stock, handi=handi)
 
 
@@ -109,6 +111,8 @@ def test_stock_pipeline_round_trip_through_the_cli_is_bit_exact(pipelines, tmp_p
 
 @pytest.mark.slow
 def test_handi_unet_keeps_its_extension_parameters(pipelines, tmp_path):
+  with pytest.raises(core.CheckpointMismatchError, match="lacks the HANDI parameters"):
+    cli.import_pipeline(pipelines["stock"], tmp_path / "jax")  # a stock UNet needs --init_missing_handi_params
   source = pipelines["handi"]
   cli.import_pipeline(source, tmp_path / "jax")
   unet = cli.load_jax_component("unet", tmp_path / "jax" / "unet")
@@ -138,12 +142,11 @@ def test_bad_directories_give_clear_errors_and_leave_nothing_behind(pipelines, t
   assert f"pipeline directory {broken} lacks text_encoder/; expected unet/, vae/, text_encoder/" in error
   assert cli.main(["export", str(pipelines["stock"]), str(tmp_path / "out")]) == 2
   assert "is not a handi-jax checkpoint directory" in capsys.readouterr().err
-  # A checkpoint that fails half-way (the VAE does not fit its config) leaves no destination and no temp folder.
-  shutil.copytree(pipelines["stock"], tmp_path / "bad_vae")
-  config_file = tmp_path / "bad_vae" / "vae" / "config.json"
-  config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "latent_channels": 8}))
-  with pytest.raises(core.CheckpointMismatchError, match="shape mismatch for decoder.conv_in.kernel"):
-    cli.import_pipeline(tmp_path / "bad_vae", tmp_path / "out", stock_unet=True)
+  # A conversion that fails half-way (the VAE is written, the text encoder does not fit its config) leaves no
+  # destination and no temporary folder.
+  shutil.copytree(pipelines["stock"], tmp_path / "bad")
+  config_file = tmp_path / "bad" / "text_encoder" / "config.json"
+  config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "intermediate_size": 48}))
+  with pytest.raises(core.CheckpointMismatchError, match=r"shape mismatch for text_model.encoder.layers.0.mlp.fc1"):
+    cli.import_pipeline(tmp_path / "bad", tmp_path / "out", stock_unet=True)
   assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-  with pytest.raises(core.CheckpointMismatchError, match="lacks the HANDI parameters"):
-    cli.import_pipeline(pipelines["stock"], tmp_path / "out")

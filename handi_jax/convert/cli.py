@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "handi_jax_pipeline.json"
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "model_config.json"
-MODELS = ("unet", "vae", "text_encoder")
+MODELS = ("vae", "text_encoder", "unet")  # small ones first: a bad directory fails fast
 COPIED = ("tokenizer", "scheduler")
 EXPECTED_LAYOUT = ("unet/, vae/, text_encoder/ (model folders with config.json and weights), tokenizer/ and "
                    "scheduler/, as diffusers' DiffusionPipeline.save_pretrained writes them")
