@@ -74,7 +74,6 @@ class HandiReference(torch.nn.Module):
     state.update({f"motion_embedding.{k}": v for k, v in self.motion_embedding.state_dict().items()})
     return {k: v.detach().numpy() for k, v in state.items()}
 
-  @torch.no_grad()
   def forward(self, sample, timestep, encoder_hidden_states, condition_latent, mask=None, motion=None):
     u = self.unet
     x = torch.cat([condition_latent, sample], dim=2)
@@ -148,9 +147,10 @@ def handi_outputs(handi_pair):
   reference, model = handi_pair
   x = inputs()
   ours = _handi_forward(model, x["sample"], x["timesteps"], x["text"], x["condition"], x["mask"], x["motion"])
-  theirs = reference(to_torch_video(x["sample"]), torch.from_numpy(x["timesteps"]), torch.from_numpy(x["text"]),
-                     to_torch_video(x["condition"]), torch.from_numpy(x["mask"]).permute(0, 3, 1, 2)[:, :, None],
-                     torch.from_numpy(x["motion"]))
+  with torch.no_grad():
+    theirs = reference(to_torch_video(x["sample"]), torch.from_numpy(x["timesteps"]),
+                       torch.from_numpy(x["text"]), to_torch_video(x["condition"]),
+                       torch.from_numpy(x["mask"]).permute(0, 3, 1, 2)[:, :, None], torch.from_numpy(x["motion"]))
   return np.asarray(ours), theirs.permute(0, 2, 3, 4, 1).numpy()
 
 

@@ -149,28 +149,26 @@ class UNet3DConditionModel(nnx.Module):
     h = x.reshape(batch * frames, height, width, -1).astype(self.dtype)
     h = (self.conv_in2 if masked_input else self.conv_in)(h)
     if frames > 1:
-      h = self._run(functools.partial(self.transformer_in.__class__.__call__, num_frames=frames),
-                    self.transformer_in, h)
+      h = self._run(self.transformer_in, h, num_frames=frames)
     skips = (h,)
     for block in self.down_blocks:
-      h, res = self._run(functools.partial(block.__class__.__call__, num_frames=frames), block, h, temb, context)
+      h, res = self._run(block, h, temb, context, num_frames=frames)
       skips += res
-    h = self._run(functools.partial(self.mid_block.__class__.__call__, num_frames=frames), self.mid_block, h,
-                  temb, context)
+    h = self._run(self.mid_block, h, temb, context, num_frames=frames)
     for i, block in enumerate(self.up_blocks):
       n = len(block.resnets)
       res, skips = skips[-n:], skips[:-n]
       size = tuple(skips[-1].shape[1:3]) if i < len(self.up_blocks) - 1 else None
-      h = self._run(functools.partial(block.__class__.__call__, num_frames=frames, upsample_size=size),
-                    block, h, res, temb, context)
+      h = self._run(block, h, res, temb, context, num_frames=frames, upsample_size=size)
     h = self.conv_out(nnx.silu(self.conv_norm_out(h)))
     return h.reshape(batch, frames, height, width, -1).astype(jnp.float32)
 
-  def _run(self, method, module, *args):
-    """method(module, *args), rematerialised per block as config.model.remat asks."""
+  def _run(self, block, *arrays, **static):
+    """block(*arrays, **static), rematerialised as config.model.remat asks; `static` holds Python values."""
+    call = lambda module, *a: module(*a, **static)
     if self.remat == "none":
-      return method(module, *args)
-    return nnx.remat(method, policy=REMAT_POLICIES[self.remat])(module, *args)
+      return call(block, *arrays)
+    return nnx.remat(call, policy=REMAT_POLICIES[self.remat])(block, *arrays)
 
   @classmethod
   def from_pretrained(cls, directory, **kwargs) -> "UNet3DConditionModel":
