@@ -10,9 +10,11 @@ the same inputs, with as many threads as JAX's CPU backend uses. Prints both tim
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -88,7 +90,7 @@ def main():
   params = sum(p.numel() for p in reference.parameters())
   print(f"UNet forward+backward, demo config ({params:,} params), batch {args.batch}, {args.frames} frames "
         f"(+1 context), latent {height}x{width}, {threads} CPU threads, median of {args.iters}")
-  print(f"  loss: jax {jax_loss:.6f}  torch {float(torch_loss):.6f}")
+  print(f"  loss: jax {jax_loss:.6f}  torch {float(torch_loss.detach()):.6f}")
   print(f"  jax (jit, compile {compile_s:.1f} s): {1e3 * jax_s:.1f} ms/step")
   print(f"  torch {torch.__version__}:            {1e3 * torch_s:.1f} ms/step")
   print(f"  ratio torch/jax: {torch_s / jax_s:.2f}x")
