@@ -117,6 +117,13 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   assert len(generate.generate_from_config(config, tmp_path)) == 5
 
 
+def test_predict_masks_mode_runs_stage1_only(tmp_path, shared_data):
+  config = _config(tmp_path, image=str(shared_data / "ek_frames" / "4.png"), prompt="wash the sink")
+  (folder,) = generate.predict_masks_from_config(config, tmp_path)
+  assert sorted(p.name for p in folder.iterdir()) == ["mask.png", "mask_done.json", "mask_video.mp4"]
+  assert video_io.read_video(folder / "mask_video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
+
+
 def test_bad_inputs_name_the_problem(tmp_path, shared_data):
   broken = tmp_path / "broken.png"
   broken.write_bytes(b"not a png")
