@@ -171,10 +171,10 @@ def _initial_value(torch_key: str, torch_shape: tuple, params: Mapping[str, np.n
   if torch_key == "conv_in2.bias":
     log.warning("init_missing_handi_params: conv_in2.bias starts as conv_in.bias")
     return np.array(params["conv_in.bias"])
-  out, in_channels, kh, kw = torch_shape if len(torch_shape) == 4 else (0, 0, 0, 0)
   if torch_key == "conv_in2.weight":
     log.warning("init_missing_handi_params: conv_in2.weight starts as conv_in on the latent channels, zero on "
                 "the mask channel(s)")
+    out, in_channels, kh, kw = torch_shape
     kernel = np.zeros((kh, kw, in_channels, out), params["conv_in.kernel"].dtype)
     kernel[:, :, in_channels - latent_channels:] = params["conv_in.kernel"][:, :, -latent_channels:]
     return kernel
