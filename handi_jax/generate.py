@@ -214,7 +214,6 @@ class Generator:
       self.tokenizer = tokenizers.demo_tokenizer(self.workdir / "demo_tokenizer")
     self.vae = video_sampling.canonical_split(vae)
     self.text_encoder = video_sampling.canonical_split(text_encoder)
-    self.scaling_factor = float(model.vae.scaling_factor)
 
     scheduler_file = config.sampling.scheduler_config or (
         root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
