@@ -228,3 +228,25 @@ def test_bad_inputs_name_the_argument(handi_pair):
   stock = UNet3DConditionModel(tiny_config(mask_channels=0, motion_strength=False), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="no time_embedding.cond_proj"):
     stock(x["sample"], x["timesteps"], x["text"], x["condition"], motion=x["motion"])
+
+
+@pytest.mark.slow
+def test_demo_config_matches_the_release_forward_at_an_odd_latent_size():
+  """The demo model (4 levels) at 24 x 43 latents: 43 -> 22 -> 11 -> 6 down, 6 -> 11 -> 22 -> 43 up."""
+  from configs.common import unet_config
+
+  config = unet_config(full_size=False).to_dict()
+  reference = HandiReference(torch_unet(config, seed=7))
+  model = jax_unet(config, reference.state_dict_numpy())
+  rng = np.random.default_rng(2)
+  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  sample, condition, text = f32(1, 2, 24, 43, 4), f32(1, 1, 24, 43, 4), f32(1, 77, config["cross_attention_dim"])
+  mask, timesteps, motion = (rng.random((1, 24, 43, 1)) > 0.5).astype(np.float32), np.array([421]), np.array([5.0])
+  ours = _handi_forward(model, sample, timesteps, text, condition, mask, motion)
+  with torch.no_grad():
+    theirs = reference(to_torch_video(sample), torch.from_numpy(timesteps), torch.from_numpy(text),
+                       to_torch_video(condition), torch.from_numpy(mask).permute(0, 3, 1, 2)[:, :, None],
+                       torch.from_numpy(motion)).permute(0, 2, 3, 4, 1).numpy()
+  error = relative_error(ours, theirs)
+  print(f"demo config 24x43: max |jax - torch| = {np.abs(np.asarray(ours) - theirs).max():.3g}, relative {error:.3g}")
+  assert error < TOLERANCE
