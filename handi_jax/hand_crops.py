@@ -41,6 +41,12 @@ class Roi(NamedTuple):
   rotation: jax.Array
 
 
+def _real(x) -> jax.Array:
+  """At least float32 (float64 stays float64: the finite-difference tests run in it)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _normalize_radians(angle):
   return angle - 2 * jnp.pi * jnp.floor((angle + jnp.pi) / (2 * jnp.pi))
 
@@ -58,7 +64,7 @@ def landmarks_to_roi(keypoints: jax.Array, image_size: tuple[int, int]) -> Roi:
   if keypoints.shape[-2:] != (21, 2):
     raise ValueError(f"landmarks_to_roi: keypoints must be (..., 21, 2) normalised (x, y), got {keypoints.shape}")
   height, width = image_size
-  kp = keypoints.astype(jnp.float32)
+  kp = _real(keypoints)
   x, y = kp[..., 0], kp[..., 1]
   # Rotation: wrist -> middle-finger base, pointing up after rotation (kTargetAngle = pi / 2).
   x0, y0 = x[..., WRIST] * width, y[..., WRIST] * height
@@ -89,10 +95,11 @@ def landmarks_to_roi(keypoints: jax.Array, image_size: tuple[int, int]) -> Roi:
 def sampling_grid(roi: Roi, image_size: tuple[int, int], output_size: int = INPUT_SIZE) -> jax.Array:
   """Source pixel coordinates (..., S, S, 2) as (x, y) of each crop pixel (OpenCV convention)."""
   height, width = image_size
-  steps = jnp.arange(output_size, dtype=jnp.float32) / output_size - 0.5
+  dtype = _real(roi.x_center).dtype
+  steps = jnp.arange(output_size, dtype=dtype) / output_size - 0.5
   u = steps[None, :]  # crop column -> x in the rect
   v = steps[:, None]  # crop row -> y in the rect
-  expand = lambda a: jnp.asarray(a, jnp.float32)[..., None, None]
+  expand = lambda a: jnp.asarray(a, dtype)[..., None, None]
   dx, dy = u * expand(roi.width) * width, v * expand(roi.height) * height
   rx, ry = _rotate(dx, dy, expand(roi.rotation))
   return jnp.stack([expand(roi.x_center) * width + rx, expand(roi.y_center) * height + ry], axis=-1)
@@ -132,8 +139,8 @@ def crop_to_frame(landmarks: jax.Array, roi: Roi) -> jax.Array:
   LandmarkProjectionCalculator: x, y relative to the crop centre, rotated by the ROI's rotation, scaled by its
   normalised width and height; z (after MediaPipe's z normalisation) scaled like x, by the width.
   """
-  local = normalized_landmarks(landmarks)
-  expand = lambda a: jnp.asarray(a, jnp.float32)[..., None]
+  local = normalized_landmarks(_real(landmarks))
+  expand = lambda a: jnp.asarray(a, local.dtype)[..., None]
   x, y = _rotate(local[..., 0] - 0.5, local[..., 1] - 0.5, expand(roi.rotation))
   return jnp.stack([x * expand(roi.width) + expand(roi.x_center), y * expand(roi.height) + expand(roi.y_center),
                     local[..., 2] * expand(roi.width)], axis=-1)

@@ -1,0 +1,223 @@
+"""The stage losses: pure functions that the jitted train step composes.
+
+- `noise_loss`: L_noise (Eq. 3), the mean squared error of the predicted noise.
+- `soft_miou_loss`: L_mIoU (Eq. 6) on decoded mask frames: 1 - mean over frames of a soft IoU.
+- `hand_refinement_loss`: L_HR (Eq. 2) on decoded frames: MediaPipe's landmark network (in JAX) on hand
+  crops placed by the ground-truth keypoints, mean squared error to those keypoints.
+- `stage1_loss` = L_noise + alpha * L_mIoU (Eq. 5); `stage2_loss` = L_noise + eta * L_HR (Eq. 7).
+
+Both pixel-space losses decode the predicted clean latent x0 (Eq. 4) inside the graph, so unlike the
+original release (whose hand loss ran MediaPipe on uint8 copies and sent no gradient) they train the UNet.
+Frames go through decode + loss `config.loss.frame_chunk` at a time under `lax.map`; with `remat_decoder`
+/ `remat_landmarks` the decoder's / landmark network's activations are recomputed in the backward pass,
+so the pixel losses hold one chunk of activations at a time.
+
+How an undetectable generated hand is treated: the paper zero-fills joints its detector misses. Here the
+landmark network is not gated by detection: it regresses the 21 joints inside the ROI the ground-truth hand
+defines, whether or not the generated frame shows a recognisable hand there, so a bad hand still gets a
+gradient towards the right pose (zero-filling would give it none). Only joints missing in the ground truth
+(presence 0), and hands whose ROI joints are not all present, are left out. The optional presence term
+(`hand_presence_weight`) adds -log(hand-presence score) of those crops: it rewards frames in which the
+landmark network recognises a hand where the real video has one.
+"""
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from handi_jax import hand_crops
+from handi_jax.models import hand_landmarks as hl
+
+DecodeFn = Callable[[jax.Array], jax.Array]  # scaled latents (B, F, h, w, 4) -> pixels (B, F, H, W, 3) in [-1, 1]
+
+
+def _real(x: jax.Array) -> jax.Array:
+  """At least float32: bfloat16 activations are upcast, float64 (finite-difference tests) is kept."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def noise_loss(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:
+  """L_noise: mean over all elements of (eps_pred - noise)^2, in (at least) float32."""
+  if eps_pred.shape != noise.shape:
+    raise ValueError(f"noise_loss: predicted noise {eps_pred.shape} and noise {noise.shape} differ in shape")
+  return jnp.mean(jnp.square(_real(eps_pred) - _real(noise)))
+
+
+def pixels_to_mask(pixels: jax.Array) -> jax.Array:
+  """Decoded mask frames (..., H, W, 3) in [-1, 1] -> soft masks (..., H, W) in [0, 1] (mean over RGB)."""
+  return jnp.clip((jnp.mean(_real(pixels), axis=-1) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def soft_iou(masks: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
+  """Per-frame soft IoU of (..., H, W) masks in [0, 1]: (sum(m t) + s) / (sum(m + t - m t) + s).
+
+  `smooth` (in pixels) makes two empty masks agree (IoU 1) instead of dividing zero by zero; frames
+  without hands have empty targets.
+  """
+  masks, targets = _real(masks), _real(targets)
+  intersection = jnp.sum(masks * targets, axis=(-2, -1))
+  union = jnp.sum(masks + targets - masks * targets, axis=(-2, -1))
+  return (intersection + smooth) / (union + smooth)
+
+
+def soft_miou_loss(masks: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
+  """L_mIoU (Eq. 6): 1 - mean over clips and frames of the soft IoU. masks, targets: (B, L, H, W)."""
+  if masks.shape != targets.shape:
+    raise ValueError(f"soft_miou_loss: masks {masks.shape} and target masks {targets.shape} differ in shape")
+  return 1.0 - jnp.mean(soft_iou(masks, targets, smooth))
+
+
+def hand_slot_weights(presence: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(joint weights (..., 2, 21), hand weights (..., 2)) from ground-truth presence (..., 2, 21).
+
+  A hand counts when every joint its ROI is built from is present; then its present joints count.
+  """
+  present = presence.astype(jnp.float32) > 0.5
+  hand = jnp.all(present[..., hand_crops.ROI_JOINTS], axis=-1)
+  return (present & hand[..., None]).astype(jnp.float32), hand.astype(jnp.float32)
+
+
+def hand_errors(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, landmark_params,
+                remat_landmarks: bool = False) -> dict[str, jax.Array]:
+  """Sums for L_HR over decoded frames (B, L, H, W, 3) in [-1, 1] with keypoints (B, L, 2, 21, 2) in [0, 1].
+
+  Returns sums (not means) so that chunks of frames can be added up: squared error (x and y, normalised
+  frame coordinates) over counted joints, their number, -log(presence) and presence over counted hands,
+  and their number.
+  """
+  batch, frames_n, height, width = frames.shape[:4]
+  if keypoints.shape != (batch, frames_n, 2, 21, 2) or presence.shape != (batch, frames_n, 2, 21):
+    raise ValueError(f"hand loss: for frames {frames.shape} expected keypoints {(batch, frames_n, 2, 21, 2)} and "
+                     f"presence {(batch, frames_n, 2, 21)}, got {keypoints.shape} and {presence.shape}")
+  joint_w, hand_w = hand_slot_weights(presence)
+  # The ROI depends only on the ground truth; stop_gradient also keeps atan2's 0/0 away from absent hands.
+  roi = hand_crops.landmarks_to_roi(jax.lax.stop_gradient(keypoints.reshape(-1, 2, 21, 2)), (height, width))
+  # MediaPipe sees uint8 frames: [-1, 1] -> [0, 1], clipped like the uint8 conversion would.
+  images = jnp.clip((_real(frames.reshape(-1, height, width, 3)) + 1.0) / 2.0, *hl.INPUT_RANGE)
+
+  def predict(images, roi):
+    crops = hand_crops.crop_hands(images, roi)
+    out = hl.hand_landmarks(landmark_params, crops.reshape(-1, *crops.shape[2:]))
+    landmarks = out["landmarks"].reshape(*roi.x_center.shape, hl.NUM_LANDMARKS, 3)
+    return hand_crops.crop_to_frame(landmarks, roi)[..., :2], out["presence"].reshape(roi.x_center.shape)
+
+  if remat_landmarks:
+    predict = jax.checkpoint(predict)
+  predicted, hand_presence = predict(images, roi)
+  predicted = predicted.reshape(keypoints.shape)
+  hand_presence = hand_presence.reshape(hand_w.shape)
+  squared = jnp.sum(jnp.square(predicted - _real(keypoints)), axis=-1)  # per joint
+  return dict(
+      squared_error=jnp.sum(squared * joint_w), joints=jnp.sum(joint_w),
+      presence_nll=jnp.sum(-jnp.log(jnp.clip(hand_presence, 1e-6, 1.0)) * hand_w),
+      presence=jnp.sum(hand_presence * hand_w), hands=jnp.sum(hand_w))
+
+
+def hand_refinement_from_sums(sums: Mapping[str, jax.Array], presence_weight: float) -> tuple[jax.Array, dict]:
+  """L_HR from `hand_errors` sums: mean squared joint error (+ presence_weight * mean -log presence).
+
+  Eq. 2 averages the squared joint distance over frames and joints; joints missing in the ground truth do
+  not count (mean over counted joints). With no counted joint at all the loss is 0.
+  """
+  hand_mse = sums["squared_error"] / jnp.maximum(sums["joints"], 1.0)
+  presence_nll = sums["presence_nll"] / jnp.maximum(sums["hands"], 1.0)
+  loss = hand_mse + presence_weight * presence_nll if presence_weight else hand_mse
+  terms = dict(hand_mse=hand_mse, hand_presence_nll=presence_nll,
+               hand_presence=sums["presence"] / jnp.maximum(sums["hands"], 1.0), hands_counted=sums["hands"])
+  return loss, terms
+
+
+def hand_refinement_loss(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, landmark_params,
+                         presence_weight: float = 0.0, remat_landmarks: bool = False) -> tuple[jax.Array, dict]:
+  """L_HR (Eq. 2) of decoded frames (B, L, H, W, 3) in [-1, 1] against keypoints (B, L, 2, 21, 2) in [0, 1].
+
+  presence (B, L, 2, 21) marks the ground-truth joints; see the module docstring for missing hands.
+  Returns (loss, terms).
+  """
+  sums = hand_errors(frames, keypoints, presence, landmark_params, remat_landmarks)
+  return hand_refinement_from_sums(sums, presence_weight)
+
+
+def _chunked_sum(fn: Callable[..., dict], chunk: int, *videos: jax.Array) -> dict:
+  """Sum of fn over chunks of frames (axis 1 of every video), one chunk at a time under lax.map."""
+  frames = videos[0].shape[1]
+  chunk = max(1, min(int(chunk), frames))
+  num_full, rest = divmod(frames, chunk)
+  stacked = [jnp.moveaxis(v[:, :num_full * chunk].reshape(v.shape[0], num_full, chunk, *v.shape[2:]), 1, 0)
+             for v in videos]
+  total = jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.lax.map(lambda xs: fn(*xs), stacked))
+  if rest:
+    total = jax.tree.map(jnp.add, total, fn(*[v[:, num_full * chunk:] for v in videos]))
+  return total
+
+
+def _decoder(decode_fn: DecodeFn, loss_config) -> DecodeFn:
+  dtype = jnp.dtype(loss_config.decode_dtype)
+
+  def decode(latents):
+    return _real(decode_fn(latents.astype(dtype)))
+
+  return jax.checkpoint(decode) if loss_config.remat_decoder else decode
+
+
+def stage1_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
+                decode_fn: DecodeFn, loss_config) -> tuple[jax.Array, dict]:
+  """L_stage1 = L_noise + alpha * L_mIoU (Eq. 5).
+
+  eps_pred, noise: (B, F, h, w, 4); x0_pred_latents: (B, F, h, w, 4) scaled clean latents from Eq. 4 (frame 0
+  is the context). batch["target_masks"]: (B, F - 1, H, W) in {0, 1}, the masks of frames 1..F-1.
+  decode_fn: scaled latents (B, f, h, w, 4) -> pixels (B, f, H, W, 3) in [-1, 1], computing in
+  loss_config.decode_dtype (the latents it gets are cast to it). loss_config: config.loss.
+  Returns (loss, terms) with terms noise, miou_loss, miou.
+  """
+  l_noise = noise_loss(eps_pred, noise)
+  terms = dict(noise=l_noise)
+  if not loss_config.alpha_miou:
+    return l_noise, terms
+  targets = batch["target_masks"]
+  latents = x0_pred_latents[:, 1:]
+  if targets.shape[:2] != latents.shape[:2]:
+    raise ValueError(f"stage1_loss: target_masks {targets.shape} must hold the F - 1 = {latents.shape[1]} "
+                     f"generated frames of each of the {latents.shape[0]} clips")
+  decode = _decoder(decode_fn, loss_config)
+
+  def chunk_iou(latents, targets):
+    return dict(iou=jnp.sum(soft_iou(pixels_to_mask(decode(latents)), targets)))
+
+  mean_iou = _chunked_sum(chunk_iou, loss_config.frame_chunk, latents, targets)["iou"] / (
+      targets.shape[0] * targets.shape[1])
+  l_miou = 1.0 - mean_iou
+  terms.update(miou_loss=l_miou, miou=mean_iou)
+  return l_noise + loss_config.alpha_miou * l_miou, terms
+
+
+def stage2_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
+                decode_fn: DecodeFn, landmark_params, loss_config) -> tuple[jax.Array, dict]:
+  """L_stage2 = L_noise + eta * L_HR (Eq. 7).
+
+  eps_pred, noise, x0_pred_latents: (B, F, h, w, 4) as in `stage1_loss`. batch["keypoints"] (B, F, 2, 21, 2)
+  in [0, 1] of the training frames (slot 0 left, 1 right) and batch["presence"] (B, F, 2, 21).
+  decode_fn as in `stage1_loss`; landmark_params from `hand_landmarks.load_hand_landmark_params()`.
+  Frames 1, 1 + k, ... with k = loss_config.hand_frame_stride are decoded and scored.
+  Returns (loss, terms) with terms noise, hand_loss, hand_mse, hand_presence_nll, hand_presence, hands_counted.
+  """
+  l_noise = noise_loss(eps_pred, noise)
+  terms = dict(noise=l_noise)
+  if not loss_config.eta_hand:
+    return l_noise, terms
+  stride = loss_config.hand_frame_stride
+  if stride < 1:
+    raise ValueError(f"config.loss.hand_frame_stride must be >= 1, got {stride}")
+  # Frame 0 is the context image, not generated.
+  latents = x0_pred_latents[:, 1::stride]
+  keypoints, presence = batch["keypoints"][:, 1::stride], batch["presence"][:, 1::stride]
+  decode = _decoder(decode_fn, loss_config)
+
+  def chunk_errors(latents, keypoints, presence):
+    return hand_errors(decode(latents), keypoints, presence, landmark_params, loss_config.remat_landmarks)
+
+  sums = _chunked_sum(chunk_errors, loss_config.frame_chunk, latents, keypoints, presence)
+  l_hr, hand_terms = hand_refinement_from_sums(sums, loss_config.hand_presence_weight)
+  terms.update(hand_terms, hand_loss=l_hr)
+  return l_noise + loss_config.eta_hand * l_hr, terms
