@@ -207,7 +207,7 @@ def make_train_step(config, unet_graphdef, frozen_graphdefs):
     (loss, terms), grads = grad_fn(unet)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

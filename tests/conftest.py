@@ -12,7 +12,13 @@ os.environ.setdefault("KERAS_HOME", os.path.join(_cache, "keras"))
 os.environ.setdefault("HF_HOME", os.path.join(_cache, "hf"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests compile the same small graphs again and again (a resumed run, the same model in two tests): a
+# persistent cache for this session turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.path.join(_cache, "jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
