@@ -54,7 +54,7 @@ from handi_jax import conditioning, mask_cleanup, video_io
 from handi_jax.convert import core
 from handi_jax.diffusion import samplers, schedules
 from handi_jax.diffusion import video as video_sampling
-from handi_jax.models import clip_text, tokenizers, unet3d
+from handi_jax.models import clip_text, pipeline, unet3d
 from handi_jax.models import vae as vae_lib
 
 DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
@@ -199,19 +199,7 @@ class Generator:
     model = config.model
     self.kwargs = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
     root = pathlib.Path(model.pretrained) if model.pretrained else None
-    rng = jax.random.key(config.seed)
-    if root is not None:
-      vae = vae_lib.AutoencoderKL.from_pretrained(root / "vae", expected_config=model.vae, **self.kwargs)
-      text_encoder = clip_text.CLIPTextModel.from_pretrained(root / "text_encoder",
-                                                             expected_config=model.text_encoder, **self.kwargs)
-      self.tokenizer = clip_text.load_tokenizer(root / "tokenizer")
-    else:
-      logging.warning("config.model.pretrained is empty: the VAE and the text encoder are randomly initialised "
-                      "and the tokenizer is the demo tokenizer (outputs show the pipeline, not real videos)")
-      vae_key, text_key = jax.random.split(jax.random.fold_in(rng, 1000))
-      vae = vae_lib.AutoencoderKL(model.vae, rngs=nnx.Rngs(vae_key), **self.kwargs)
-      text_encoder = clip_text.CLIPTextModel(model.text_encoder, rngs=nnx.Rngs(text_key), **self.kwargs)
-      self.tokenizer = tokenizers.demo_tokenizer(self.workdir / "demo_tokenizer")
+    vae, text_encoder, self.tokenizer = pipeline.load_frozen_components(config, self.workdir / "demo_tokenizer")
     self.vae = video_sampling.canonical_split(vae)
     self.text_encoder = video_sampling.canonical_split(text_encoder)
 

@@ -50,6 +50,7 @@ MODES = {
     "predict_masks": "handi_jax.generate:predict_masks_from_config",
     "demo": "handi_jax.demo:run_demo",
 }
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback for input errors.")
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run: " + ", ".join(MODES) + ".")
 
 
@@ -145,7 +146,12 @@ def main(argv):
       raise
     sys.exit(f"error: --mode={_MODE.value} is not available in this version of handi-jax "
              f"({module_name} is not implemented yet).")
-  getattr(module, function_name)(config, _WORKDIR.value)
+  try:
+    getattr(module, function_name)(config, _WORKDIR.value)
+  except (FileNotFoundError, ValueError) as e:  # bad input (a missing file, a wrong shape, a mismatch)
+    if _TRACEBACK.value:
+      raise
+    sys.exit(f"error: {e}\n(--traceback shows where)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from flax import nnx
 
 from handi_jax import conditioning, input_pipeline, losses, sharding
 from handi_jax.diffusion import schedules
-from handi_jax.models import clip_text, hand_landmarks, tokenizers, unet3d
+from handi_jax.models import clip_text, hand_landmarks, pipeline, unet3d
 from handi_jax.models import vae as vae_lib
 
 # The release trains modules whose names contain one of these (H:train.py:232-252): 643.8M of 1.41B.
@@ -93,7 +93,13 @@ def _split_unet(unet, config):
   return nnx.split(unet, trainable_filter(config), nnx.Param, ...)
 
 
-def create_train_state(config, mesh, rng) -> tuple[TrainState, Any, nnx.State, TrainState]:
+def initial_unet_rngs(config) -> nnx.Rngs:
+  """Parameter and dropout streams of a randomly initialised UNet (the same for training and export)."""
+  key = pipeline.component_key(config, "unet")
+  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1))
+
+
+def create_train_state(config, mesh) -> tuple[TrainState, Any, nnx.State, TrainState]:
   """Sharded train state, the UNet graphdef, its RNG state, and the state's shardings.
 
   The UNet is built (or loaded) on one device and then placed shard by shard: the full-size model (5.7 GB in
@@ -105,9 +111,9 @@ def create_train_state(config, mesh, rng) -> tuple[TrainState, Any, nnx.State, T
     unet = unet3d.UNet3DConditionModel.from_pretrained(
         pathlib.Path(config.model.pretrained) / "unet", dtype=_dtype(config.model.dtype),
         param_dtype=_dtype(config.model.param_dtype), attention=config.model.attention, remat=config.model.remat)
-    nnx.reseed(unet, dropout=jax.random.fold_in(rng, 1))
+    nnx.reseed(unet, dropout=jax.random.fold_in(pipeline.component_key(config, "unet"), 1))
   else:
-    unet = build_unet(config, nnx.Rngs(params=rng, dropout=jax.random.fold_in(rng, 1)))
+    unet = build_unet(config, initial_unet_rngs(config))
   graphdef, params, frozen_params, rng_state = _split_unet(unet, config)
 
   def state_from(params, frozen_params):
@@ -136,22 +142,9 @@ def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
                     opt_state=opt_sh)
 
 
-def load_frozen_models(config, rng) -> tuple[FrozenModels, Any]:
-  """VAE, text encoder, tokenizer and (stage 2) the landmark network; pretrained when configured."""
-  model = config.model
-  kwargs = dict(dtype=_dtype(model.dtype), param_dtype=_dtype(model.param_dtype))
-  if model.pretrained:
-    root = pathlib.Path(model.pretrained)
-    vae = vae_lib.AutoencoderKL.from_pretrained(root / "vae", expected_config=model.vae, **kwargs)
-    text_encoder = clip_text.CLIPTextModel.from_pretrained(root / "text_encoder",
-                                                           expected_config=model.text_encoder, **kwargs)
-    tokenizer = clip_text.load_tokenizer(root / "tokenizer")
-  else:
-    logging.warning("config.model.pretrained is empty: VAE and text encoder are randomly initialised")
-    vae_key, text_key = jax.random.split(rng)
-    vae = vae_lib.AutoencoderKL(model.vae, rngs=nnx.Rngs(vae_key), **kwargs)
-    text_encoder = clip_text.CLIPTextModel(model.text_encoder, rngs=nnx.Rngs(text_key), **kwargs)
-    tokenizer = tokenizers.demo_tokenizer()
+def load_frozen_models(config) -> tuple[FrozenModels, Any]:
+  """VAE, text encoder, tokenizer and (stage 2, eta > 0) the landmark network."""
+  vae, text_encoder, tokenizer = pipeline.load_frozen_components(config)
   vae_graphdef, vae_state = nnx.split(vae)
   text_graphdef, text_state = nnx.split(text_encoder)
   landmarks = hand_landmarks.load_hand_landmark_params() if config.stage == 2 and config.loss.eta_hand else None
@@ -244,12 +237,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.devices.size)
-  rng = jax.random.key(config.seed)
-  init_rng, frozen_rng, step_rng = jax.random.split(rng, 3)
+  step_rng = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
 
   with mesh:
-    state, unet_graphdef, rng_state, state_sh = create_train_state(config, mesh, init_rng)
-    frozen, tokenizer = load_frozen_models(config, frozen_rng)
+    state, unet_graphdef, rng_state, state_sh = create_train_state(config, mesh)
+    frozen, tokenizer = load_frozen_models(config)
     manager = _checkpoint_manager(config, workdir)
     position = 0
     if manager.latest_step() is not None:

@@ -24,7 +24,7 @@ def landmark_params():
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:
   config = configs.common.get_config(2).loss
-  config.update(overrides)
+  config.update(dict(hand_frame_stride=1, **overrides))
   return config
 
 

@@ -34,3 +34,10 @@ def test_wrong_type_override_is_one_line_error():
   assert result.returncode != 0
   lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
   assert len(lines) == 1 and "train.learning_rate" in lines[0], result.stderr
+
+
+def test_input_errors_of_a_mode_are_one_line(tmp_path):
+  result = _run("--config=configs/stage2.py", "--mode=generate", f"--workdir={tmp_path}",
+                "--config.generate.image=/does/not/exist.png", "--config.generate.prompt=cut the onion")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "error: image /does/not/exist.png does not exist" in result.stderr

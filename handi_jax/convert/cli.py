@@ -29,7 +29,6 @@ import pathlib
 import shutil
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -277,12 +276,10 @@ def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
                                                 param_dtype=jnp.dtype(config.model.param_dtype))
   else:
     log.warning("no training checkpoint in %s and no config.model.pretrained: exporting the random init", workdir)
-    init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]  # as train.train_and_evaluate splits it
-    unet = train.build_unet(config, nnx.Rngs(params=init_rng, dropout=jax.random.fold_in(init_rng, 1)))
+    unet = train.build_unet(config, train.initial_unet_rngs(config))
   frozen_config = config.copy_and_resolve_references()
   frozen_config.loss.eta_hand = 0.0  # no landmark network needed here
-  frozen_rng = jax.random.split(jax.random.key(config.seed), 3)[1]  # as train.train_and_evaluate splits it
-  frozen, _ = train.load_frozen_models(frozen_config, frozen_rng)
+  frozen, _ = train.load_frozen_models(frozen_config)
   models = dict(unet=unet, vae=nnx.merge(frozen.vae_graphdef, frozen.vae),
                 text_encoder=nnx.merge(frozen.text_graphdef, frozen.text_encoder))
 
