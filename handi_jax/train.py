@@ -78,17 +78,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
                   weight_decay=train.weight_decay))
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)
-
-
 def build_unet(config, rngs: nnx.Rngs) -> unet3d.UNet3DConditionModel:
   model = config.model
-  return unet3d.UNet3DConditionModel(model.unet, dtype=_dtype(model.dtype), param_dtype=_dtype(model.param_dtype),
+  return unet3d.UNet3DConditionModel(model.unet, dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype),
                                      attention=model.attention, remat=model.remat, rngs=rngs)
 
 
-def _split_unet(unet, config):
+def split_unet(unet, config):
   """(graphdef, trainable params, frozen params, other state such as the dropout RNG)."""
   return nnx.split(unet, trainable_filter(config), nnx.Param, ...)
 
@@ -109,12 +105,12 @@ def create_train_state(config, mesh) -> tuple[TrainState, Any, nnx.State, TrainS
   tx = make_optimizer(config)
   if config.model.pretrained:
     unet = unet3d.UNet3DConditionModel.from_pretrained(
-        pathlib.Path(config.model.pretrained) / "unet", dtype=_dtype(config.model.dtype),
-        param_dtype=_dtype(config.model.param_dtype), attention=config.model.attention, remat=config.model.remat)
+        pathlib.Path(config.model.pretrained) / "unet", dtype=jnp.dtype(config.model.dtype),
+        param_dtype=jnp.dtype(config.model.param_dtype), attention=config.model.attention, remat=config.model.remat)
     nnx.reseed(unet, dropout=jax.random.fold_in(pipeline.component_key(config, "unet"), 1))
   else:
     unet = build_unet(config, initial_unet_rngs(config))
-  graphdef, params, frozen_params, rng_state = _split_unet(unet, config)
+  graphdef, params, frozen_params, rng_state = split_unet(unet, config)
 
   def state_from(params, frozen_params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen_params=frozen_params,
@@ -220,7 +216,7 @@ def restore_unet(config, workdir, step: int | None = None) -> unet3d.UNet3DCondi
   if step is None:
     raise FileNotFoundError(f"no training checkpoint under {pathlib.Path(workdir) / 'checkpoints'}; "
                             "train first (--mode=train) or point config.model.pretrained at weights")
-  graphdef, abstract_params, abstract_frozen, rng_state = _split_unet(
+  graphdef, abstract_params, abstract_frozen, rng_state = split_unet(
       nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0))), config)
   tx = make_optimizer(config)
   abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
@@ -296,8 +292,4 @@ def _flatten(tree, prefix=""):
     else:
       out[f"{prefix}{key}"] = value
   return out
-
-
-def count_params(state) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 

@@ -27,7 +27,7 @@ def test_release_trainable_subset_matches_the_release_rule():
   config.train.trainable = "release"
   config.model.unet.in_channels = 5  # as the release's checkpoints are saved
   unet = nnx.eval_shape(lambda: train.build_unet(config, nnx.Rngs(0)))
-  _, trainable, frozen, _ = train._split_unet(unet, config)
+  _, trainable, frozen, _ = train.split_unet(unet, config)
   count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
   # reference_spec.md 3.3: 643,846,976 of 1,413,404,420 parameters are trainable.
   assert count(trainable) == 643_846_976
