@@ -1,5 +1,7 @@
 """Training end to end on demo data: a tiny model, 8 simulated devices, checkpoints, resume, restore."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -35,7 +37,8 @@ def test_release_trainable_subset_matches_the_release_rule():
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
-def test_train_checkpoints_resumes_and_restores(tmp_path, stage):
+def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog):
+  caplog.set_level(logging.INFO)
   config = _tiny_config(stage=stage, steps=2)
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
@@ -52,6 +55,13 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage):
   changed = [not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(jax.device_get(resumed.params)),
                                                       strict=True)]
   assert any(changed)
+  assert "resumed from step 2 (input position 2)" in caplog.text
+  # 2 + 2 resumed steps equal 4 uninterrupted ones: the optimizer state and the data position came back.
+  config_straight = _tiny_config(stage=stage, steps=4)
+  straight = train.train_and_evaluate(config_straight, str(tmp_path / "straight"))
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(resumed.params)),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
   # The checkpointed UNet loads for generation and export with exactly the trained parameters.
   unet = train.restore_unet(config, str(tmp_path))
