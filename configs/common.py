@@ -78,7 +78,7 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"      # compute dtype; bf16 on accelerators
   config.model.attention = "xla"      # xla | cudnn | tpu_flash (spatial attention only)
   config.model.remat = "none"         # none | full | dots_saveable (per UNet block)
-  config.model.vae_decode_chunk = 4   # frames decoded per VAE call
+  config.model.frame_chunk = 4        # frames per VAE call: decoding in generation, decode + loss in training
 
   # Diffusion (training schedule; the release's DDPMScheduler config).
   config.diffusion = ml_collections.ConfigDict(dict(
@@ -120,7 +120,7 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Data.
   config.data = ml_collections.ConfigDict()
-  config.data.dir = ""                # TFRecord dataset directory; empty = demo data under workdir
+  config.data.dir = ""                # TFRecord dataset directory (--mode=demo writes demo data when empty)
   config.data.split = "train"
   config.data.num_frames = 16         # frame 0 = context image, L = num_frames - 1 targets
   config.data.height = 64
@@ -144,12 +144,12 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       trainable="all",             # all | release (the release's module subset: 643.8M of 1.41B)
       freeze_background=True))     # outside the mask every target frame = the context latent (release)
 
-  # Losses. Pixel losses decode x0 in-graph `frame_chunk` frames at a time (lax.map); remat_* recompute the
+  # Losses. Pixel losses decode x0 in-graph model.frame_chunk frames at a time (lax.map); remat_* recompute the
   # decoder / landmark network activations in the backward pass; decode_fn should compute in decode_dtype.
   config.loss = ml_collections.ConfigDict(dict(
       # hand_frame_stride 5 keeps the CPU demo quick (the landmark network dominates a tiny step); paper: 1.
       alpha_miou=0.1, eta_hand=0.1, hand_frame_stride=5, decode_dtype="float32",
-      remat_decoder=True, remat_landmarks=True, hand_presence_weight=0.0, frame_chunk=4))
+      remat_decoder=True, remat_landmarks=True, hand_presence_weight=0.0))
 
   apply_variants(config, arg)
   return config

@@ -20,6 +20,7 @@ class ClipJob:
   clip_id: str
   video: str
   caption: str
+  problem: str = ""  # why its caption-file entry is unusable; such a job is only reported (bad_caption_entry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Rejection:
 class ClipRecord:
   fields: dict            # schema fields, frames and masks as PNG bytes
   union_mask: np.ndarray  # (H, W) uint8 {0, 255}, for the prior mask
-  hands_per_frame: list   # detected hands per sampled frame, for the report
+  hands_per_frame: list   # stored hands (any joint present) per sampled frame, for the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,9 @@ def make_record(*, clip_id: str, caption: str, frames: np.ndarray, keypoints: np
       frame_indices=np.asarray(frame_indices, np.int64), fps=np.float32(fps),
       source_height=np.int64(source_size[0]), source_width=np.int64(source_size[1]),
       num_source_frames=np.int64(num_source_frames))
-  hands_per_frame = [int(n) for n in (handedness != NO_HAND).sum(axis=1)]
+  # Hands with a joint in the stored crop: a detection that lies wholly outside it keeps its handedness but is
+  # not in the stored keypoints or masks, so it does not count for the report's hand-detection rate.
+  hands_per_frame = [int(n) for n in presence.astype(bool).any(axis=-1).sum(axis=1)]
   return ClipRecord(fields, union, hands_per_frame)
 
 
@@ -112,6 +115,8 @@ def process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord | Rejecti
 
 
 def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
+  if job.problem:
+    raise ClipRejected("bad_caption_entry", job.problem)
   if not job.caption.strip():
     raise ClipRejected("empty_caption", f"clip {job.clip_id!r} has an empty caption")
   clip = read_sampled_frames(job.video, settings.num_frames)
@@ -143,7 +148,9 @@ def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
 
 
 def job_key(job: ClipJob) -> str:
-  """What identifies a job's input for the restart fingerprint: id, caption, file name and size."""
+  """What identifies a job's input for the restart fingerprint: id, caption, file name and size (and the problem
+  of a bad caption entry)."""
   path = pathlib.Path(job.video)
-  stat = f"{path.stat().st_size}" if path.is_file() else "missing"
-  return f"{job.clip_id}\t{job.caption}\t{path.name}\t{stat}"
+  stat = f"{path.stat().st_size}" if job.video and path.is_file() else "missing"
+  key = f"{job.clip_id}\t{job.caption}\t{path.name}\t{stat}"
+  return f"{key}\t{job.problem}" if job.problem else key

@@ -1,6 +1,7 @@
 """Video decoding, even frame sampling, and the resize + centre-crop geometry shared by frames and keypoints."""
 
 import dataclasses
+import math
 import pathlib
 
 import cv2
@@ -25,6 +26,29 @@ def _looks_like_video(path: pathlib.Path) -> bool:
   with open(path, "rb") as f:
     head = f.read(16)
   return any(head[offset:offset + len(magic)] == magic for offset, magic in _SIGNATURES)
+
+
+# How many frames the decoder may deliver fewer than the container lists before the file counts as damaged:
+# MP4/MOV store the exact count, but Matroska/WebM, GIF and unindexed AVI only give duration x frame rate
+# (rounded), and a decoder may drop a frame at either end (an edit list, a last frame of zero duration). A
+# truncated file loses far more (half the frames for half the bytes); losing under 5 % still spans the clip.
+FRAME_COUNT_SLACK = (2, 0.05)  # frames, fraction of the listed count: the larger applies
+
+
+def missing_frames(decoded: int, listed: int, fps: float, last_ms: float) -> bool:
+  """Whether `decoded` frames, the last at `last_ms`, fall short of the `listed` container count (damaged file).
+
+  A count short by more than FRAME_COUNT_SLACK is excused only when the decoded timeline still reaches the
+  container's duration (listed / fps): then the count was an estimate (variable frame rate), not a lost tail.
+  """
+  if listed <= 0:  # the container does not say
+    return False
+  slack = max(FRAME_COUNT_SLACK[0], math.ceil(FRAME_COUNT_SLACK[1] * listed))
+  if decoded >= listed - slack:
+    return False
+  if fps <= 0 or last_ms <= 0:
+    return True
+  return (last_ms + 1000 / fps) < (listed - slack) * 1000 / fps
 
 
 def sample_indices(num_source_frames: int, num_frames: int) -> np.ndarray:
@@ -52,14 +76,20 @@ def read_sampled_frames(path: str | pathlib.Path, num_frames: int) -> SampledCli
     if not capture.isOpened():
       raise ClipRejected("corrupt_video", f"OpenCV/FFmpeg cannot open {path} (truncated or damaged file)")
     fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-    # The container's frame count can be wrong; count by decoding, then decode again keeping the samples.
-    total = 0
+    listed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    # The container's frame count can be off; count by decoding, then decode again keeping the samples.
+    total, last_ms = 0, 0.0
     while capture.grab():
       total += 1
+      last_ms = float(capture.get(cv2.CAP_PROP_POS_MSEC) or 0.0)
   finally:
     capture.release()
   if total == 0:
     raise ClipRejected("corrupt_video", f"{path} opened but no frame could be decoded")
+  # A file cut short with its index (the mp4 moov atom) at the front opens and decodes up to the cut.
+  if missing_frames(total, listed, fps, last_ms):
+    raise ClipRejected("corrupt_video", f"{path}: only {total} of the {listed} frames its container lists could be "
+                       "decoded (truncated or damaged file; re-download or re-encode it)")
   if total < num_frames:
     raise ClipRejected("too_few_frames", f"{path} has {total} frames, {num_frames} are needed "
                        "(config.data.num_frames)")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from data_prep import report as report_lib
 from data_prep.clips import ClipRecord, Rejection
+from handi_jax import fileio
 from handi_jax.data import schema
 
 PROGRESS_DIR = "_progress"
@@ -43,16 +44,6 @@ class SplitSummary:
     return (f"split {self.split!r}: {self.num_clips} clips written in {self.num_shards} shards "
             f"({self.shards_reused} reused from an earlier run), {self.num_rejected} rejected ({reasons}); "
             f"dataset at {self.data_dir}")
-
-
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-  """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
-  tmp = path.with_name(f".tmp-{path.name}")
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _json_bytes(value) -> bytes:
@@ -134,23 +125,21 @@ def _write_shard(data_dir, split, shard, num_shards, results, serialize, fingerp
   import tensorflow as tf
 
   path = schema.shard_path(data_dir, split, shard, num_shards)
-  tmp = path.with_name(f".tmp-{path.name}")
   records = [r for r in results if isinstance(r, ClipRecord)]
-  with tf.io.TFRecordWriter(str(tmp)) as writer:
+  with fileio.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
     for record in records:
       writer.write(serialize(record.fields))
-  os.replace(tmp, path)
   union_count = np.zeros((config.data.height, config.data.width), np.int64)
   for record in records:
     union_count += record.union_mask > 0
   progress_dir = data_dir / split / PROGRESS_DIR
-  atomic_write(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
+  fileio.write_bytes(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
   state = dict(
       fingerprint=fingerprint, num_bytes=path.stat().st_size,
       clips=[dict(clip_id=r.fields["clip_id"], mask_area=float(r.fields["mask_area"]),
                   hands_per_frame=r.hands_per_frame) for r in records],
       rejected=[dataclasses.asdict(r) for r in results if isinstance(r, Rejection)])
-  atomic_write(progress_dir / f"shard-{shard:05d}.json", _json_bytes(state))
+  fileio.write_bytes(progress_dir / f"shard-{shard:05d}.json", _json_bytes(state))
 
 
 def _remove_stale(data_dir: pathlib.Path, split: str, num_shards: int) -> None:
@@ -172,12 +161,13 @@ def finalize_split(data_dir: pathlib.Path, split: str, num_shards: int, config,
   clips = [clip for state in states for clip in state["clips"]]
   rejected = [r for state in states for r in state["rejected"]]
   split_dir = data_dir / split
-  atomic_write(split_dir / schema.REJECTED, b"".join(_json_bytes(r).replace(b"\n", b"") + b"\n" for r in rejected))
+  fileio.write_bytes(split_dir / schema.REJECTED,
+                     b"".join(_json_bytes(r).replace(b"\n", b"") + b"\n" for r in rejected))
   by_reason = dict(collections.Counter(r["reason"] for r in rejected))
   if clips:
     union_count = sum(np.load(progress_dir / f"shard-{s:05d}.npy") for s in range(num_shards))
     prior = (union_count / len(clips)).astype(np.float32)
-    report_lib.write_split_files(split_dir, clips, rejected, prior, config, atomic_write)
+    report_lib.write_split_files(split_dir, clips, rejected, prior, config, fileio.write_bytes)
     _write_metadata(data_dir, split, states, config)
   return SplitSummary(data_dir, split, len(clips), len(rejected), by_reason, num_shards, shards_reused)
 
@@ -207,4 +197,4 @@ def _write_metadata(data_dir: pathlib.Path, split: str, states: list[dict], conf
       data_dir=data_dir, features=features, split_infos=split_infos, version=schema.SCHEMA_VERSION,
       filename_template=schema.filename_template(data_dir, split), check_data=False,
       description="HANDI clips: frames, MediaPipe hand keypoints, per-frame and union motion-area masks.")
-  atomic_write(manifest_path, _json_bytes(manifest))
+  fileio.write_bytes(manifest_path, _json_bytes(manifest))

@@ -1,6 +1,8 @@
 """`make demo`: the whole job on the embedded default, on CPU in minutes, with no weights and no dataset.
 
-1. writes the procedural demo dataset (data_prep.demo_data) through the real TFRecord writer;
+It does what a user would, in order:
+1. writes the procedural demo dataset (data_prep.demo_data) through the real TFRecord writer, unless
+   config.data.dir names a dataset;
 2. trains the tiny stage-2 model on it for config.train.num_steps steps (noise + Hand Refinement Loss with
    the real MediaPipe landmark network), with checkpoints;
 3. generates a video from the trained checkpoint for one demo clip's first frame and caption, conditioned on
@@ -15,14 +17,12 @@ import pathlib
 from absl import logging
 from PIL import Image
 
-from handi_jax import generate, train
-from handi_jax.convert import cli as convert_cli
+from data_prep import demo_data, masks
+from handi_jax import export, generate, train
 
 
 def _demo_sample(config, workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, str]:
   """First frame, motion-area mask and caption of demo clip 0, as files generation reads."""
-  from data_prep import demo_data, masks
-
   clip = demo_data.synthesize_clip(0, config)
   _, union = masks.clip_masks(clip["keypoints"], clip["presence"].astype(bool), config.data.height,
                               config.data.width, config.data.build.mask_rule)
@@ -36,7 +36,11 @@ def _demo_sample(config, workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.P
 
 def run_demo(config, workdir: str) -> None:
   workdir = pathlib.Path(workdir)
-  logging.info("demo 1-2/4: demo data and %d stage-2 training steps in %s", config.train.num_steps, workdir)
+  if not config.data.dir:
+    logging.info("demo 1/4: demo data in %s", workdir / "demo_data")
+    with config.unlocked():
+      config.data.dir = str(demo_data.write_demo_dataset(workdir / "demo_data", config))
+  logging.info("demo 2/4: %d stage-%d training steps in %s", config.train.num_steps, config.stage, workdir)
   train.train_and_evaluate(config, str(workdir))
 
   image, mask, caption = _demo_sample(config, workdir)
@@ -48,7 +52,7 @@ def run_demo(config, workdir: str) -> None:
   (sample_dir,) = generate.generate_from_config(config, str(workdir))
 
   logging.info("demo 4/4: exporting to PyTorch")
-  export_dir = convert_cli.export_from_config(config, str(workdir))
+  export_dir = export.export_from_config(config, str(workdir))
   summary = dict(checkpoints=str(workdir / "checkpoints"), video=str(sample_dir / "video.mp4"),
                  gif=str(sample_dir / "video.gif"), flow_map=str(sample_dir / "flow.png"),
                  pytorch_export=str(export_dir))

@@ -32,7 +32,8 @@ Models: VAE, text encoder, tokenizer and scheduler config from config.model.pret
 directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
 directory or a training workdir with checkpoints/; stage 2 falls back to <pretrained>/unet). Anything not
 given is randomly initialised from the (tiny) config, and a log line says so; without a pretrained directory
-the tokenizer is handi_jax.models.tokenizers.demo_tokenizer(), written into <workdir>/demo_tokenizer.
+the tokenizer is handi_jax.tokenizers.demo_tokenizer(), written into <workdir>/demo_tokenizer. All models
+come through handi_jax.checkpoints, as in training and export.
 """
 
 import dataclasses
@@ -50,11 +51,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from handi_jax import conditioning, mask_cleanup, video_io
-from handi_jax.convert import core
+from handi_jax import checkpoints, conditioning, fileio, mask_cleanup, tokenizers, video_io
 from handi_jax.diffusion import samplers, schedules
 from handi_jax.diffusion import video as video_sampling
-from handi_jax.models import clip_text, pipeline, unet3d
+from handi_jax.models import unet3d
 from handi_jax.models import vae as vae_lib
 
 DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
@@ -142,34 +142,11 @@ def _decode(graphdef, state, latents, chunk_size):
 
 def load_stage_unet(config, stage: int) -> unet3d.UNet3DConditionModel:
   """The stage-1 or stage-2 UNet config.generate names (see the module docstring), or a random one."""
-  kwargs = dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype))
   source = config.generate.stage1_pretrained if stage == 1 else config.generate.stage2_pretrained
   release_unet = pathlib.Path(config.model.pretrained) / "unet" if config.model.pretrained else None
   if not source and stage == 2 and release_unet is not None and release_unet.is_dir():
     source = str(release_unet)
-  if not source:
-    logging.warning("no pretrained stage-%d UNet (config.generate.stage%d_pretrained): randomly initialised",
-                    stage, stage)
-    return unet3d.UNet3DConditionModel(config.model.unet, attention=config.model.attention,
-                                       rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), stage)),
-                                       **kwargs)
-  path = pathlib.Path(source)
-  what = f"the stage-{stage} UNet"
-  if (path / "checkpoints").is_dir():
-    from handi_jax import train  # training workdir: orbax checkpoints of the UNet
-
-    logging.info("%s: latest training checkpoint in %s", what, path)
-    return train.restore_unet(config, path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"{what}: {path} is neither a diffusers unet directory nor a training workdir")
-  found = core.read_config(path)
-  expected = unet3d.unet_config_dict(config.model.unet)
-  core.check_config_matches(found, expected, [f for f in unet3d.CONFIG_FIELDS if f in found], what, str(path))
-  logging.info("%s: %s", what, path)
-  try:
-    return unet3d.UNet3DConditionModel.from_pretrained(path, attention=config.model.attention, **kwargs)
-  except core.CheckpointMismatchError as e:
-    raise core.CheckpointMismatchError(f"{what} at {path}: {e}") from e
+  return checkpoints.load_unet(config, source, f"the stage-{stage} UNet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +174,8 @@ class Generator:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     model = config.model
-    self.kwargs = dict(dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
     root = pathlib.Path(model.pretrained) if model.pretrained else None
-    vae, text_encoder, self.tokenizer = pipeline.load_frozen_components(config, self.workdir / "demo_tokenizer")
+    vae, text_encoder, self.tokenizer = checkpoints.load_frozen_components(config, self.workdir / "demo_tokenizer")
     self.vae = video_sampling.canonical_split(vae)
     self.text_encoder = video_sampling.canonical_split(text_encoder)
 
@@ -220,7 +196,7 @@ class Generator:
     return self._unets[stage]
 
   def _text(self, prompt: str) -> jax.Array:
-    ids = jnp.asarray(clip_text.tokenize(self.tokenizer, [prompt]))
+    ids = jnp.asarray(tokenizers.tokenize(self.tokenizer, [prompt]))
     return _encode_text(self.text_encoder[0], self.text_encoder[1], ids)
 
   def _sample(self, stage: int, context_latent, text, latent_mask, key) -> np.ndarray:
@@ -232,7 +208,7 @@ class Generator:
         graphdef, state, self.plan, context_latent, text, self.uncond, latent_mask, motion,
         jnp.float32(config.sampling.guidance_scale), key, num_frames=int(config.data.num_frames),
         init=config.sampling.init)
-    frames = _decode(self.vae[0], self.vae[1], latents, int(config.model.vae_decode_chunk))
+    frames = _decode(self.vae[0], self.vae[1], latents, int(config.model.frame_chunk))
     return np.asarray(frames[0], np.float32)
 
   def run(self, sample: Sample, out_dir: pathlib.Path, mode: str = "generate") -> "Result":
@@ -278,8 +254,7 @@ class Generator:
       record["mean_flow"] = float(flow.mean())
     record["seconds"] = round(time.time() - start, 2)
     done = out_dir / DONE_FILE[mode]
-    done.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
-    done.with_suffix(".tmp").replace(done)
+    fileio.write_text(done, json.dumps(record, indent=2) + "\n")
     return Result(frames=frames, mask=mask, context=video_io.to_uint8(pixels), record=record)
 
   @staticmethod

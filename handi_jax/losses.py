@@ -8,7 +8,7 @@
 
 Both pixel-space losses decode the predicted clean latent x0 (Eq. 4) inside the graph, so unlike the
 original release (whose hand loss ran MediaPipe on uint8 copies and sent no gradient) they train the UNet.
-Frames go through decode + loss `config.loss.frame_chunk` at a time under `lax.map`; with `remat_decoder`
+Frames go through decode + loss `config.model.frame_chunk` at a time under `lax.map`; with `remat_decoder`
 / `remat_landmarks` the decoder's / landmark network's activations are recomputed in the backward pass,
 so the pixel losses hold one chunk of activations at a time.
 
@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from handi_jax import hand_crops
-from handi_jax.models import hand_landmarks as hl
+from handi_jax import chunking
+from handi_jax.hands import crops as hand_crops
+from handi_jax.hands import landmarks as hl
 
 DecodeFn = Callable[[jax.Array], jax.Array]  # scaled latents (B, F, h, w, 4) -> pixels (B, F, H, W, 3) in [-1, 1]
 
@@ -80,11 +81,11 @@ def hand_slot_weights(presence: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def hand_errors(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, landmark_params,
                 remat_landmarks: bool = False) -> dict[str, jax.Array]:
-  """Sums for L_HR over decoded frames (B, L, H, W, 3) in [-1, 1] with keypoints (B, L, 2, 21, 2) in [0, 1].
+  """Per-frame sums for L_HR over decoded frames (B, L, H, W, 3) in [-1, 1] with keypoints (B, L, 2, 21, 2).
 
-  Returns sums (not means) so that chunks of frames can be added up: squared error (x and y, normalised
-  frame coordinates) over counted joints, their number, -log(presence) and presence over counted hands,
-  and their number.
+  Returns (B, L) sums (not means) so that chunks of frames can be added up: squared error (x and y,
+  normalised frame coordinates) over counted joints, their number, -log(presence) and presence over counted
+  hands, and their number.
   """
   batch, frames_n, height, width = frames.shape[:4]
   if keypoints.shape != (batch, frames_n, 2, 21, 2) or presence.shape != (batch, frames_n, 2, 21):
@@ -108,10 +109,11 @@ def hand_errors(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, la
   predicted = predicted.reshape(keypoints.shape)
   hand_presence = hand_presence.reshape(hand_w.shape)
   squared = jnp.sum(jnp.square(predicted - _real(keypoints)), axis=-1)  # per joint
+  per_frame = lambda x: jnp.sum(x, axis=tuple(range(2, x.ndim)))
   return dict(
-      squared_error=jnp.sum(squared * joint_w), joints=jnp.sum(joint_w),
-      presence_nll=jnp.sum(-jnp.log(jnp.clip(hand_presence, 1e-6, 1.0)) * hand_w),
-      presence=jnp.sum(hand_presence * hand_w), hands=jnp.sum(hand_w))
+      squared_error=per_frame(squared * joint_w), joints=per_frame(joint_w),
+      presence_nll=per_frame(-jnp.log(jnp.clip(hand_presence, 1e-6, 1.0)) * hand_w),
+      presence=per_frame(hand_presence * hand_w), hands=per_frame(hand_w))
 
 
 def hand_refinement_from_sums(sums: Mapping[str, jax.Array], presence_weight: float) -> tuple[jax.Array, dict]:
@@ -120,6 +122,7 @@ def hand_refinement_from_sums(sums: Mapping[str, jax.Array], presence_weight: fl
   Eq. 2 averages the squared joint distance over frames and joints; joints missing in the ground truth do
   not count (mean over counted joints). With no counted joint at all the loss is 0.
   """
+  sums = jax.tree.map(jnp.sum, sums)
   hand_mse = sums["squared_error"] / jnp.maximum(sums["joints"], 1.0)
   presence_nll = sums["presence_nll"] / jnp.maximum(sums["hands"], 1.0)
   loss = hand_mse + presence_weight * presence_nll if presence_weight else hand_mse
@@ -139,19 +142,6 @@ def hand_refinement_loss(frames: jax.Array, keypoints: jax.Array, presence: jax.
   return hand_refinement_from_sums(sums, presence_weight)
 
 
-def _chunked_sum(fn: Callable[..., dict], chunk: int, *videos: jax.Array) -> dict:
-  """Sum of fn over chunks of frames (axis 1 of every video), one chunk at a time under lax.map."""
-  frames = videos[0].shape[1]
-  chunk = max(1, min(int(chunk), frames))
-  num_full, rest = divmod(frames, chunk)
-  stacked = [jnp.moveaxis(v[:, :num_full * chunk].reshape(v.shape[0], num_full, chunk, *v.shape[2:]), 1, 0)
-             for v in videos]
-  total = jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.lax.map(lambda xs: fn(*xs), stacked))
-  if rest:
-    total = jax.tree.map(jnp.add, total, fn(*[v[:, num_full * chunk:] for v in videos]))
-  return total
-
-
 def _decoder(decode_fn: DecodeFn, loss_config) -> DecodeFn:
   dtype = jnp.dtype(loss_config.decode_dtype)
 
@@ -162,13 +152,14 @@ def _decoder(decode_fn: DecodeFn, loss_config) -> DecodeFn:
 
 
 def stage1_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
-                decode_fn: DecodeFn, loss_config) -> tuple[jax.Array, dict]:
+                decode_fn: DecodeFn, loss_config, frame_chunk: int | None = None) -> tuple[jax.Array, dict]:
   """L_stage1 = L_noise + alpha * L_mIoU (Eq. 5).
 
   eps_pred, noise: (B, F, h, w, 4); x0_pred_latents: (B, F, h, w, 4) scaled clean latents from Eq. 4 (frame 0
   is the context). batch["target_masks"]: (B, F - 1, H, W) in {0, 1}, the masks of frames 1..F-1.
   decode_fn: scaled latents (B, f, h, w, 4) -> pixels (B, f, H, W, 3) in [-1, 1], computing in
-  loss_config.decode_dtype (the latents it gets are cast to it). loss_config: config.loss.
+  loss_config.decode_dtype (the latents it gets are cast to it). loss_config: config.loss. frame_chunk
+  (config.model.frame_chunk): frames decoded and scored per step of a `lax.map` (None: all at once).
   Returns (loss, terms) with terms noise, miou_loss, miou.
   """
   l_noise = noise_loss(eps_pred, noise)
@@ -183,22 +174,22 @@ def stage1_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Arra
   decode = _decoder(decode_fn, loss_config)
 
   def chunk_iou(latents, targets):
-    return dict(iou=jnp.sum(soft_iou(pixels_to_mask(decode(latents)), targets)))
+    return soft_iou(pixels_to_mask(decode(latents)), targets)
 
-  mean_iou = _chunked_sum(chunk_iou, loss_config.frame_chunk, latents, targets)["iou"] / (
-      targets.shape[0] * targets.shape[1])
+  mean_iou = jnp.mean(chunking.map_frame_chunks(chunk_iou, frame_chunk, latents, targets))
   l_miou = 1.0 - mean_iou
   terms.update(miou_loss=l_miou, miou=mean_iou)
   return l_noise + loss_config.alpha_miou * l_miou, terms
 
 
 def stage2_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
-                decode_fn: DecodeFn, landmark_params, loss_config) -> tuple[jax.Array, dict]:
+                decode_fn: DecodeFn, landmark_params, loss_config, frame_chunk: int | None = None
+                ) -> tuple[jax.Array, dict]:
   """L_stage2 = L_noise + eta * L_HR (Eq. 7).
 
   eps_pred, noise, x0_pred_latents: (B, F, h, w, 4) as in `stage1_loss`. batch["keypoints"] (B, F, 2, 21, 2)
   in [0, 1] of the training frames (slot 0 left, 1 right) and batch["presence"] (B, F, 2, 21).
-  decode_fn as in `stage1_loss`; landmark_params from `hand_landmarks.load_hand_landmark_params()`.
+  decode_fn and frame_chunk as in `stage1_loss`; landmark_params from `hands.landmarks.load_hand_landmark_params()`.
   Frames 1, 1 + k, ... with k = loss_config.hand_frame_stride are decoded and scored.
   Returns (loss, terms) with terms noise, hand_loss, hand_mse, hand_presence_nll, hand_presence, hands_counted.
   """
@@ -217,7 +208,7 @@ def stage2_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Arra
   def chunk_errors(latents, keypoints, presence):
     return hand_errors(decode(latents), keypoints, presence, landmark_params, loss_config.remat_landmarks)
 
-  sums = _chunked_sum(chunk_errors, loss_config.frame_chunk, latents, keypoints, presence)
+  sums = chunking.map_frame_chunks(chunk_errors, frame_chunk, latents, keypoints, presence)
   l_hr, hand_terms = hand_refinement_from_sums(sums, loss_config.hand_presence_weight)
   terms.update(hand_terms, hand_loss=l_hr)
   return l_noise + loss_config.eta_hand * l_hr, terms

@@ -46,7 +46,7 @@ MODES = {
     "train": "handi_jax.train:train_and_evaluate",
     "generate": "handi_jax.generate:generate_from_config",
     "evaluate": "handi_jax.evaluate:evaluate",
-    "export": "handi_jax.convert.cli:export_from_config",
+    "export": "handi_jax.export:export_from_config",
     "predict_masks": "handi_jax.generate:predict_masks_from_config",
     "demo": "handi_jax.demo:run_demo",
 }

@@ -13,6 +13,8 @@ import imageio.v2 as imageio
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from handi_jax import fileio
+
 VAE_FACTOR = 8
 
 
@@ -65,36 +67,26 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
   return np.round(np.clip(np.asarray(frames, np.float32) / 2.0 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _temporary(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(f".{path.stem}.tmp{path.suffix}")
-
-
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-  path = pathlib.Path(path)
-  tmp = _temporary(path)
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
   """H.264 mp4 (yuv420p) through imageio-ffmpeg; sides must be even (multiples of 8 here)."""
-  path = pathlib.Path(path)
-  tmp = _temporary(path)
-  with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                          macro_block_size=2, ffmpeg_log_level="error") as writer:
+  with fileio.atomic_path(path) as tmp, imageio.get_writer(
+      tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8, macro_block_size=2,
+      ffmpeg_log_level="error") as writer:
     for frame in frames:
       writer.append_data(np.asarray(frame, np.uint8))
-  os.replace(tmp, path)
 
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
   """Looping GIF at 1000 / fps ms a frame (125 ms at 8 fps, as the release). Pillow stores identical
   consecutive frames once with their durations summed, so a still stretch plays the same but decodes shorter."""
-  path = pathlib.Path(path)
-  tmp = _temporary(path)
   images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
-  images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HOME", os.path.join(_cache, "hf"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Tests compile the same small graphs again and again (a resumed run, the same model in two tests): a
@@ -30,3 +31,30 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real test data not found at {SHARED_DATA}")
   return SHARED_DATA
+
+
+# The tiny HANDI UNet and the release's forward in PyTorch with the same weights (test_unet, test_unet_sharding).
+@pytest.fixture(scope="module")
+def handi_pair():
+  from tests import helpers, reference_torch
+
+  reference = reference_torch.HandiReference(reference_torch.torch_unet(helpers.tiny_unet_config()))
+  model = helpers.jax_unet(helpers.tiny_unet_config(), reference.state_dict_numpy())
+  return reference, model
+
+
+@pytest.fixture(scope="module")
+def handi_outputs(handi_pair):
+  """(ours, reference) on the mask + motion + context-frame path of the tiny UNet."""
+  import torch
+
+  from tests import helpers, reference_torch
+
+  reference, model = handi_pair
+  x = helpers.unet_inputs()
+  ours = helpers.handi_forward(model, x["sample"], x["timesteps"], x["text"], x["condition"], x["mask"], x["motion"])
+  with torch.no_grad():
+    theirs = reference(reference_torch.to_torch_video(x["sample"]), torch.from_numpy(x["timesteps"]),
+                       torch.from_numpy(x["text"]), reference_torch.to_torch_video(x["condition"]),
+                       torch.from_numpy(x["mask"]).permute(0, 3, 1, 2)[:, :, None], torch.from_numpy(x["motion"]))
+  return np.asarray(ours), theirs.permute(0, 2, 3, 4, 1).numpy()

@@ -1,6 +1,5 @@
 """CLIP text encoder and tokenizer: parity with transformers, two-way conversion, full-size parameter counts."""
 
-import json
 
 import jax
 import numpy as np
@@ -13,25 +12,12 @@ from configs import common
 from handi_jax import sharding
 from handi_jax.convert import clip_text as convert_clip_text
 from handi_jax.convert import core
-from handi_jax.models.clip_text import CLIPTextModel, load_tokenizer, tokenize
+from handi_jax.models.clip_text import CLIPTextModel
+from handi_jax.tokenizers import load_tokenizer, tokenize
+from tests.helpers import write_tiny_tokenizer
 
 TINY = common.text_encoder_config(full_size=False)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def write_tiny_tokenizer(directory):
-  """A CLIP BPE vocabulary of letters plus the merges that spell "hand" and "cut"; pad token "!" (id 0)."""
-  directory.mkdir(parents=True, exist_ok=True)
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  symbols = ["!"] + list(letters) + [c + "</w>" for c in letters] + ["ha", "han", "hand</w>", "cu", "cut</w>"]
-  vocab = {s: i for i, s in enumerate(symbols)}
-  vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-  (directory / "vocab.json").write_text(json.dumps(vocab))
-  (directory / "merges.txt").write_text("#version: 0.2\nh a\nha n\nhan d</w>\nc u\ncu t</w>\n")
-  (directory / "tokenizer_config.json").write_text(json.dumps(dict(
-      tokenizer_class="CLIPTokenizer", model_max_length=77, do_lower_case=True, pad_token="!",
-      bos_token=BOS, eos_token=EOS, unk_token=EOS)))
-  return vocab
 
 
 def _transformers_encoder(config, seed=0):
@@ -70,7 +56,7 @@ def test_last_hidden_state_matches_transformers(tmp_path, hidden_act):
   write_tiny_tokenizer(tmp_path / "tokenizer")
   ids = tokenize(load_tokenizer(tmp_path / "tokenizer"), ["cut the carrot", "a hand"])
   ids[1, 10:20] = np.arange(40000, 40010)  # ids from the whole vocabulary, not only the tiny tokenizer's
-  encoder = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+  encoder = convert_clip_text.load_pretrained(tmp_path / "text_encoder")
   mine = np.asarray(jax.jit(lambda ids: encoder(ids))(ids))
   with torch.no_grad():
     expected = reference(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
@@ -88,7 +74,7 @@ def test_torch_jax_torch_round_trip_is_bit_exact(tmp_path, safe_serialization):
     state = {"text_model." + k: v for k, v in reference.state_dict().items()}
     torch.save(state, tmp_path / "in" / "pytorch_model.bin")
     (tmp_path / "in" / "model.safetensors").unlink()
-  CLIPTextModel.from_pretrained(tmp_path / "in").save_pretrained(tmp_path / "out")
+  convert_clip_text.save_pretrained(convert_clip_text.load_pretrained(tmp_path / "in"), tmp_path / "out")
   exported = core.read_state_dict(tmp_path / "out")
   assert all(key.startswith("text_model.") for key in exported)  # the names every transformers version loads
   back = transformers.CLIPTextModel.from_pretrained(tmp_path / "out")
@@ -104,7 +90,7 @@ def test_older_checkpoint_layout_with_position_ids_buffer_loads(tmp_path):
   state = {"text_model." + k: v for k, v in _state(_transformers_encoder(TINY)).items()}
   state["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
   core.write_model_dir(tmp_path, convert_clip_text.config_to_transformers(TINY), state, "model.safetensors")
-  params = core.flat_params(CLIPTextModel.from_pretrained(tmp_path))
+  params = core.flat_params(convert_clip_text.load_pretrained(tmp_path))
   np.testing.assert_array_equal(params["text_model.embeddings.position_embedding.embedding"],
                                 state["text_model.embeddings.position_embedding.weight"])
 
@@ -145,10 +131,10 @@ def test_every_parameter_has_logical_axes_that_shard_on_a_mesh():
 
 def test_bad_inputs_give_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist: expected a transformers CLIPTextModel folder"):
-    CLIPTextModel.from_pretrained(tmp_path / "nope")
+    convert_clip_text.load_pretrained(tmp_path / "nope")
   _transformers_encoder(TINY).save_pretrained(tmp_path / "text_encoder")
   with pytest.raises(core.CheckpointMismatchError, match="num_hidden_layers: checkpoint 2, config 3"):
-    CLIPTextModel.from_pretrained(tmp_path / "text_encoder", expected_config=dict(TINY, num_hidden_layers=3))
+    convert_clip_text.load_pretrained(tmp_path / "text_encoder", expected_config=dict(TINY, num_hidden_layers=3))
   with pytest.raises(FileNotFoundError, match="has no vocab.json"):
     load_tokenizer(tmp_path)
   with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):

@@ -1,4 +1,5 @@
-"""`python -m handi_jax.convert`: whole tiny pipelines PyTorch -> JAX -> PyTorch, bit-exact; clear errors."""
+"""`python -m handi_jax.convert` and `--mode=export`: whole tiny pipelines PyTorch -> JAX -> PyTorch, bit-exact;
+clear errors."""
 
 import json
 import shutil
@@ -11,11 +12,12 @@ import transformers
 from flax import nnx
 
 from configs import common
-from handi_jax.convert import cli, core
+from handi_jax import export
+from handi_jax.convert import cli, core, pipeline
 from handi_jax.convert import unet as convert_unet
 from handi_jax.models.unet3d import UNet3DConditionModel
-from tests.test_clip_text import write_tiny_tokenizer
-from tests.test_vae import _diffusers_vae
+from tests.helpers import write_tiny_tokenizer
+from tests.reference_torch import diffusers_vae
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
              "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
@@ -46,14 +48,14 @@ def pipelines(tmp_path_factory):
   """Two tiny pipelines sharing VAE, text encoder, tokenizer and scheduler: a stock diffusers UNet and a HANDI one."""
   root = tmp_path_factory.mktemp("pipelines")
   stock = root / "stock"
-  _diffusers_vae(common.vae_config(full_size=False)).save_pretrained(stock / "vae")
+  diffusers_vae(common.vae_config(full_size=False)).save_pretrained(stock / "vae")
   torch.manual_seed(4)
   transformers.CLIPTextModel(transformers.CLIPTextConfig(**common.text_encoder_config(full_size=False))).save_pretrained(
       stock / "text_encoder")
   write_tiny_tokenizer(stock / "tokenizer")
   (stock / "scheduler").mkdir()
   (stock / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-  (stock / "model_index.json").write_text(json.dumps(cli.MODEL_INDEX))
+  (stock / "model_index.json").write_text(json.dumps(pipeline.MODEL_INDEX))
   _stock_diffusers_unet().save_pretrained(stock / "unet")
   handi = root / "handi"
   shutil.copytree(stock, handi, ignore=shutil.ignore_patterns("unet"))
@@ -82,53 +84,52 @@ def _assert_same_files(a, b):
 
 
 def test_stock_pipeline_round_trip_through_the_cli_is_bit_exact(pipelines, tmp_path, capsys):
-  source = pipelines["stock"]
-  assert cli.main(["import", str(source), str(tmp_path / "jax"), "--stock_unet"]) == 0
-  manifest = json.loads((tmp_path / "jax" / cli.MANIFEST).read_text())
-  assert manifest["components"] == {"unet": "UNet3DConditionModel", "vae": "AutoencoderKL",
-                                    "text_encoder": "CLIPTextModel"}
-  params = core.read_safetensors(tmp_path / "jax" / "vae" / cli.PARAMS_FILE)
-  assert params["decoder.conv_in.kernel"].shape == (3, 3, 4, 32)  # NNX path, HWIO
-  assert cli.main(["export", str(tmp_path / "jax"), str(tmp_path / "back")]) == 0
-  for component in cli.MODELS:
-    _assert_same_weights(source, tmp_path / "back", component)
+  """Legacy .bin weights in, safetensors out: every tensor bit-exact, and the libraries load the result."""
+  source = tmp_path / "legacy"
+  shutil.copytree(pipelines["stock"], source)
+  diffusers.UNet3DConditionModel.from_pretrained(source / "unet").save_pretrained(source / "unet",
+                                                                                   safe_serialization=False)
+  (source / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+  assert cli.main(["import", str(source), str(tmp_path / "out"), "--stock_unet"]) == 0
+  assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+  for component in pipeline.MODELS:
+    _assert_same_weights(source, tmp_path / "out", component)
   for name in ("tokenizer", "scheduler"):
-    _assert_same_files(source / name, tmp_path / "back" / name)
-  assert (tmp_path / "back" / "model_index.json").read_bytes() == (source / "model_index.json").read_bytes()
-  # ... and the libraries load what was exported.
-  unet = diffusers.UNet3DConditionModel.from_pretrained(tmp_path / "back" / "unet")
+    _assert_same_files(source / name, tmp_path / "out" / name)
+  assert (tmp_path / "out" / "model_index.json").read_bytes() == (source / "model_index.json").read_bytes()
+  unet = diffusers.UNet3DConditionModel.from_pretrained(tmp_path / "out" / "unet")
   reference = _stock_diffusers_unet()
   for key, value in reference.state_dict().items():
     assert torch.equal(unet.state_dict()[key], value), key
-  diffusers.AutoencoderKL.from_pretrained(tmp_path / "back" / "vae")
-  transformers.CLIPTextModel.from_pretrained(tmp_path / "back" / "text_encoder")
-  transformers.CLIPTokenizer.from_pretrained(tmp_path / "back" / "tokenizer")
+  diffusers.AutoencoderKL.from_pretrained(tmp_path / "out" / "vae")
+  transformers.CLIPTextModel.from_pretrained(tmp_path / "out" / "text_encoder")
+  transformers.CLIPTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
   out = capsys.readouterr().out
   count = sum(p.numel() for p in reference.parameters())
   assert f"unet: {len(reference.state_dict())} tensors, {count:,} parameters" in out
+  assert cli.main(["inspect", str(tmp_path / "out")]) == 0
+  assert f"unet: {len(reference.state_dict())} tensors" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_handi_unet_keeps_its_extension_parameters(pipelines, tmp_path):
+def test_stock_unet_becomes_a_handi_unet_that_training_loads(pipelines, tmp_path):
   with pytest.raises(core.CheckpointMismatchError, match="lacks the HANDI parameters"):
-    cli.import_pipeline(pipelines["stock"], tmp_path / "jax")  # a stock UNet needs --init_missing_handi_params
-  source = pipelines["handi"]
-  cli.import_pipeline(source, tmp_path / "jax")
-  unet = cli.load_jax_component("unet", tmp_path / "jax" / "unet")
+    pipeline.normalize_pipeline(pipelines["stock"], tmp_path / "out")  # needs --init_missing_handi_params
+  assert cli.main(["import", str(pipelines["stock"]), str(tmp_path / "out"), "--init_missing_handi_params"]) == 0
+  saved = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
+  assert saved["motion_mask"] is True  # the release's keys: conv_in2 and motion_embedding are kept
+  unet = convert_unet.load_pretrained(tmp_path / "out" / "unet")
   assert "conv_in2.kernel" in core.flat_params(unet)
-  cli.export_pipeline(tmp_path / "jax", tmp_path / "back")
-  _assert_same_weights(source, tmp_path / "back", "unet")
-  assert json.loads((tmp_path / "back" / "unet" / "config.json").read_text())["motion_mask"] is True
 
 
 def test_export_from_config_writes_the_pretrained_models_back(pipelines, tmp_path):
   config = common.get_config(2)
   config.model.unet.transformer_in_heads = 8
   config.model.pretrained = str(pipelines["handi"])
-  destination = cli.export_from_config(config, tmp_path / "run")
+  destination = export.export_from_config(config, tmp_path / "run")
   assert destination == tmp_path / "run" / "export"
-  for component in cli.MODELS:
+  for component in pipeline.MODELS:
     _assert_same_weights(pipelines["handi"], destination, component)
   _assert_same_files(pipelines["handi"] / "tokenizer", destination / "tokenizer")
   assert json.loads((destination / "unet" / "config.json").read_text())["motion_mask"] is True  # original keys
@@ -140,13 +141,13 @@ def test_bad_directories_give_clear_errors_and_leave_nothing_behind(pipelines, t
   assert cli.main(["import", str(broken), str(tmp_path / "out")]) == 2
   error = capsys.readouterr().err
   assert f"pipeline directory {broken} lacks text_encoder/; expected unet/, vae/, text_encoder/" in error
-  assert cli.main(["export", str(pipelines["stock"]), str(tmp_path / "out")]) == 2
-  assert "is not a handi-jax checkpoint directory" in capsys.readouterr().err
-  # A conversion that fails half-way (the VAE is written, the text encoder does not fit its config) leaves no
+  assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
+  assert f"pipeline directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+  # A conversion that fails half-way (the VAE is read, the text encoder does not fit its config) leaves no
   # destination and no temporary folder.
   shutil.copytree(pipelines["stock"], tmp_path / "bad")
   config_file = tmp_path / "bad" / "text_encoder" / "config.json"
   config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "intermediate_size": 48}))
   with pytest.raises(core.CheckpointMismatchError, match=r"shape mismatch for text_model.encoder.layers.0.mlp.fc1"):
-    cli.import_pipeline(tmp_path / "bad", tmp_path / "out", stock_unet=True)
+    pipeline.normalize_pipeline(tmp_path / "bad", tmp_path / "out", stock_unet=True)
   assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -14,11 +14,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from data_prep import build, masks
+from data_prep import build, masks, video
+from data_prep.clips import BuildSettings, ClipJob, process_video
 from data_prep.hands import DetectorSettings, Hand, HandDetector, assign_slots, write_bundled_task_file
 from handi_jax.data import schema
 from tests.conftest import REPO_ROOT
-from tests.test_data_demo import _hull_mask
+from tests.helpers import hull_mask
 
 NUM_FRAMES, SIZE = 8, 256
 OVERRIDES = {"data.num_frames": NUM_FRAMES, "data.height": SIZE, "data.width": SIZE,
@@ -55,6 +56,19 @@ def _write_mp4(path, frames, fps=10.0):
   for frame in frames:
     writer.write(frame)
   writer.release()
+
+
+def _write_faststart_mp4(path, frames, fps=10):
+  """An mp4 with its index (the moov atom) at the front, as streaming sites serve them (MPEG-4 part 2)."""
+  import imageio.v2 as imageio
+
+  with imageio.get_writer(path, fps=fps, codec="mpeg4", macro_block_size=2, ffmpeg_log_level="error",
+                          output_params=["-movflags", "+faststart", "-q:v", "3"]) as writer:
+    for frame in frames:
+      writer.append_data(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+  data = pathlib.Path(path).read_bytes()
+  assert 0 < data.find(b"moov") < data.find(b"mdat")
+  return data
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +141,7 @@ def test_stored_masks_are_hulls_of_stored_keypoints_and_line_up_with_the_frames(
       for hand in range(2):
         present = example["presence"][f, hand].astype(bool)
         points = example["keypoints"][f, hand][present]
-        expected |= _hull_mask(points, SIZE, SIZE)
+        expected |= hull_mask(points, SIZE, SIZE)
         # Drawn on the stored frame, every stored joint is in (or touching) the stored mask.
         for x, y in points:
           column, row = min(int(x * SIZE), SIZE - 1), min(int(y * SIZE), SIZE - 1)
@@ -271,7 +285,8 @@ def test_command_line_help_documents_the_flags():
 
 
 def test_training_pipeline_reads_the_built_clips_past_empty_shards(built):
-  from handi_jax import input_pipeline, sharding
+  from handi_jax import sharding
+  from handi_jax.data import input_pipeline
 
   summary, out = built
   lengths = json.loads((out / schema.MANIFEST).read_text())["splits"]["train"]["shard_lengths"]
@@ -294,3 +309,117 @@ def test_bad_config_override_is_one_line():
                           timeout=120)
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "--config.data.build.mask_rul=joint_hull is not a valid override" in result.stderr
+
+
+def test_bad_caption_entries_are_rejected_with_their_line_and_the_rest_written(videos, tmp_path, capsys):
+  lines = [json.dumps(dict(source="source/31.png", target="31.mp4", prompt="julienne the carrot")),
+           "",
+           '{"source": "source/816.png", "target": "816.mp4", "prompt": "knit',  # cut off
+           json.dumps(dict(source="source/36.png", target="36.mp4", text="roll the dough")),  # wrong field name
+           "not json at all",
+           json.dumps(dict(source="source/816.png", target="816.mp4", prompt="knit the fabric"))]
+  (tmp_path / "prompt.jsonl").write_text("\n".join(lines) + "\n")
+  entries = [dict(video="31.mp4", caption="julienne the carrot"), dict(vidoe="36.mp4", caption="roll the dough"),
+             ["816.mp4", "knit the fabric"]]
+  (tmp_path / "captions.json").write_text(json.dumps(entries, indent=1))
+  out = tmp_path / "out"
+  expected = dict(
+      lines=(["31", "816"], {"prompt.jsonl line 3": "line 3 of {} is not JSON (Unterminated string",
+                             "prompt.jsonl line 4": "line 4 of {} has keys ['source', 'target', 'text']; expected",
+                             "prompt.jsonl line 5": "line 5 of {} is not JSON (Expecting value at column 1)"}),
+      list=(["31"], {"captions.json index 1": "index 1 of {} has keys ['caption', 'vidoe']; expected",
+                     "captions.json index 2": "index 2 of {} is a JSON list; expected"}))
+  for split, captions in (("lines", tmp_path / "prompt.jsonl"), ("list", tmp_path / "captions.json")):
+    assert build.run(_config(), captions, out, split=split, video_dir=videos, workers=1, progress=False) == 0
+    clip_ids, problems = expected[split]
+    states = [json.loads(p.read_text()) for p in sorted((out / split / "_progress").glob("shard-*.json"))]
+    assert [c["clip_id"] for state in states for c in state["clips"]] == clip_ids
+    rejected = [json.loads(line) for line in (out / split / schema.REJECTED).read_text().splitlines()]
+    assert [r["clip_id"] for r in rejected] == list(problems)
+    assert [r["video"] for r in rejected] == (["", str(videos / "36.mp4"), ""] if split == "lines" else ["", ""])
+    for row, start in zip(rejected, problems.values(), strict=True):
+      assert row["reason"] == "bad_caption_entry" and row["detail"].startswith(start.format(captions)), row
+    assert json.loads((out / split / schema.REPORT).read_text())["rejected_by_reason"] == {
+        "bad_caption_entry": len(problems)}
+  assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("latin1.json", '[{"video": "31.mp4", "caption": "julienne the carrot for the sauté"}]'.encode("latin-1"),
+     "is not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8"),
+    ("syntax.json", b'[{"video": "31.mp4", "caption": "a"},\n {"video": "36.mp4" "caption": "b"}]',
+     "is not valid JSON: Expecting ',' delimiter at line 2 column 21; fix the file (expected a JSON list"),
+    ("table.json", b"video,caption\n31.mp4,julienne the carrot\n",
+     "is neither a JSON list nor JSON lines (line 1 is not JSON (Expecting value at column 1)); expected"),
+    ("empty.json", b"[]", "has no entries; expected a JSON list")])
+def test_unreadable_caption_file_ends_the_build_with_one_error_line(videos, tmp_path, capsys, name, content, says):
+  captions = tmp_path / name
+  captions.write_bytes(content)
+  assert build.run(_config(), captions, tmp_path / "out", video_dir=videos, workers=1, progress=False) == 1
+  output = capsys.readouterr()
+  assert output.err.startswith(f"error: {captions} {says}") and output.err.count("\n") == 1 and not output.out
+  assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_caption_file_on_the_command_line_is_one_line(tmp_path):
+  captions = tmp_path / "captions.json"
+  captions.write_bytes(b'[{"video": "31.mp4", "caption": "saut\xe9"}]')
+  result = subprocess.run([sys.executable, "-m", "data_prep.build", f"--captions={captions}",
+                           f"--output_dir={tmp_path / 'out'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (f"error: {captions} is not UTF-8 text (byte 0xe9 on line 1); "
+                                                    "save it as UTF-8 and run again (--captions)")
+
+
+def test_truncated_mp4_with_its_index_at_the_front_is_a_corrupt_video(shared_data, tmp_path):
+  """Cut in half, such a file still opens (the moov is intact) and decodes up to the cut: 49 of 130 frames
+  here, and 9 of 20, which was a too_few_frames verdict. Both are damaged files."""
+  source = [frame[:182] for frame in _read_all_frames(shared_data / "clips" / "31.gif")]  # even height for mpeg4
+  config = _config()
+  config.data.num_frames = 16
+  settings = BuildSettings.from_config(config)
+  for name, count in (("long", 130), ("short", 20)):
+    data = _write_faststart_mp4(tmp_path / f"{name}.mp4", [source[i % len(source)] for i in range(count)])
+    clip = video.read_sampled_frames(tmp_path / f"{name}.mp4", 16)  # the whole file is a good clip
+    assert clip.num_source_frames == count and clip.frames.shape[0] == 16
+    cut = tmp_path / f"{name}_cut.mp4"
+    cut.write_bytes(data[:len(data) // 2])
+    capture = cv2.VideoCapture(str(cut))
+    assert capture.isOpened() and capture.get(cv2.CAP_PROP_FRAME_COUNT) == count
+    capture.release()
+    result = process_video(ClipJob(f"{name}_cut", str(cut), "julienne the carrot"), settings)
+    assert result.reason == "corrupt_video", result
+    assert f"of the {count} frames its container lists could be decoded" in result.detail
+  assert video.read_sampled_frames(shared_data / "clips" / "31.gif", 16).num_source_frames == 20  # a GIF too
+
+
+def test_frame_count_slack_excuses_an_estimated_count_but_not_a_lost_tail():
+  at_10_fps = lambda frames: (frames - 1) * 100.0  # noqa: E731 - the time of the last frame, in ms
+  assert not video.missing_frames(128, 130, 10.0, at_10_fps(128))  # 2 short: a dropped edit-list frame
+  assert not video.missing_frames(191, 200, 10.0, at_10_fps(191))  # 4.5 % short: duration x rate rounded
+  assert video.missing_frames(120, 130, 10.0, at_10_fps(120))
+  assert video.missing_frames(49, 130, 10.0, at_10_fps(49))
+  assert video.missing_frames(49, 130, 0.0, 0.0)  # no timeline: the count decides
+  assert not video.missing_frames(100, 130, 10.0, 12900.0)  # variable frame rate: the timeline reaches the end
+  assert not video.missing_frames(20, 0, 10.0, at_10_fps(20))  # the container gives no count
+  assert not video.missing_frames(20, 18, 10.0, at_10_fps(20))  # more frames than listed
+
+
+def test_report_counts_only_the_hands_stored_in_the_crop(shared_data, tmp_path):
+  """ek_frames 4 and 5 (448 x 256) cropped to 256 x 64 keep the middle seventh of the width: frame 4's hand and
+  frame 5's knife hand lie wholly outside it (detected, not stored); frame 5's other hand is inside."""
+  stills = {i: cv2.imread(str(shared_data / "ek_frames" / f"{i}.png")) for i in (4, 5)}
+  _write_mp4(tmp_path / "edge.mp4", [stills[5]] * 4 + [stills[4]] * 4)
+  (tmp_path / "captions.json").write_text(json.dumps([dict(video="edge.mp4", caption="cut the onion")]))
+  config = _config()
+  config.data.width = 64
+  summary = build.build(config, tmp_path / "captions.json", tmp_path / "out", workers=1, progress=False)
+  assert summary.num_clips == 1
+  (example,) = tfds.builder_from_directory(str(tmp_path / "out")).as_dataset(split="train").as_numpy_iterator()
+  detected = (example["handedness"] != schema.NO_HAND).sum(axis=1)
+  stored = example["presence"].any(axis=2).sum(axis=1)
+  assert detected.tolist() == [2] * 4 + [1] * 4 and stored.tolist() == [1] * 4 + [0] * 4
+  report = json.loads((tmp_path / "out" / "train" / schema.REPORT).read_text())
+  assert report["hand_detection_rate"] == 0.5 and report["mean_hands_per_frame"] == 0.5
+  assert report["hand_detection_rate_per_frame"] == [1.0] * 4 + [0.0] * 4

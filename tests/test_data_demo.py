@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 from configs import common
 from data_prep import demo_data
 from handi_jax.data import schema
+from tests.helpers import hull_mask
 
 
 def _config(**data):
@@ -21,15 +22,6 @@ def _config(**data):
 def demo(tmp_path_factory):
   config = _config()
   return config, demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo"), config)
-
-
-def _hull_mask(points, height, width):
-  """Independent rasterisation of the documented rule: pixel centres inside the convex hull of the joints."""
-  mask = np.zeros((height, width), np.uint8)
-  if len(points):
-    pixels = np.round((points * [width, height] - 0.5) * 16).astype(np.int32)
-    cv2.fillConvexPoly(mask, cv2.convexHull(pixels), 255, lineType=cv2.LINE_8, shift=4)
-  return mask
 
 
 def test_demo_reads_back_bit_exact_through_tfds(demo):
@@ -52,7 +44,7 @@ def test_demo_reads_back_bit_exact_through_tfds(demo):
       expected = np.zeros((h, w), np.uint8)
       for hand in range(2):
         present = clip["presence"][frame, hand].astype(bool)
-        expected |= _hull_mask(clip["keypoints"][frame, hand][present], h, w)
+        expected |= hull_mask(clip["keypoints"][frame, hand][present], h, w)
       np.testing.assert_array_equal(example["frame_masks"][frame, ..., 0], expected)
     np.testing.assert_array_equal(example["union_mask"][..., 0], np.bitwise_or.reduce(example["frame_masks"][..., 0]))
     assert example["mask_area"] == pytest.approx(np.count_nonzero(example["union_mask"]) / (h * w))
@@ -68,7 +60,7 @@ def test_demo_hands_move_inside_the_mask_and_the_background_is_still(demo):
     for frame in range(config.data.num_frames):
       for hand in range(2):
         present = clip["presence"][frame, hand].astype(bool)
-        union |= _hull_mask(clip["keypoints"][frame, hand][present], *union.shape)
+        union |= hull_mask(clip["keypoints"][frame, hand][present], *union.shape)
     # Finger strokes are ~2 px wide around the joint hull: allow 3 px around the mask.
     near_hands = cv2.dilate(union, np.ones((7, 7), np.uint8)) > 0
     changed = (clip["frames"] != clip["frames"][:1]).any(axis=(0, 3))

@@ -6,12 +6,12 @@ import imageio.v3 as iio
 import pytest
 
 from handi_jax import demo
-from tests.test_train import _tiny_config
+from tests.helpers import tiny_train_config
 
 
 @pytest.mark.slow
 def test_demo_trains_generates_and_exports(tmp_path):
-  config = _tiny_config(stage=2, steps=1)
+  config = tiny_train_config(stage=2, steps=1)
   config.data.num_frames = 4
   config.sampling.num_inference_steps = 2
   demo.run_demo(config, str(tmp_path))

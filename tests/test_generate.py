@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from configs import common
-from handi_jax import generate, video_io
+from handi_jax import generate, tokenizers, video_io
 from handi_jax.convert import core
 from handi_jax.diffusion import video as video_sampling
-from handi_jax.models import clip_text, tokenizers, unet3d
+from handi_jax.models import unet3d
 from tests.conftest import REPO_ROOT
 
 FRAMES = 16
@@ -48,7 +48,7 @@ def test_model_size_follows_the_release_rule():
 
 
 def test_demo_tokenizer_is_byte_level_clip():
-  ids = clip_text.tokenize(tokenizers.demo_tokenizer(), ["Julienne it"])[0]
+  ids = tokenizers.tokenize(tokenizers.demo_tokenizer(), ["Julienne it"])[0]
   # BOS, 'j' 'u' 'l' 'i' 'e' 'n' 'n' and word-final 'e</w>' (256 + 'e'), 'i', 't</w>', EOS, then EOS padding
   assert ids[:12].tolist() == [512, 106, 117, 108, 105, 101, 110, 110, 256 + 101, 105, 256 + 116, 513]
   assert ids.shape == (77,) and (ids[12:] == 513).all()

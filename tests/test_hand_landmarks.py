@@ -17,32 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handi_jax import hand_crops
-from handi_jax.models import hand_landmarks as hl
+from handi_jax.hands import crops as hand_crops
+from handi_jax.hands import landmarks as hl
+from tests.helpers import keypoints_of, mediapipe_hands
 
 GIF_FRAMES = {"31": (0, 13), "816": (0, 10)}  # clip -> frames used (frame 13 of clip 31 has two hands)
 NUM_RANDOM = 3
 BATCH = 16  # every network call here uses this batch: one compilation
-
-
-def _mediapipe_hands(static_image_mode: bool, outputs=None):
-  from mediapipe.python.solution_base import SolutionBase
-  from mediapipe.python.solutions import hands as mp_hands
-
-  if outputs is None:
-    return mp_hands.Hands(static_image_mode=static_image_mode, max_num_hands=2, model_complexity=1,
-                          min_detection_confidence=0.1, min_tracking_confidence=0.1)
-  # Same graph and settings as mp.solutions.hands.Hands, asking for more of its output streams.
-  return SolutionBase(
-      binary_graph_path=mp_hands._BINARYPB_FILE_PATH,
-      side_inputs={"model_complexity": 1, "num_hands": 2, "use_prev_landmarks": not static_image_mode},
-      calculator_params={"palmdetectioncpu__TensorsToDetectionsCalculator.min_score_thresh": 0.1,
-                         "handlandmarkcpu__ThresholdingCalculator.threshold": 0.1},
-      outputs=outputs)
-
-
-def _keypoints(hand) -> np.ndarray:
-  return np.array([[p.x, p.y] for p in hand.landmark], np.float32)
 
 
 def _real_images(shared_data):
@@ -75,12 +56,12 @@ def real_hands(shared_data):
   """
   hands = []
   for name, image in _real_images(shared_data):
-    with _mediapipe_hands(static_image_mode=False) as tracker:
+    with mediapipe_hands(static_image_mode=False) as tracker:
       first = tracker.process(image)
       second = tracker.process(image)
     for hand in first.multi_hand_landmarks or []:
-      keypoints = _keypoints(hand)
-      tracked = [_keypoints(h) for h in second.multi_hand_landmarks or []]
+      keypoints = keypoints_of(hand)
+      tracked = [keypoints_of(h) for h in second.multi_hand_landmarks or []]
       match = min(tracked, key=lambda t: np.abs(t - keypoints).sum()) if tracked else None
       hands.append(dict(name=name, image=image, keypoints=keypoints, tracked=match))
   assert len(hands) >= 10, f"MediaPipe found only {len(hands)} hands in the real frames"
@@ -142,10 +123,10 @@ def test_roi_matches_mediapipe_graph(shared_data):
   """landmarks_to_roi == the hand_rects_from_landmarks stream of MediaPipe's tracking graph."""
   checked = 0
   for name, image in _real_images(shared_data)[:5]:
-    with _mediapipe_hands(False, outputs=["multi_hand_landmarks", "hand_rects_from_landmarks"]) as graph:
+    with mediapipe_hands(False, outputs=["multi_hand_landmarks", "hand_rects_from_landmarks"]) as graph:
       result = graph.process(image)
     for hand, rect in zip(result.multi_hand_landmarks or [], result.hand_rects_from_landmarks or [], strict=True):
-      roi = hand_crops.landmarks_to_roi(jnp.asarray(_keypoints(hand)), image.shape[:2])
+      roi = hand_crops.landmarks_to_roi(jnp.asarray(keypoints_of(hand)), image.shape[:2])
       expected = [rect.x_center, rect.y_center, rect.width, rect.height, rect.rotation]
       np.testing.assert_allclose([float(v) for v in roi], expected, atol=2e-6, err_msg=name)
       checked += 1
@@ -170,7 +151,7 @@ def test_crop_matches_opencv_warp(real_hands):
   assert diff.mean() < 2e-3 and diff.max() < 0.05, (diff.mean(), diff.max())
 
 
-def test_jax_path_agrees_with_mediapipe_hands(params, landmarks_fn, real_hands, crops):
+def test_jax_path_agrees_withmediapipe_hands(params, landmarks_fn, real_hands, crops):
   """ROI from MediaPipe's landmarks -> JAX crop -> JAX network -> frame coordinates == MediaPipe Hands."""
   images, num_real = crops
   predicted = jax.device_get(landmarks_fn(params, jnp.asarray(images)))["landmarks"][:num_real]

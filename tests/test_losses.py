@@ -12,9 +12,10 @@ from PIL import Image
 import configs.common
 from handi_jax import losses
 from handi_jax.diffusion import schedules
-from handi_jax.models import hand_landmarks as hl
+from handi_jax.hands import landmarks as hl
 from handi_jax.models import unet3d
 from handi_jax.models import vae as vae_lib
+from tests.helpers import keypoints_of, mediapipe_hands, synthetic_hand
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +27,6 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
   config = configs.common.get_config(2).loss
   config.update(dict(hand_frame_stride=1, **overrides))
   return config
-
-
-def synthetic_hand(wrist_x: float, wrist_y: float, size: float) -> np.ndarray:
-  """21 normalised (x, y) joints of an upright open hand: wrist, then 4 joints along each of 5 fingers."""
-  angles = np.deg2rad([-55, -18, 0, 16, 32])  # thumb .. pinky, from vertical
-  joints = [(wrist_x, wrist_y)]
-  for angle in angles:
-    for step in range(1, 5):
-      radius = size * (0.35 + 0.2 * step)
-      joints.append((wrist_x + radius * np.sin(angle), wrist_y - radius * np.cos(angle)))
-  return np.asarray(joints, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,15 +76,13 @@ def test_hand_weights_and_reduction_by_hand():
 @pytest.fixture(scope="module")
 def two_hand_frames(shared_data):
   """EPIC frames 3 and 5 (two hands each): frames in [-1, 1], MediaPipe's landmarks, and its tracked landmarks."""
-  from tests.test_hand_landmarks import _keypoints, _mediapipe_hands
-
   frames, first, tracked = [], [], []
   for k in (3, 5):
     image = np.asarray(Image.open(shared_data / "ek_frames" / f"{k}.png").convert("RGB"))
-    with _mediapipe_hands(static_image_mode=False) as tracker:
+    with mediapipe_hands(static_image_mode=False) as tracker:
       a, b = tracker.process(image), tracker.process(image)
-    hands = [_keypoints(h) for h in a.multi_hand_landmarks]
-    again = [_keypoints(h) for h in b.multi_hand_landmarks]
+    hands = [keypoints_of(h) for h in a.multi_hand_landmarks]
+    again = [keypoints_of(h) for h in b.multi_hand_landmarks]
     assert len(hands) == 2 and len(again) == 2, f"frame {k}: expected two hands"
     frames.append(image.astype(np.float32) / 127.5 - 1.0)
     first.append(np.stack(hands))
@@ -202,7 +190,7 @@ def _tiny_batch():
       target_masks=jnp.asarray(rng.uniform(size=(1, 2, 16, 16)) > 0.5, jnp.float32))
 
 
-def _grads(stage, model, vae, batch, landmark_params, config):
+def _grads(stage, model, vae, batch, landmark_params, config, frame_chunk=None):
   """One jitted training-step gradient: noise at t = 700, denoise, Eq. 4, stage loss (decoding in-graph)."""
   schedule = schedules.make_schedule(configs.common.get_config(stage).diffusion)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -221,8 +209,8 @@ def _grads(stage, model, vae, batch, landmark_params, config):
       eps = denoiser(noisy, t, text, latents[:, :1], mask=jnp.ones((1, *latents.shape[2:4], 1)))
       x0 = schedules.predict_x0_from_eps(schedule, noisy, t, eps)
       if stage == 1:
-        return losses.stage1_loss(eps, noise, x0, batch, decode, config)
-      return losses.stage2_loss(eps, noise, x0, batch, decode, landmark_params, config)
+        return losses.stage1_loss(eps, noise, x0, batch, decode, config, frame_chunk)
+      return losses.stage2_loss(eps, noise, x0, batch, decode, landmark_params, config, frame_chunk)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -238,7 +226,7 @@ def _check_pixel_loss_reaches(stage, model, landmark_params):
   vae = vae_lib.AutoencoderKL(TINY_VAE, rngs=nnx.Rngs(1))
   batch = _tiny_batch()
   weight = "alpha_miou" if stage == 1 else "eta_hand"
-  loss, terms, grads = _grads(stage, model, vae, batch, landmark_params, loss_config(frame_chunk=1, **{weight: 0.1}))
+  loss, terms, grads = _grads(stage, model, vae, batch, landmark_params, loss_config(**{weight: 0.1}), frame_chunk=1)
   _, terms_0, grads_0 = _grads(stage, model, vae, batch, landmark_params, loss_config(**{weight: 0.0}))
   pixel_term = terms["miou_loss"] if stage == 1 else terms["hand_loss"]
   assert loss == pytest.approx(float(terms["noise"]) + 0.1 * float(pixel_term), rel=1e-5)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from handi_jax.models import attention
 from handi_jax.models.unet3d import UNet3DConditionModel
-from tests.test_unet import inputs, tiny_config
+from tests.helpers import tiny_unet_config, unet_inputs
 
 
 def reference_attention(q, k, v):
@@ -61,7 +61,7 @@ def test_kernels_on_the_wrong_backend_say_what_to_use(implementation, device):
 
 
 def test_unet_with_an_unavailable_kernel_fails_when_traced_with_the_hint():
-  model = UNet3DConditionModel(tiny_config(), attention="cudnn", rngs=nnx.Rngs(0))
-  x = inputs()
+  model = UNet3DConditionModel(tiny_unet_config(), attention="cudnn", rngs=nnx.Rngs(0))
+  x = unet_inputs()
   with pytest.raises(ValueError, match="--config.model.attention=xla"):
     jax.eval_shape(lambda: model(x["sample"], x["timesteps"], x["text"], x["condition"], mask=x["mask"]))

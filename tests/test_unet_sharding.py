@@ -10,7 +10,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from configs import common
 from handi_jax import sharding
 from handi_jax.models.unet3d import UNet3DConditionModel
-from tests.test_unet import BATCH, TOLERANCE, _handi_forward, handi_outputs, handi_pair, inputs  # noqa: F401
+from tests.helpers import BATCH, TOLERANCE, handi_forward, unet_inputs
 
 P = PartitionSpec
 
@@ -109,8 +109,8 @@ def test_sharded_unet_block_forward_equals_unsharded(handi_pair):  # noqa: F811
 def test_sharded_unet_forward_equals_unsharded(handi_pair, handi_outputs):  # noqa: F811
   _, model = handi_pair
   sharded_model = shard_like_h100x8(model)
-  x = inputs()
-  ours = _handi_forward(sharded_model, x["sample"], x["timesteps"], x["text"], x["condition"], x["mask"],
+  x = unet_inputs()
+  ours = handi_forward(sharded_model, x["sample"], x["timesteps"], x["text"], x["condition"], x["mask"],
                         x["motion"])
   unsharded, reference = handi_outputs
   np.testing.assert_allclose(np.asarray(ours), unsharded, rtol=0, atol=TOLERANCE * np.abs(reference).max())

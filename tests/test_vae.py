@@ -15,6 +15,7 @@ from handi_jax import sharding
 from handi_jax.convert import core
 from handi_jax.convert import vae as convert_vae
 from handi_jax.models.vae import AutoencoderKL, decode_video, encode_video
+from tests.reference_torch import diffusers_vae
 
 TINY = common.vae_config(full_size=False)
 # Two blocks (x2 down-sampling): the in-graph video helpers compile in seconds on a CPU.
@@ -22,20 +23,9 @@ MICRO = common.vae_config(full_size=False)
 MICRO.update(block_out_channels=(8, 8), norm_num_groups=4)
 
 
-def _diffusers_vae(config, seed=0):
-  """A diffusers AutoencoderKL with every parameter random (norm scales and biases too)."""
-  torch.manual_seed(seed)
-  model = diffusers.AutoencoderKL(**convert_vae.config_to_diffusers(config)).eval()
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if param.ndim == 1:
-        param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(param))
-  return model
-
-
 @pytest.fixture(scope="module")
 def torch_vae():
-  return _diffusers_vae(TINY)
+  return diffusers_vae(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +42,9 @@ def _state(model):
 @pytest.mark.parametrize("name", ["micro", pytest.param("demo", marks=pytest.mark.slow)])
 def test_encode_and_decode_match_diffusers(tmp_path, name):
   config, size = (MICRO, 8) if name == "micro" else (TINY, 32)
-  torch_vae = _diffusers_vae(config)
+  torch_vae = diffusers_vae(config)
   torch_vae.save_pretrained(tmp_path)
-  vae = AutoencoderKL.from_pretrained(tmp_path)
+  vae = convert_vae.load_pretrained(tmp_path)
   latent_size = size // 2 ** (len(config.block_out_channels) - 1)
   images = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
   latents = np.random.default_rng(1).standard_normal((2, latent_size, latent_size, 4)).astype(np.float32)
@@ -78,7 +68,7 @@ def test_encode_and_decode_match_diffusers(tmp_path, name):
 def test_torch_jax_torch_round_trip_is_bit_exact(torch_vae, tmp_path, safe_serialization):
   torch_vae.save_pretrained(tmp_path / "in", safe_serialization=safe_serialization)
   assert (tmp_path / "in" / ("diffusion_pytorch_model." + ("safetensors" if safe_serialization else "bin"))).is_file()
-  AutoencoderKL.from_pretrained(tmp_path / "in").save_pretrained(tmp_path / "out")
+  convert_vae.save_pretrained(convert_vae.load_pretrained(tmp_path / "in"), tmp_path / "out")
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", convert_vae.WEIGHTS_NAME]
   back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out")
   original, returned = _state(torch_vae), _state(back)
@@ -93,7 +83,7 @@ def test_legacy_attention_names_are_imported(torch_vae, tmp_path):
   state = {k.replace(".to_q.", ".query.").replace(".to_out.0.", ".proj_attn."): v for k, v in _state(torch_vae).items()}
   assert any(".proj_attn." in k for k in state)
   core.write_model_dir(tmp_path, convert_vae.config_to_diffusers(TINY), state, convert_vae.WEIGHTS_NAME)
-  loaded = core.flat_params(AutoencoderKL.from_pretrained(tmp_path))
+  loaded = core.flat_params(convert_vae.load_pretrained(tmp_path))
   expected = core.to_flax(_state(torch_vae), convert_vae.RULES)
   assert set(loaded) == set(expected)
   np.testing.assert_array_equal(loaded["encoder.mid_block.attentions.0.to_out.0.kernel"],
@@ -174,7 +164,7 @@ def test_every_parameter_has_logical_axes_that_shard_on_a_mesh():
 
 def test_bad_directories_and_configs_give_clear_errors(vae_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist: expected a diffusers AutoencoderKL folder"):
-    AutoencoderKL.from_pretrained(tmp_path / "nope")
+    convert_vae.load_pretrained(tmp_path / "nope")
   hf_config = json.loads((vae_dir / "config.json").read_text())
   with pytest.raises(ValueError, match="act_fn='gelu' is not supported"):
     convert_vae.config_from_diffusers({**hf_config, "act_fn": "gelu"})
@@ -183,8 +173,8 @@ def test_bad_directories_and_configs_give_clear_errors(vae_dir, tmp_path):
   (tmp_path / "wide" / convert_vae.WEIGHTS_NAME).symlink_to(vae_dir / convert_vae.WEIGHTS_NAME)
   with pytest.raises(core.CheckpointMismatchError, match=r"shape mismatch for decoder.conv_in.kernel: "
                      r"checkpoint \(3, 3, 4, 32\), model \(3, 3, 4, 48\)"):
-    AutoencoderKL.from_pretrained(tmp_path / "wide")
+    convert_vae.load_pretrained(tmp_path / "wide")
   with pytest.raises(core.CheckpointMismatchError, match="layers_per_block: checkpoint 1, config 2"):
-    AutoencoderKL.from_pretrained(vae_dir, expected_config=dict(TINY, layers_per_block=2))
+    convert_vae.load_pretrained(vae_dir, expected_config=dict(TINY, layers_per_block=2))
   with pytest.raises(ValueError, match="chunk_size must be a positive number"):
     decode_video(AutoencoderKL(MICRO, rngs=nnx.Rngs(0)), jnp.zeros((1, 2, 4, 4, 4)), 0)

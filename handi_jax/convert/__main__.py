@@ -1,4 +1,4 @@
-"""`python -m handi_jax.convert {import,export,inspect}`: see handi_jax/convert/cli.py."""
+"""`python -m handi_jax.convert {import,inspect}`: see handi_jax/convert/cli.py."""
 
 import sys
 

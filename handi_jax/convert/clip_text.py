@@ -13,6 +13,7 @@ import pathlib
 import jax.numpy as jnp
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.models.clip_text import CLIPTextModel
 
@@ -48,7 +49,7 @@ def config_to_transformers(config) -> dict:
           "transformers_version": TRANSFORMERS_VERSION, **{name: config[name] for name in _FIELDS}}
 
 
-def load_transformers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                       expected_config=None) -> CLIPTextModel:
   """The text encoder in `directory`; with `expected_config` (config.model.text_encoder) the architecture must agree."""
   directory = pathlib.Path(directory)
@@ -66,7 +67,7 @@ def load_transformers(directory: str | os.PathLike, *, dtype=jnp.float32, param_
       f"text encoder {directory}")
 
 
-def save_transformers(model: CLIPTextModel, directory: str | os.PathLike) -> None:
+def save_pretrained(model: CLIPTextModel, directory: str | os.PathLike) -> None:
   state_dict = core.to_torch(core.flat_params(model), RULES)
-  with core.atomic_directory(directory) as tmp:
+  with fileio.atomic_directory(directory) as tmp:
     core.write_model_dir(tmp, config_to_transformers(model.config), state_dict, WEIGHTS_NAME)

@@ -6,21 +6,21 @@ is read in both directions: `to_flax` (import) and `to_torch` (export). Checkpoi
 written as safetensors without torch; torch is imported only for a legacy `.bin` file.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import re
-import shutil
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
+from handi_jax import fileio
 
 # layout -> (torch -> flax axes permutation, keyed by ndim); the inverse is derived.
 _LAYOUTS = {
@@ -154,11 +154,11 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  header = read_safetensors_header(path)
   with open(path, "rb") as f:
     (header_size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_size))
+    f.seek(8 + header_size)
     data = f.read()
-  header.pop("__metadata__", None)
   tensors = {}
   for key, info in header.items():
     dtype = _ST_DTYPES.get(info["dtype"])
@@ -184,14 +184,20 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   header["__metadata__"] = {"format": "pt"}
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
+  with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(encoded)))
     f.write(encoded)
     for blob in blobs:
       f.write(blob)
-  os.replace(tmp, path)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+  """{key: {"dtype", "shape", "data_offsets"}} of a safetensors file, without reading its tensors."""
+  with open(path, "rb") as f:
+    (header_size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_size))
+  header.pop("__metadata__", None)
+  return header
 
 
 def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -241,32 +247,7 @@ def write_model_dir(directory: str | os.PathLike, config: Mapping, state_dict: M
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   write_safetensors(directory / weights_name, state_dict)
-  tmp = directory / "config.json.tmp"
-  tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, directory / "config.json")
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Yield a temporary sibling folder to fill; on success it replaces `directory`, on error it is removed.
-
-  Readers never see a half-written model or pipeline directory.
-  """
-  directory = pathlib.Path(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-  if directory.exists():
-    os.replace(directory, old)
-  os.replace(tmp, directory)
-  shutil.rmtree(old, ignore_errors=True)
+  fileio.write_text(directory / "config.json", json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def check_config_matches(found: Mapping, expected: Mapping, fields: Sequence[str], what: str, where: str) -> None:

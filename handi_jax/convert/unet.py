@@ -11,13 +11,15 @@ keys exist:
 
 import logging
 import os
+import pathlib
 from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
-from handi_jax.models.unet3d import UNet3DConditionModel, unet_config_dict
+from handi_jax.models.unet3d import CONFIG_FIELDS, UNet3DConditionModel, unet_config_dict
 
 UNET_RULES = core.DEFAULT_RULES
 KEY_FORMATS = ("diffusers", "original")
@@ -128,24 +130,34 @@ def export_state_dict(params: Mapping[str, np.ndarray], config, key_format: str 
   return {k: v for k, v in state.items() if k not in dropped}
 
 
-def save_unet(model: UNet3DConditionModel, directory: str | os.PathLike, key_format: str = "diffusers") -> None:
+def save_pretrained(model: UNet3DConditionModel, directory: str | os.PathLike, key_format: str = "diffusers") -> None:
   """config.json + diffusion_pytorch_model.safetensors that the PyTorch UNet of `key_format` loads."""
   state = export_state_dict(core.flat_params(model), model.config, key_format)
-  core.write_model_dir(directory, to_pretrained_config(model.config, key_format), state, WEIGHTS_NAME)
+  with fileio.atomic_directory(directory) as tmp:
+    core.write_model_dir(tmp, to_pretrained_config(model.config, key_format), state, WEIGHTS_NAME)
 
 
-def load_unet(directory: str | os.PathLike, *, init_missing_handi_params: bool = False,
-              handi_extension: bool = True, dtype=np.float32, param_dtype=np.float32, attention: str = "xla",
-              remat: str = "none", rngs: nnx.Rngs | None = None) -> UNet3DConditionModel:
+def load_pretrained(directory: str | os.PathLike, *, dtype=np.float32, param_dtype=np.float32, expected_config=None,
+                    init_missing_handi_params: bool = False, handi_extension: bool = True, attention: str = "xla",
+                    remat: str = "none", rngs: nnx.Rngs | None = None) -> UNet3DConditionModel:
   """A UNet3DConditionModel from a diffusers UNet directory or one saved by the original release.
 
   Missing, unexpected or mis-shaped keys are an error naming them. A stock diffusers checkpoint lacks the HANDI
   parameters: that is an error too unless `init_missing_handi_params=True`, which starts conv_in2 as conv_in on
   the latent channels with a zero mask column, and cond_proj / motion_embedding at zero (the model then
-  behaves like the stock one). `handi_extension=False` builds the stock diffusers model instead.
+  behaves like the stock one). `handi_extension=False` builds the stock diffusers model instead. With
+  `expected_config` (config.model.unet) the checkpoint's architecture must agree with it.
   """
-  state = core.read_state_dict(directory)
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"UNet directory {directory} does not exist: expected a diffusers UNet folder with "
+                            "config.json and diffusion_pytorch_model.safetensors (or .bin)")
   pretrained = core.read_config(directory)
+  if expected_config is not None:  # before reading any weights
+    core.check_config_matches(pretrained, unet_config_dict(expected_config),
+                              [f for f in CONFIG_FIELDS if f in pretrained and f != "sample_size"], "the UNet",
+                              str(directory))
+  state = core.read_state_dict(directory)
   config = from_pretrained_config(pretrained, {k: v.shape for k, v in state.items()}, handi_extension)
   model = UNet3DConditionModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention, remat=remat,
                                rngs=rngs or nnx.Rngs(params=0, dropout=0))

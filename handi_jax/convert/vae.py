@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.models.vae import AutoencoderKL
 
@@ -71,7 +72,7 @@ def rename_legacy_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
   return renamed
 
 
-def load_diffusers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                    expected_config=None) -> AutoencoderKL:
   """The VAE in `directory`; with `expected_config` (config.model.vae) its architecture fields must agree."""
   directory = pathlib.Path(directory)
@@ -88,7 +89,7 @@ def load_diffusers(directory: str | os.PathLike, *, dtype=jnp.float32, param_dty
       f"VAE {directory}")
 
 
-def save_diffusers(model: AutoencoderKL, directory: str | os.PathLike) -> None:
+def save_pretrained(model: AutoencoderKL, directory: str | os.PathLike) -> None:
   state_dict = core.to_torch(core.flat_params(model), RULES)
-  with core.atomic_directory(directory) as tmp:
+  with fileio.atomic_directory(directory) as tmp:
     core.write_model_dir(tmp, config_to_diffusers(model.config), state_dict, WEIGHTS_NAME)

@@ -1,1 +1,1 @@
-"""Dataset schema shared by data_prep (writer) and handi_jax.input_pipeline (reader)."""
+"""The dataset: its TFRecord schema (shared by data_prep's writer and the reader) and the input pipeline."""

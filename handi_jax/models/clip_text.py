@@ -1,4 +1,4 @@
-"""The CLIP text encoder (transformers CLIPTextModel architecture) in Flax NNX, and its tokenizer.
+"""The CLIP text encoder (transformers CLIPTextModel architecture) in Flax NNX.
 
 Attribute paths equal the transformers state-dict names (`text_model.encoder.layers.3.self_attn.q_proj`,
 `text_model.final_layer_norm`, ...), so `handi_jax.convert.clip_text` maps checkpoints with one rule table.
@@ -6,18 +6,12 @@ Width, depth, heads and activation come from config.model.text_encoder: 23 x 102
 for ModelScope / HANDI, 12 x 768 (quick GELU) for SD 1.5.
 """
 
-import os
-import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
-
-# CLIP's context length (the text encoder has this many position embeddings).
-CONTEXT_LENGTH = 77
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -152,40 +146,3 @@ class CLIPTextModel(nnx.Module):
       raise ValueError(f"input_ids: expected (batch, length <= {self.config.max_position_embeddings}) token ids, "
                        f"got shape {input_ids.shape}; tokenize prompts with clip_text.tokenize")
     return self.text_model(input_ids)
-
-  @classmethod
-  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                      expected_config=None) -> "CLIPTextModel":
-    """A transformers CLIPTextModel directory (config.json + model.safetensors or pytorch_model.bin)."""
-    from handi_jax.convert import clip_text as convert_clip_text
-
-    return convert_clip_text.load_transformers(directory, dtype=dtype, param_dtype=param_dtype,
-                                               expected_config=expected_config)
-
-  def save_pretrained(self, directory) -> None:
-    """config.json + model.safetensors that transformers' CLIPTextModel.from_pretrained loads."""
-    from handi_jax.convert import clip_text as convert_clip_text
-
-    convert_clip_text.save_transformers(self, directory)
-
-
-def load_tokenizer(directory: str | os.PathLike):
-  """transformers' CLIPTokenizer from a pipeline's `tokenizer/` folder (vocab.json + merges.txt or tokenizer.json)."""
-  directory = pathlib.Path(directory)
-  if not ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
-          or (directory / "tokenizer.json").is_file()):
-    raise FileNotFoundError(f"tokenizer directory {directory} has no vocab.json + merges.txt (or tokenizer.json): "
-                            "expected the tokenizer/ folder of a diffusers pipeline")
-  from transformers import CLIPTokenizer
-
-  # from_pretrained reads the folder's tokenizer_config.json too (lower-casing, pad token); transformers 5
-  # silently ignores the v4 `vocab_file=` / `merges_file=` constructor keywords.
-  return CLIPTokenizer.from_pretrained(str(directory))
-
-
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = CONTEXT_LENGTH) -> np.ndarray:
-  """Token ids (B, max_length) int32: BOS, the prompt, EOS, then padding; longer prompts are truncated."""
-  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-  ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                  return_tensors="np")["input_ids"]
-  return np.asarray(ids, np.int32)

@@ -72,8 +72,8 @@ class UNet3DConditionModel(nnx.Module):
     time_features = 4 * channels[0]
 
     self.conv_in = blocks.conv(cfg["in_channels"], channels[0], opts, rngs)
-    if cfg["mask_channels"]:
-      self.conv_in2 = blocks.conv(cfg["mask_channels"] + cfg["out_channels"], channels[0], opts, rngs)
+    self.conv_in2 = (blocks.conv(cfg["mask_channels"] + cfg["out_channels"], channels[0], opts, rngs)
+                     if cfg["mask_channels"] else None)
     motion = bool(cfg["motion_strength"])
     self.time_embedding = blocks.TimestepEmbedding(channels[0], time_features, channels[0] if motion else None,
                                                    opts, rngs)
@@ -81,26 +81,29 @@ class UNet3DConditionModel(nnx.Module):
       self.motion_embedding = nnx.List([
           blocks.linear(channels[0], time_features, ("embed", "mlp"), opts, rngs), nnx.silu,
           blocks.linear(time_features, time_features, ("mlp", "embed"), opts, rngs, zero_init=True)])
+    else:
+      self.motion_embedding = None
     self.transformer_in = blocks.TransformerTemporalModel(cfg["transformer_in_heads"], head_dim, channels[0],
                                                           groups, opts, rngs)
 
     spec = functools.partial(blocks.BlockSpec, time_features=time_features, groups=groups, eps=eps,
                              head_dim=head_dim, context_features=cfg["cross_attention_dim"])
     last = len(channels) - 1
+    # diffusers' down_block_types / up_block_types: cross-attention everywhere but the lowest resolution.
+    down_types = [blocks.CrossAttnDownBlock3D] * last + [blocks.DownBlock3D]
+    up_types = [blocks.UpBlock3D] + [blocks.CrossAttnUpBlock3D] * last
     self.down_blocks = nnx.List([
-        blocks.DownBlock3D(spec(in_features=channels[max(i - 1, 0)], out_features=c,
-                                num_layers=cfg["layers_per_block"]),
-                           with_attention=i < last, add_downsample=i < last, opts=opts, rngs=rngs)
-        for i, c in enumerate(channels)])
+        block(spec(in_features=channels[max(i - 1, 0)], out_features=c, num_layers=cfg["layers_per_block"]),
+              add_downsample=i < last, opts=opts, rngs=rngs)
+        for i, (block, c) in enumerate(zip(down_types, channels, strict=True))])
     self.mid_block = blocks.UNetMidBlock3DCrossAttn(spec(in_features=channels[-1], out_features=channels[-1],
                                                          num_layers=1), opts, rngs)
     reversed_channels = channels[::-1]
     self.up_blocks = nnx.List([
-        blocks.UpBlock3D(spec(in_features=reversed_channels[min(i + 1, last)], out_features=c,
-                              num_layers=cfg["layers_per_block"] + 1),
-                         prev_out_features=reversed_channels[max(i - 1, 0)], with_attention=i > 0,
-                         add_upsample=i < last, opts=opts, rngs=rngs)
-        for i, c in enumerate(reversed_channels)])
+        block(spec(in_features=reversed_channels[min(i + 1, last)], out_features=c,
+                   num_layers=cfg["layers_per_block"] + 1),
+              prev_out_features=reversed_channels[max(i - 1, 0)], add_upsample=i < last, opts=opts, rngs=rngs)
+        for i, (block, c) in enumerate(zip(up_types, reversed_channels, strict=True))])
     self.conv_norm_out = blocks.group_norm(channels[0], groups, eps, opts, rngs)
     self.conv_out = blocks.conv(channels[0], cfg["out_channels"], opts, rngs)
 
@@ -114,7 +117,7 @@ class UNet3DConditionModel(nnx.Module):
                        f"{(sample.shape[0], 1) + sample.shape[2:]} for sample {sample.shape}")
     x = jnp.concatenate([condition_latent, sample], axis=1)
     if mask is not None:
-      if not hasattr(self, "conv_in2"):
+      if self.conv_in2 is None:
         raise ValueError("a mask was given, but this UNet has no conv_in2 (config mask_channels=0); pass mask=None")
       mask = jnp.asarray(mask)
       expected = (sample.shape[2], sample.shape[3], self.config["mask_channels"])
@@ -137,7 +140,7 @@ class UNet3DConditionModel(nnx.Module):
     t = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps, jnp.float32), (-1,)), (batch,))
     condition = None
     if motion is not None:
-      if not hasattr(self.time_embedding, "cond_proj"):
+      if self.time_embedding.cond_proj is None:
         raise ValueError("motion was given, but this UNet has no time_embedding.cond_proj (config "
                          "motion_strength=False); pass motion=None")
       m = jnp.broadcast_to(jnp.reshape(jnp.asarray(motion, jnp.float32), (-1,)), (batch,))
@@ -169,19 +172,6 @@ class UNet3DConditionModel(nnx.Module):
     if self.remat == "none":
       return call(block, *arrays)
     return nnx.remat(call, policy=REMAT_POLICIES[self.remat])(block, *arrays)
-
-  @classmethod
-  def from_pretrained(cls, directory, **kwargs) -> "UNet3DConditionModel":
-    """A diffusers UNet directory or one saved by the original release; see convert.unet.load_unet."""
-    from handi_jax.convert import unet as convert_unet
-
-    return convert_unet.load_unet(directory, **kwargs)
-
-  def save_pretrained(self, directory, key_format: str = "diffusers") -> None:
-    """config.json + diffusion_pytorch_model.safetensors; key_format "diffusers" or "original"."""
-    from handi_jax.convert import unet as convert_unet
-
-    convert_unet.save_unet(self, directory, key_format=key_format)
 
 
 def _expect_shape(name: str, array, ndim: int, channels: int, meaning: str) -> None:

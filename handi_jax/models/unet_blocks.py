@@ -112,8 +112,8 @@ class TimestepEmbedding(nnx.Module):
                rngs: nnx.Rngs):
     self.linear_1 = linear(in_features, time_features, ("embed", "mlp"), opts, rngs)
     self.linear_2 = linear(time_features, time_features, ("mlp", "embed"), opts, rngs)
-    if cond_features is not None:
-      self.cond_proj = linear(cond_features, in_features, ("embed", "mlp"), opts, rngs, use_bias=False)
+    self.cond_proj = (None if cond_features is None else
+                      linear(cond_features, in_features, ("embed", "mlp"), opts, rngs, use_bias=False))
 
   def __call__(self, sample: jax.Array, condition: jax.Array | None = None) -> jax.Array:
     if condition is not None:
@@ -131,15 +131,15 @@ class ResnetBlock2D(nnx.Module):
     self.time_emb_proj = linear(time_features, out_features, ("embed", "mlp"), opts, rngs)
     self.norm2 = group_norm(out_features, groups, eps, opts, rngs)
     self.conv2 = conv(out_features, out_features, opts, rngs)
-    if in_features != out_features:
-      self.conv_shortcut = conv(in_features, out_features, opts, rngs, kernel=1)
+    self.conv_shortcut = conv(in_features, out_features, opts, rngs, kernel=1) if in_features != out_features else None
 
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
     h = self.conv1(nnx.silu(self.norm1(x)))
     h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
     h = self.conv2(nnx.silu(self.norm2(h)))
-    shortcut = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
-    return shortcut + h
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    return x + h
 
 
 class TemporalConvLayer(nnx.Module):
@@ -312,60 +312,74 @@ class BlockSpec:
   dropout: float = 0.1  # temporal convs
 
 
-class _Layers(nnx.Module):
-  """Per-layer containers shared by the down, mid and up blocks (names as in diffusers)."""
+class _Block3D(nnx.Module):
+  """The layers every UNet block is made of (names as in diffusers): resnet -> temporal conv, followed in a
+  cross-attention block by a spatial (text cross-attention) and a temporal transformer. Subclasses set
+  `cross_attention`; the transformer lists are None in plain blocks. `num_attentions` transformer pairs, default
+  one per layer."""
 
-  def _build(self, spec: BlockSpec, resnet_inputs: list[int], out_features: int, num_attentions: int,
-             opts: LayerOptions, rngs: nnx.Rngs):
+  cross_attention: bool
+
+  def __init__(self, spec: BlockSpec, resnet_inputs: list[int], out_features: int, opts: LayerOptions,
+               rngs: nnx.Rngs, num_attentions: int | None = None):
     self.resnets = nnx.List([ResnetBlock2D(c, out_features, spec.time_features, spec.groups, spec.eps, opts, rngs)
                              for c in resnet_inputs])
     self.temp_convs = nnx.List([TemporalConvLayer(out_features, spec.groups, spec.eps, spec.dropout, opts, rngs)
                                 for _ in resnet_inputs])
-    if num_attentions:
-      heads = out_features // spec.head_dim
+    if self.cross_attention:
+      heads, count = out_features // spec.head_dim, num_attentions or len(resnet_inputs)
       self.attentions = nnx.List([
           Transformer2DModel(heads, spec.head_dim, out_features, spec.context_features, spec.groups, opts, rngs)
-          for _ in range(num_attentions)])
+          for _ in range(count)])
       self.temp_attentions = nnx.List([
-          TransformerTemporalModel(heads, spec.head_dim, out_features, spec.groups, opts, rngs)
-          for _ in range(num_attentions)])
+          TransformerTemporalModel(heads, spec.head_dim, out_features, spec.groups, opts, rngs) for _ in range(count)])
+    else:
+      self.attentions = self.temp_attentions = None
 
   def _layer(self, i: int, x, temb, context, num_frames: int):
     """resnet -> temporal conv [-> spatial transformer -> temporal transformer]."""
     x = self.temp_convs[i](self.resnets[i](x, temb), num_frames)
-    if hasattr(self, "attentions"):
+    if self.attentions is not None:
       x = self.attentions[i](x, context)
       x = self.temp_attentions[i](x, num_frames)
     return x
 
 
-class DownBlock3D(_Layers):
-  """CrossAttnDownBlock3D (with_attention) or DownBlock3D; every layer output and the downsampled output are
+class DownBlock3D(_Block3D):
+  """Layers at one resolution, then an optional stride-2 conv; every layer output and the downsampled output are
   skip connections."""
 
-  def __init__(self, spec: BlockSpec, with_attention: bool, add_downsample: bool, opts: LayerOptions,
-               rngs: nnx.Rngs):
+  cross_attention = False
+
+  def __init__(self, spec: BlockSpec, add_downsample: bool, opts: LayerOptions, rngs: nnx.Rngs):
     inputs = [spec.in_features] + [spec.out_features] * (spec.num_layers - 1)
-    self._build(spec, inputs, spec.out_features, len(inputs) if with_attention else 0, opts, rngs)
-    if add_downsample:
-      self.downsamplers = nnx.List([Downsample2D(spec.out_features, opts, rngs)])
+    super().__init__(spec, inputs, spec.out_features, opts, rngs)
+    self.downsamplers = nnx.List([Downsample2D(spec.out_features, opts, rngs)]) if add_downsample else None
 
   def __call__(self, x, temb, context, num_frames: int):
     skips = []
     for i in range(len(self.resnets)):
       x = self._layer(i, x, temb, context, num_frames)
       skips.append(x)
-    if hasattr(self, "downsamplers"):
+    if self.downsamplers is not None:
       x = self.downsamplers[0](x)
       skips.append(x)
     return x, tuple(skips)
 
 
-class UNetMidBlock3DCrossAttn(_Layers):
+class CrossAttnDownBlock3D(DownBlock3D):
+  """DownBlock3D with a spatial and a temporal transformer after each layer."""
+
+  cross_attention = True
+
+
+class UNetMidBlock3DCrossAttn(_Block3D):
   """resnet0 -> temp_conv0 -> [attn -> temp_attn -> resnet1 -> temp_conv1]."""
 
+  cross_attention = True
+
   def __init__(self, spec: BlockSpec, opts: LayerOptions, rngs: nnx.Rngs):
-    self._build(spec, [spec.in_features] * 2, spec.in_features, 1, opts, rngs)
+    super().__init__(spec, [spec.in_features] * 2, spec.in_features, opts, rngs, num_attentions=1)
 
   def __call__(self, x, temb, context, num_frames: int):
     x = self.temp_convs[0](self.resnets[0](x, temb), num_frames)
@@ -374,22 +388,29 @@ class UNetMidBlock3DCrossAttn(_Layers):
     return self.temp_convs[1](self.resnets[1](x, temb), num_frames)
 
 
-class UpBlock3D(_Layers):
-  """CrossAttnUpBlock3D (with_attention) or UpBlock3D: each layer first concatenates the last skip ([x, skip])."""
+class UpBlock3D(_Block3D):
+  """Layers that each first concatenate the last skip ([x, skip]), then an optional upsampling."""
 
-  def __init__(self, spec: BlockSpec, prev_out_features: int, with_attention: bool, add_upsample: bool,
-               opts: LayerOptions, rngs: nnx.Rngs):
+  cross_attention = False
+
+  def __init__(self, spec: BlockSpec, prev_out_features: int, add_upsample: bool, opts: LayerOptions,
+               rngs: nnx.Rngs):
     n, out = spec.num_layers, spec.out_features
     inputs = [(prev_out_features if i == 0 else out) + (spec.in_features if i == n - 1 else out) for i in range(n)]
-    self._build(spec, inputs, out, n if with_attention else 0, opts, rngs)
-    if add_upsample:
-      self.upsamplers = nnx.List([Upsample2D(out, opts, rngs)])
+    super().__init__(spec, inputs, out, opts, rngs)
+    self.upsamplers = nnx.List([Upsample2D(out, opts, rngs)]) if add_upsample else None
 
   def __call__(self, x, skips, temb, context, num_frames: int, upsample_size: tuple[int, int] | None):
     skips = list(skips)
     for i in range(len(self.resnets)):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = self._layer(i, x, temb, context, num_frames)
-    if hasattr(self, "upsamplers"):
+    if self.upsamplers is not None:
       x = self.upsamplers[0](x, upsample_size)
     return x
+
+
+class CrossAttnUpBlock3D(UpBlock3D):
+  """UpBlock3D with a spatial and a temporal transformer after each layer."""
+
+  cross_attention = True

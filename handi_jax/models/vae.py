@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from handi_jax import chunking
+
 # diffusers builds every VAE GroupNorm (resnets, mid-block attention, conv_norm_out) with eps 1e-6.
 _NORM_EPS = 1e-6
 # torch's default Conv/Linear init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
@@ -206,50 +208,15 @@ class AutoencoderKL(nnx.Module):
     """(N, h, w, latent_channels) unscaled latents -> (N, 8h, 8w, 3) images in about [-1, 1]."""
     return self.decoder(self.post_quant_conv(latents))
 
-  @classmethod
-  def from_pretrained(cls, directory, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                      expected_config=None) -> "AutoencoderKL":
-    """A diffusers `vae/` directory (config.json + safetensors or .bin)."""
-    from handi_jax.convert import vae as convert_vae
 
-    return convert_vae.load_diffusers(directory, dtype=dtype, param_dtype=param_dtype,
-                                      expected_config=expected_config)
+def _per_image(fn: Callable[[jax.Array], jax.Array]):
+  """An image function (N, ...) as a function of (B, c, ...) video chunks."""
 
-  def save_pretrained(self, directory) -> None:
-    """config.json + diffusion_pytorch_model.safetensors that diffusers' AutoencoderKL.from_pretrained loads."""
-    from handi_jax.convert import vae as convert_vae
+  def per_chunk(clips):
+    out = fn(clips.reshape(-1, *clips.shape[2:]))
+    return out.reshape(*clips.shape[:2], *out.shape[1:])
 
-    convert_vae.save_diffusers(self, directory)
-
-
-def _map_frames(fn: Callable[[jax.Array], jax.Array], video: jax.Array, chunk_size: int | None,
-                remat: bool) -> jax.Array:
-  """Apply an image function to every frame of (B, F, ...) video, `chunk_size` frames of each clip per call.
-
-  The batch axis stays the leading axis of every call (B * chunk_size images), so a batch sharded over
-  the mesh stays sharded; the chunks run one after another under `lax.map` to bound activation memory.
-  """
-  batch, frames = video.shape[:2]
-  chunk_size = frames if chunk_size is None else int(chunk_size)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive number of frames, got {chunk_size} "
-                     "(set config.model.vae_decode_chunk to e.g. 4)")
-  chunk_size = min(chunk_size, frames)
-
-  def per_chunk(clips):  # (B, c, ...) -> (B, c, ...out)
-    c = clips.shape[1]
-    out = fn(clips.reshape(batch * c, *clips.shape[2:]))
-    return out.reshape(batch, c, *out.shape[1:])
-
-  if remat:
-    per_chunk = jax.checkpoint(per_chunk)
-  num_full, rest = divmod(frames, chunk_size)
-  full = video[:, :num_full * chunk_size].reshape(batch, num_full, chunk_size, *video.shape[2:])
-  mapped = jax.lax.map(per_chunk, jnp.moveaxis(full, 1, 0))  # (num_full, B, c, ...)
-  out = jnp.moveaxis(mapped, 0, 1).reshape(batch, num_full * chunk_size, *mapped.shape[3:])
-  if rest:
-    out = jnp.concatenate([out, per_chunk(video[:, num_full * chunk_size:])], axis=1)
-  return out
+  return per_chunk
 
 
 def encode_video(vae: AutoencoderKL, frames: jax.Array, key: jax.Array | None = None,
@@ -266,22 +233,24 @@ def encode_video(vae: AutoencoderKL, frames: jax.Array, key: jax.Array | None = 
     mean, logvar = nnx.merge(graphdef, state).encode(images)
     return jnp.concatenate([mean, logvar], axis=-1)
 
-  mean, logvar = jnp.split(_map_frames(moments, frames, chunk_size, remat=False), 2, axis=-1)
+  mean, logvar = jnp.split(chunking.map_frame_chunks(_per_image(moments), chunk_size, frames), 2, axis=-1)
   latents = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
   return latents * vae.config.scaling_factor
 
 
-def decode_video(vae: AutoencoderKL, latents: jax.Array, chunk_size: int, remat: bool = False) -> jax.Array:
+def decode_video(vae: AutoencoderKL, latents: jax.Array, chunk_size: int | None = None,
+                 remat: bool = False) -> jax.Array:
   """Scaled latents (B, F, h, w, C) -> frames (B, F, 8h, 8w, 3) in about [-1, 1].
 
-  Decodes `chunk_size` frames of each clip per call (config.model.vae_decode_chunk); the result equals
-  decoding all frames at once. `remat=True` recomputes each chunk's activations in the backward pass
+  Decodes `chunk_size` frames of each clip per call (config.model.frame_chunk; None: all at once); the
+  result equals decoding all frames at once. `remat=True` recomputes each chunk's activations in the backward pass
   instead of storing them (what an in-graph loss through the decoder wants).
   """
   _check_video(latents, vae.config.latent_channels, "latents")
   graphdef, state = nnx.split(vae)
   scale = 1.0 / vae.config.scaling_factor
-  return _map_frames(lambda z: nnx.merge(graphdef, state).decode(z * scale), latents, chunk_size, remat)
+  decode = _per_image(lambda z: nnx.merge(graphdef, state).decode(z * scale))
+  return chunking.map_frame_chunks(decode, chunk_size, latents, remat=remat)
 
 
 def _check_video(video: jax.Array, channels: int, what: str) -> None:

@@ -28,10 +28,10 @@ from flax import nnx  # noqa: E402
 from configs import common  # noqa: E402
 from handi_jax import losses  # noqa: E402
 from handi_jax.diffusion import schedules  # noqa: E402
-from handi_jax.models import hand_landmarks as hl  # noqa: E402
+from handi_jax.hands import landmarks as hl  # noqa: E402
 from handi_jax.models import unet3d  # noqa: E402
 from handi_jax.models import vae as vae_lib  # noqa: E402
-from tests.test_losses import synthetic_hand  # noqa: E402
+from tests.helpers import synthetic_hand  # noqa: E402
 
 
 def _median_seconds(fn, repeats):
@@ -95,12 +95,13 @@ def bench_stage2_step(frames: int, size: int, repeats: int):
       t = jnp.asarray([700])
       noisy = schedules.q_sample(schedule, latents, t, noise)
       mask = jnp.ones((1, *latents.shape[2:4], 1))
-      decode = lambda z: vae_lib.decode_video(vae, z, chunk_size=config.model.vae_decode_chunk)
+      decode = lambda z: vae_lib.decode_video(vae, z)
 
       def loss_fn(params):
         eps = nnx.merge(graphdef, params, rest)(noisy, t, text, latents[:, :1], mask=mask)
         x0 = schedules.predict_x0_from_eps(schedule, noisy, t, eps)
-        return losses.stage2_loss(eps, noise, x0, batch, decode, landmark_params, loss_config)
+        return losses.stage2_loss(eps, noise, x0, batch, decode, landmark_params, loss_config,
+                                  config.model.frame_chunk)
 
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
     return step

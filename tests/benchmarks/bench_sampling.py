@@ -27,7 +27,8 @@ from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 from configs import common  # noqa: E402
 from handi_jax.diffusion import samplers, schedules  # noqa: E402
 from handi_jax.diffusion import video as video_sampling  # noqa: E402
-from tests.test_unet import HandiReference, jax_unet, torch_unet  # noqa: E402
+from tests.helpers import jax_unet  # noqa: E402
+from tests.reference_torch import HandiReference, torch_unet  # noqa: E402
 
 
 def main():

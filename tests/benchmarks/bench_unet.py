@@ -26,7 +26,7 @@ from configs.common import unet_config  # noqa: E402
 from handi_jax.convert import core  # noqa: E402
 from handi_jax.convert import unet as convert_unet  # noqa: E402
 from handi_jax.models.unet3d import UNet3DConditionModel  # noqa: E402
-from tests.test_unet import HandiReference, to_torch_video, torch_unet  # noqa: E402
+from tests.reference_torch import HandiReference, to_torch_video, torch_unet  # noqa: E402
 
 
 def timed(step, iters):

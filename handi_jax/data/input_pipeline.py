@@ -32,7 +32,7 @@ def _hide_accelerators_from_tensorflow(tf) -> None:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TF already initialised its devices (handi_jax.main hides them first)
     if tf.config.get_visible_devices("GPU"):
-      raise RuntimeError("TensorFlow already claimed the GPUs; import handi_jax.input_pipeline (or call "
+      raise RuntimeError("TensorFlow already claimed the GPUs; import handi_jax.data.input_pipeline (or call "
                          "tf.config.set_visible_devices([], 'GPU')) before anything initialises TensorFlow") from None
 
 
@@ -173,7 +173,7 @@ class InputPipeline:
     local = next(self._iterator)
     batch = {key: [v.decode("utf-8") for v in local.pop(key)] for key in HOST_KEYS}
     if self.tokenizer is not None:
-      from handi_jax.models.clip_text import tokenize
+      from handi_jax.tokenizers import tokenize
 
       local["input_ids"] = np.asarray(tokenize(self.tokenizer, batch["caption"]), np.int32)
     for key, value in local.items():

@@ -1,0 +1,53 @@
+"""`--mode=export`: a run's models -> a diffusers pipeline directory `<workdir>/export/` that PyTorch loads.
+
+UNet: the latest training checkpoint in the workdir, else config.model.pretrained's, else the random
+initialisation training starts from (handi_jax.checkpoints decides, as for training and generation). VAE and
+text encoder: config.model.pretrained's, else the random ones training used. Tokenizer and scheduler: copied
+from config.model.pretrained, else the demo tokenizer and the config's DPM-Solver++ settings. The UNet is
+written in the release's keys when it is a HANDI UNet (conv_in2 + motion), else in stock diffusers keys.
+"""
+
+import json
+import os
+import pathlib
+
+from absl import logging
+
+from handi_jax import checkpoints, tokenizers
+from handi_jax.convert import pipeline
+
+
+def scheduler_config(config) -> dict:
+  """The inference scheduler (DPM-Solver++ 2M) of config.diffusion / config.sampling as diffusers JSON."""
+  diffusion, sampling = config.diffusion, config.sampling
+  return {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.42.1",
+          "num_train_timesteps": diffusion.num_train_timesteps, "beta_schedule": diffusion.beta_schedule,
+          "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end,
+          "prediction_type": diffusion.prediction_type, "rescale_betas_zero_snr": diffusion.rescale_zero_terminal_snr,
+          "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+          "lower_order_final": sampling.lower_order_final, "timestep_spacing": sampling.timestep_spacing,
+          "steps_offset": sampling.steps_offset}
+
+
+def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
+  """Write `workdir/export/` (see the module docstring) and print what it holds."""
+  workdir = pathlib.Path(workdir)
+  pretrained = pathlib.Path(config.model.pretrained) if config.model.pretrained else None
+  if pretrained is not None:
+    pipeline.check_pipeline_dir(pretrained, "config.model.pretrained pipeline")
+  source = workdir if (workdir / "checkpoints").is_dir() else pretrained
+  unet = checkpoints.load_unet(config, source, "the UNet to export")
+  vae, text_encoder, _ = checkpoints.load_frozen_components(config)
+
+  def demo_files(tmp: pathlib.Path):
+    if not (tmp / "tokenizer").is_dir():
+      tokenizers.write_demo_tokenizer_files(tmp / "tokenizer")
+    if not (tmp / "scheduler").is_dir():
+      (tmp / "scheduler").mkdir()
+      (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(config), indent=2))
+
+  destination = pipeline.write_pipeline(dict(unet=unet, vae=vae, text_encoder=text_encoder), workdir / "export",
+                                        copy_from=pretrained, extra_files=demo_files)
+  logging.info("exported to %s", destination)
+  print(pipeline.describe_directory(destination))
+  return destination

@@ -1,0 +1,87 @@
+"""The train state, its optimizer and its layout: what a training checkpoint holds and how it is sharded.
+
+The UNet is trained (all of it, or the release's subset: config.train.trainable); the optimizer is AdamW
+with warm-up and global-norm clipping from config.train. Checkpoints are orbax directories
+`<workdir>/checkpoints/<step>/` holding the state and the input position.
+"""
+
+import pathlib
+
+import flax
+import jax
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from handi_jax import sharding
+
+# The release trains modules whose names contain one of these (H:train.py:232-252): 643.8M of 1.41B.
+RELEASE_TRAINABLE = ("attn1", ".attentions", "attn2", "conv_in", "temp_conv", "motion")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a checkpoint holds. The UNet's non-parameter state (dropout RNG) is reseeded every step instead."""
+
+  step: jax.Array
+  params: nnx.State         # trainable UNet parameters
+  frozen_params: nnx.State  # UNet parameters outside config.train.trainable
+  opt_state: optax.OptState
+
+
+def trainable_filter(config):
+  """nnx filter selecting the UNet parameters the optimizer updates."""
+  if config.train.trainable == "all":
+    return nnx.Param
+  if config.train.trainable != "release":
+    raise ValueError(f"config.train.trainable must be 'all' or 'release', got {config.train.trainable!r}")
+
+  def release_subset(path, value):
+    name = "." + ".".join(str(p) for p in path)
+    return isinstance(value, nnx.Param) and any(part in name for part in RELEASE_TRAINABLE)
+
+  return release_subset
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  train = config.train
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, train.learning_rate, max(train.warmup_steps, 1)),
+       optax.constant_schedule(train.learning_rate)], [max(train.warmup_steps, 1)])
+  return optax.chain(
+      optax.clip_by_global_norm(train.grad_clip_norm),
+      optax.adamw(schedule, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
+                  weight_decay=train.weight_decay))
+
+
+def split_unet(unet, config):
+  """(graphdef, trainable params, frozen params, other state such as the dropout RNG)."""
+  return nnx.split(unet, trainable_filter(config), nnx.Param, ...)
+
+
+def initial_state(config, params: nnx.State, frozen_params: nnx.State) -> TrainState:
+  return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, frozen_params=frozen_params,
+                    opt_state=make_optimizer(config).init(params))
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
+  """Parameters by their logical axes; AdamW moments mirror the parameters; scalars are replicated."""
+  param_sh = sharding.param_shardings(abstract_state.params, mesh, rules)
+  params_def = jax.tree.structure(abstract_state.params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def is_moment(node):
+    return isinstance(node, nnx.State) and jax.tree.structure(node) == params_def
+
+  opt_sh = jax.tree.map(lambda node: param_sh if is_moment(node) else replicated, abstract_state.opt_state,
+                        is_leaf=is_moment)
+  return TrainState(step=replicated, params=param_sh,
+                    frozen_params=sharding.param_shardings(abstract_state.frozen_params, mesh, rules),
+                    opt_state=opt_sh)
+
+
+def checkpoint_manager(config, workdir) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
+                                         save_interval_steps=config.train.checkpoint_every, create=True)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
+                               item_names=("state", "data"))

@@ -1,0 +1,111 @@
+"""The import graph is layered: no cycle, and no module imports from a layer above its own.
+
+Imports inside functions count too (a lazy import is still a dependency). Layers, bottom to top:
+  0 configs
+  1 pure pieces: models (NNX modules only), diffusion math, hands, data, sharding, tokenizers, file and video IO
+  2 conversion of weights (convert/, the only place that knows PyTorch names), losses, conditioning, train state
+  3 checkpoints: where every model comes from (random init, pipeline directories, training workdirs)
+  4 the jobs: train, generate, export, the convert command line, the offline data_prep tool
+  5 demo (data, then train / generate / export like a user)
+  6 main (dispatches by name)
+"""
+
+import ast
+import pathlib
+
+from tests.conftest import REPO_ROOT
+
+LAYERS = {
+    0: ("configs",),
+    1: ("handi_jax", "handi_jax.fileio", "handi_jax.chunking", "handi_jax.sharding", "handi_jax.tokenizers",
+        "handi_jax.video_io", "handi_jax.mask_cleanup", "handi_jax.diffusion", "handi_jax.models", "handi_jax.hands",
+        "handi_jax.data"),
+    2: ("handi_jax.convert", "handi_jax.losses", "handi_jax.conditioning", "handi_jax.train_state"),
+    3: ("handi_jax.checkpoints",),
+    4: ("handi_jax.train", "handi_jax.generate", "handi_jax.export", "handi_jax.convert.cli",
+        "handi_jax.convert.__main__", "data_prep"),
+    5: ("handi_jax.demo",),
+    6: ("handi_jax.main",),
+}
+PACKAGES = ("configs", "handi_jax", "data_prep")
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  modules = {}
+  for package in PACKAGES:
+    for path in sorted((REPO_ROOT / package).rglob("*.py")):
+      parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+      modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  return modules
+
+
+def _imports(path: pathlib.Path, modules) -> set[str]:
+  """Project modules `path` imports (`from a import b` names module a.b when it exists, else a)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+               for alias in node.names]
+    else:
+      continue
+    found.update(name for name in names if name.split(".")[0] in PACKAGES)
+  return found
+
+
+def layer_of(module: str) -> int:
+  """The layer of the longest prefix listed in LAYERS."""
+  best = None
+  for layer, prefixes in LAYERS.items():
+    for prefix in prefixes:
+      if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+        best = (layer, prefix)
+  assert best is not None, f"{module} has no layer: add it to LAYERS in tests/test_layers.py"
+  return best[0]
+
+
+def import_graph() -> dict[str, set[str]]:
+  modules = _modules()
+  return {name: {m for m in _imports(path, modules) if m != name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state and (cycle := visit(nxt)):
+        return cycle
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (cycle := visit(node)):
+      return cycle
+  return None
+
+
+def test_the_import_graph_has_no_cycle():
+  graph = import_graph()
+  assert "handi_jax.train" in graph and "handi_jax.models.unet3d" in graph
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_module_imports_from_a_higher_layer():
+  upward = [f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
+            for module, targets in import_graph().items() for target in sorted(targets)
+            if layer_of(target) > layer_of(module)]
+  assert not upward, "\n".join(upward)
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": set()}) is None
+  assert layer_of("handi_jax.models.unet3d") < layer_of("handi_jax.convert.unet") < layer_of("handi_jax.train")
+  assert layer_of("handi_jax.convert.cli") > layer_of("handi_jax.convert.core")
