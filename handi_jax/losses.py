@@ -1,9 +1,10 @@
 """The stage losses: pure functions that the jitted train step composes.
 
-- `noise_loss`: L_noise (Eq. 3), the mean squared error of the predicted noise.
+- `noise_loss`: L_noise (Eq. 3), the mean squared error of the model output against its target (the noise
+  for epsilon prediction, as in the paper; the velocity or the clean latents for the other prediction types).
 - `soft_miou_loss`: L_mIoU (Eq. 6) on decoded mask frames: 1 - mean over frames of a soft IoU.
-- `hand_refinement_loss`: L_HR (Eq. 2) on decoded frames: MediaPipe's landmark network (in JAX) on hand
-  crops placed by the ground-truth keypoints, mean squared error to those keypoints.
+- `hand_errors` + `hand_refinement_from_sums`: L_HR (Eq. 2) on decoded frames: MediaPipe's landmark network
+  (in JAX) on hand crops placed by the ground-truth keypoints, mean squared error to those keypoints.
 - `stage1_loss` = L_noise + alpha * L_mIoU (Eq. 5); `stage2_loss` = L_noise + eta * L_HR (Eq. 7).
 
 Both pixel-space losses decode the predicted clean latent x0 (Eq. 4) inside the graph, so unlike the
@@ -38,11 +39,11 @@ def _real(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def noise_loss(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:
-  """L_noise: mean over all elements of (eps_pred - noise)^2, in (at least) float32."""
-  if eps_pred.shape != noise.shape:
-    raise ValueError(f"noise_loss: predicted noise {eps_pred.shape} and noise {noise.shape} differ in shape")
-  return jnp.mean(jnp.square(_real(eps_pred) - _real(noise)))
+def noise_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  """L_noise: mean over all elements of (prediction - target)^2, in (at least) float32."""
+  if prediction.shape != target.shape:
+    raise ValueError(f"noise_loss: model output {prediction.shape} and target {target.shape} differ in shape")
+  return jnp.mean(jnp.square(_real(prediction) - _real(target)))
 
 
 def pixels_to_mask(pixels: jax.Array) -> jax.Array:
@@ -131,17 +132,6 @@ def hand_refinement_from_sums(sums: Mapping[str, jax.Array], presence_weight: fl
   return loss, terms
 
 
-def hand_refinement_loss(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, landmark_params,
-                         presence_weight: float = 0.0, remat_landmarks: bool = False) -> tuple[jax.Array, dict]:
-  """L_HR (Eq. 2) of decoded frames (B, L, H, W, 3) in [-1, 1] against keypoints (B, L, 2, 21, 2) in [0, 1].
-
-  presence (B, L, 2, 21) marks the ground-truth joints; see the module docstring for missing hands.
-  Returns (loss, terms).
-  """
-  sums = hand_errors(frames, keypoints, presence, landmark_params, remat_landmarks)
-  return hand_refinement_from_sums(sums, presence_weight)
-
-
 def _decoder(decode_fn: DecodeFn, loss_config) -> DecodeFn:
   dtype = jnp.dtype(loss_config.decode_dtype)
 
@@ -151,18 +141,19 @@ def _decoder(decode_fn: DecodeFn, loss_config) -> DecodeFn:
   return jax.checkpoint(decode) if loss_config.remat_decoder else decode
 
 
-def stage1_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
+def stage1_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
                 decode_fn: DecodeFn, loss_config, frame_chunk: int | None = None) -> tuple[jax.Array, dict]:
   """L_stage1 = L_noise + alpha * L_mIoU (Eq. 5).
 
-  eps_pred, noise: (B, F, h, w, 4); x0_pred_latents: (B, F, h, w, 4) scaled clean latents from Eq. 4 (frame 0
-  is the context). batch["target_masks"]: (B, F - 1, H, W) in {0, 1}, the masks of frames 1..F-1.
+  prediction, target: (B, F, h, w, 4) model output and its regression target (config.diffusion.prediction_type);
+  x0_pred_latents: (B, F, h, w, 4) scaled clean latents formed from the output (Eq. 4; frame 0 is the context).
+  batch["target_masks"]: (B, F - 1, H, W) in {0, 1}, the masks of frames 1..F-1.
   decode_fn: scaled latents (B, f, h, w, 4) -> pixels (B, f, H, W, 3) in [-1, 1], computing in
   loss_config.decode_dtype (the latents it gets are cast to it). loss_config: config.loss. frame_chunk
   (config.model.frame_chunk): frames decoded and scored per step of a `lax.map` (None: all at once).
   Returns (loss, terms) with terms noise, miou_loss, miou.
   """
-  l_noise = noise_loss(eps_pred, noise)
+  l_noise = noise_loss(prediction, target)
   terms = dict(noise=l_noise)
   if not loss_config.alpha_miou:
     return l_noise, terms
@@ -173,27 +164,24 @@ def stage1_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Arra
                      f"generated frames of each of the {latents.shape[0]} clips")
   decode = _decoder(decode_fn, loss_config)
 
-  def chunk_iou(latents, targets):
-    return soft_iou(pixels_to_mask(decode(latents)), targets)
-
-  mean_iou = jnp.mean(chunking.map_frame_chunks(chunk_iou, frame_chunk, latents, targets))
-  l_miou = 1.0 - mean_iou
-  terms.update(miou_loss=l_miou, miou=mean_iou)
+  masks = chunking.map_frame_chunks(lambda z: pixels_to_mask(decode(z)), frame_chunk, latents)
+  l_miou = soft_miou_loss(masks, targets)
+  terms.update(miou_loss=l_miou, miou=1.0 - l_miou)
   return l_noise + loss_config.alpha_miou * l_miou, terms
 
 
-def stage2_loss(eps_pred: jax.Array, noise: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
+def stage2_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
                 decode_fn: DecodeFn, landmark_params, loss_config, frame_chunk: int | None = None
                 ) -> tuple[jax.Array, dict]:
   """L_stage2 = L_noise + eta * L_HR (Eq. 7).
 
-  eps_pred, noise, x0_pred_latents: (B, F, h, w, 4) as in `stage1_loss`. batch["keypoints"] (B, F, 2, 21, 2)
+  prediction, target, x0_pred_latents: (B, F, h, w, 4) as in `stage1_loss`. batch["keypoints"] (B, F, 2, 21, 2)
   in [0, 1] of the training frames (slot 0 left, 1 right) and batch["presence"] (B, F, 2, 21).
   decode_fn and frame_chunk as in `stage1_loss`; landmark_params from `hands.landmarks.load_hand_landmark_params()`.
   Frames 1, 1 + k, ... with k = loss_config.hand_frame_stride are decoded and scored.
   Returns (loss, terms) with terms noise, hand_loss, hand_mse, hand_presence_nll, hand_presence, hands_counted.
   """
-  l_noise = noise_loss(eps_pred, noise)
+  l_noise = noise_loss(prediction, target)
   terms = dict(noise=l_noise)
   if not loss_config.eta_hand:
     return l_noise, terms

@@ -3,7 +3,8 @@
 The UNet is trained (all of it, or the release's subset: config.train.trainable, see train_state); the VAE,
 the text encoder and (stage 2) the hand landmark network are frozen and enter the step as arguments, never as
 constants. Models come from handi_jax.checkpoints, data from config.data.dir (handi_jax.data.input_pipeline).
-One step: encode frames -> background freeze -> noise at random t -> UNet -> x0 (Eq. 4) -> stage loss
+One step: encode frames -> background freeze -> noise at random t -> UNet -> x0 (Eq. 4, from the output as
+config.diffusion.prediction_type reads it: epsilon, v_prediction or sample) -> stage loss
 (noise + alpha * soft mIoU, or noise + eta * Hand Refinement Loss, both decoding x0 in the graph) -> AdamW.
 """
 
@@ -72,6 +73,7 @@ def make_train_step(config, unet_graphdef, frozen_graphdefs):
   """The pure step function (state, frozen states, batch, key) -> (state, metrics); jit it with shardings."""
   tx = train_state.make_optimizer(config)
   schedule = schedules.make_schedule(config.diffusion)
+  prediction_type = config.diffusion.prediction_type
   vae_graphdef, text_graphdef = frozen_graphdefs
   stage = config.stage
   trainable = train_state.trainable_filter(config)
@@ -105,12 +107,15 @@ def make_train_step(config, unet_graphdef, frozen_graphdefs):
     unet.train()
     decode = functools.partial(vae_lib.decode_video, vae)  # the losses chunk decode + loss together
 
+    target = schedules.training_target(schedule, prediction_type, latents, timesteps, noise)
+
     def loss_fn(unet):
-      eps = unet(noisy, timesteps, text, context, mask=mask, motion=motion).astype(jnp.float32)
-      x0 = schedules.predict_x0_from_eps(schedule, noisy, timesteps, eps)
+      output = unet(noisy, timesteps, text, context, mask=mask, motion=motion).astype(jnp.float32)
+      x0 = schedules.model_output_to_x0(schedule, prediction_type, noisy, timesteps, output)
       if stage == 1:
-        return losses.stage1_loss(eps, noise, x0, batch, decode, config.loss, config.model.frame_chunk)
-      return losses.stage2_loss(eps, noise, x0, batch, decode, landmark_params, config.loss, config.model.frame_chunk)
+        return losses.stage1_loss(output, target, x0, batch, decode, config.loss, config.model.frame_chunk)
+      return losses.stage2_loss(output, target, x0, batch, decode, landmark_params, config.loss,
+                                config.model.frame_chunk)
 
     # nnx.value_and_grad: gradients for the trainable subset only; dropout's RNG state may mutate inside.
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)

@@ -3,13 +3,17 @@
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import common
-from data_prep import demo_data
-from handi_jax import checkpoints, train, train_state
+from data_prep import demo_data, masks
+from handi_jax import checkpoints, conditioning, train, train_state
+from handi_jax.diffusion import schedules
+from handi_jax.hands import crops as hand_crops
+from handi_jax.models import vae as vae_lib
 from tests.helpers import tiny_train_config
 
 
@@ -66,3 +70,109 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
   assert not jax.tree.leaves(resumed.frozen_params)  # trainable = "all"
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(resumed.params)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real train step (train.make_train_step) with its pixel losses, on a one-conv stand-in for the UNet so
+# that it compiles in seconds: the VAE, text encoder and MediaPipe landmark network are the real ones.
+
+class ConvDenoiser(nnx.Module):
+  """The UNet's call signature over one 3 x 3 conv per frame: enough to carry gradients to parameters."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+
+  def __call__(self, sample, timesteps, encoder_hidden_states, condition_latent, mask=None, motion=None):
+    return self.conv(sample.reshape(-1, *sample.shape[2:])).reshape(sample.shape)
+
+
+def _step_config(stage, **loss):
+  config = tiny_train_config(stage=stage)
+  # Stage 1 decodes the 3 generated frames in a chunk of 2 and a remainder of 1; stage 2 scores frames 1 and 3
+  # (stride 2) in one chunk. (Every chunk layout is checked against the unchunked result in test_chunking.py.)
+  config.data.num_frames = 4
+  config.model.frame_chunk = 2
+  config.loss.update({"alpha_miou": 0.0, "eta_hand": 0.0, "hand_frame_stride": 2, **loss})
+  return config
+
+
+def _batch(config, batch_size=2):
+  """Demo clips as the input pipeline delivers them (frames in [-1, 1], masks in {0, 1})."""
+  clips = [demo_data.synthesize_clip(i, config) for i in range(batch_size)]
+  height, width = config.data.height, config.data.width
+  per_frame = [masks.clip_masks(c["keypoints"], c["presence"].astype(bool), height, width,
+                                config.data.build.mask_rule) for c in clips]
+  return dict(
+      frames=jnp.asarray(np.stack([c["frames"] for c in clips]) / 127.5 - 1.0, jnp.float32),
+      mask=jnp.asarray(np.stack([union for _, union in per_frame])[..., None] / 255.0, jnp.float32),
+      target_masks=jnp.asarray(np.stack([m[1:] for m, _ in per_frame]) / 255.0, jnp.float32),
+      keypoints=jnp.asarray(np.stack([c["keypoints"] for c in clips]), jnp.float32),
+      presence=jnp.asarray(np.stack([c["presence"] for c in clips]), jnp.float32),
+      input_ids=jnp.zeros((batch_size, 77), jnp.int32))
+
+
+def _run_step(config, batches):
+  """One compiled train step from the same initial state on each batch: [(new params, metrics), ...].
+
+  (The first step's learning rate is 0 during warm-up: the gradient shows in metrics["grad_norm"].)"""
+  graphdef, params, frozen_params, rng_state = train_state.split_unet(ConvDenoiser(nnx.Rngs(0)), config)
+  state = train_state.initial_state(config, params, frozen_params)
+  frozen, _ = train.load_frozen_models(config)
+  step = jax.jit(train.make_train_step(config, graphdef, (frozen.vae_graphdef, frozen.text_graphdef)))
+  outputs = []
+  for batch in batches:
+    new_state, metrics = step(state, rng_state, frozen.vae, frozen.text_encoder, frozen.landmarks,
+                              frozen.uncond_ids, batch, jax.random.key(7))
+    outputs.append((jax.device_get(new_state.params), jax.device_get(metrics)))
+  return outputs
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_real_train_step_pixel_loss_reaches_the_denoiser(stage):
+  """The pixel loss's ground truth (target masks / keypoints) changes the update, not the noise term."""
+  config = _step_config(stage, **({"alpha_miou": 0.1} if stage == 1 else {"eta_hand": 0.1}))
+  batch = _batch(config)
+  other = dict(batch)
+  if stage == 1:
+    other["target_masks"] = 1.0 - batch["target_masks"]
+  else:
+    other["keypoints"] = batch["keypoints"] + 0.05
+  (_, metrics), (_, other_metrics) = _run_step(config, [batch, other])
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert float(metrics["noise"]) == pytest.approx(float(other_metrics["noise"]), rel=1e-6)
+  assert abs(float(metrics["grad_norm"]) - float(other_metrics["grad_norm"])) > 1e-6 * float(metrics["grad_norm"])
+  if stage == 1:
+    assert 0.0 < float(metrics["miou_loss"]) < 1.0
+  else:
+    # Scored frames 1 and 3 (stride 2); a hand counts when its ROI joints are all present.
+    presence = np.asarray(batch["presence"])[:, 1::2] > 0.5
+    expected = np.all(presence[..., list(hand_crops.ROI_JOINTS)], axis=-1).sum()
+    assert float(metrics["hands_counted"]) == expected > 0
+    assert float(metrics["hand_loss"]) > 0.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_train_step_regresses_the_configured_target(prediction_type):
+  """metrics["noise"] equals the mean squared error of the denoiser against the target computed here by hand."""
+  config = _step_config(2)
+  config.diffusion.prediction_type = prediction_type
+  config.train.uncond_prob = 0.0
+  batch = _batch(config)
+  ((_, metrics),) = _run_step(config, [batch])
+
+  # The step's randomness, reproduced: its key folded with step 0, then split for t and the noise.
+  t_key, noise_key, _, _ = jax.random.split(jax.random.fold_in(jax.random.key(7), 0), 4)
+  frozen, _ = train.load_frozen_models(config)
+  vae = nnx.merge(frozen.vae_graphdef, frozen.vae)
+  latents = vae_lib.encode_video(vae, batch["frames"])
+  latents = conditioning.freeze_background(latents, conditioning.latent_mask(batch["mask"]))
+  t = jax.random.randint(t_key, (2,), 0, config.diffusion.num_train_timesteps)
+  noise = jax.random.normal(noise_key, latents.shape)
+  alpha_bar = np.asarray(schedules.make_schedule(config.diffusion).alphas_cumprod)[np.asarray(t)][:, None, None, None,
+                                                                                                 None]
+  noisy = np.sqrt(alpha_bar) * latents + np.sqrt(1 - alpha_bar) * noise
+  target = {"epsilon": noise, "sample": latents,
+            "v_prediction": np.sqrt(alpha_bar) * noise - np.sqrt(1 - alpha_bar) * latents}[prediction_type]
+  output = ConvDenoiser(nnx.Rngs(0))(jnp.asarray(noisy, jnp.float32), t, None, None)
+  expected = float(np.mean(np.square(np.asarray(output) - np.asarray(target))))
+  assert float(metrics["noise"]) == pytest.approx(expected, rel=1e-4)

@@ -220,12 +220,11 @@ def _to_x0_and_eps(plan: SamplerPlan, x, output, signal, noise):
 
 
 def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], plan: SamplerPlan, x_init: jax.Array,
-           key: jax.Array | None = None, return_trajectory: bool = False):
+           key: jax.Array | None = None) -> jax.Array:
   """Run all `plan.num_steps` steps from `x_init` in one lax.scan.
 
   model_fn(x, t) -> model output shaped like x, with t an int32 scalar (broadcast it to the batch inside).
-  `key` is needed (and used) only by DDIM with eta > 0. Returns the final sample, and with `return_trajectory` also the
-  (N, ...) stack of the samples after each step.
+  `key` is needed (and used) only by DDIM with eta > 0. Returns the final sample.
   """
   x_init = x_init.astype(jnp.float32)
   if plan.stochastic and key is None:
@@ -245,8 +244,8 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], plan: SamplerP
       x_next = c["prev_signal"] * x0 + c["direction"] * eps
       if plan.stochastic:
         x_next = x_next + c["std"] * jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
-    return (x_next, x0), (x_next if return_trajectory else None)
+    return (x_next, x0), None
 
   steps = (jnp.arange(plan.num_steps), plan.timesteps, plan.signal, plan.noise, plan.coefficients)
-  (x_final, _), trajectory = jax.lax.scan(step, (x_init, jnp.zeros_like(x_init)), steps)
-  return (x_final, trajectory) if return_trajectory else x_final
+  (x_final, _), _ = jax.lax.scan(step, (x_init, jnp.zeros_like(x_init)), steps)
+  return x_final
