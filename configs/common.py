@@ -49,6 +49,8 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.stage = stage
   config.seed = 0
+  # XLA's persistent compilation cache (a second run of the same graphs skips compiling); empty = off.
+  config.compilation_cache_dir = "~/.cache/handi_jax/xla"
 
   # Devices. Axis sizes of the (data, fsdp, tensor) mesh; one of them may be -1 = all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

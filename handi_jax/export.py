@@ -48,6 +48,7 @@ def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
 
   destination = pipeline.write_pipeline(dict(unet=unet, vae=vae, text_encoder=text_encoder), workdir / "export",
                                         copy_from=pretrained, extra_files=demo_files)
-  logging.info("exported to %s", destination)
-  print(pipeline.describe_directory(destination))
+  logging.info("exported to %s:\n%s", destination, pipeline.describe_directory(destination))
+  print(f"exported to {destination} (a diffusers pipeline directory; `python -m handi_jax.convert inspect` "
+        "describes it)")
   return destination

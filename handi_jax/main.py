@@ -5,8 +5,12 @@ Parses flags and the config, sets up JAX (multi-host when asked), then hands ove
 
 import difflib
 import importlib
+import logging as std_logging
+import os
+import pathlib
 import re
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -109,9 +113,55 @@ def _valid_keys(argv) -> list[str]:
   return keys
 
 
-def _maybe_initialize_distributed(config):
-  import os
+_OWN_CODE = (str(pathlib.Path(__file__).resolve().parents[1]),)
 
+
+class _ConsoleFilter(std_logging.Filter):
+  """The console shows handi-jax's own warnings, each once, and errors from anywhere; libraries' deprecation
+  notices and repeats go to the log file only."""
+
+  def __init__(self):
+    super().__init__()
+    self._seen = set()
+
+  def filter(self, record):
+    own = record.pathname.startswith(_OWN_CODE) and "site-packages" not in record.pathname
+    key = (record.levelno, record.getMessage())
+    if key in self._seen or not (own or record.levelno >= std_logging.ERROR):
+      return False
+    self._seen.add(key)
+    return True
+
+
+def setup_logging(workdir: str, mode: str) -> pathlib.Path:
+  """Everything (INFO and up, library logs and Python warnings) goes to <workdir>/logs/<mode>-<time>.log; the
+  console keeps the progress bars and what _ConsoleFilter passes."""
+  log_dir = pathlib.Path(workdir) / "logs"
+  log_dir.mkdir(parents=True, exist_ok=True)
+  path = log_dir / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+  file_handler = std_logging.FileHandler(path)
+  file_handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  root = std_logging.getLogger()
+  root.addHandler(file_handler)
+  logging.set_verbosity(logging.INFO)
+  console = logging.get_absl_handler()
+  console.setLevel(std_logging.WARNING)
+  console.addFilter(_ConsoleFilter())
+  std_logging.captureWarnings(True)
+  return path
+
+
+def enable_compilation_cache(config) -> None:
+  """XLA's persistent compilation cache in config.compilation_cache_dir: a second run skips compiling."""
+  import jax
+
+  if config.compilation_cache_dir:
+    directory = pathlib.Path(os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _maybe_initialize_distributed(config):
   import jax
 
   multihost = config.multihost
@@ -125,13 +175,18 @@ def _maybe_initialize_distributed(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+  log_file = None if _MODE.value == "describe" else setup_logging(_WORKDIR.value, _MODE.value)
   import jax
   import tensorflow as tf
 
   # TensorFlow only feeds data: keep it off the accelerators JAX owns.
   tf.config.experimental.set_visible_devices([], "GPU")
   config = _CONFIG.value
+  enable_compilation_cache(config)
   _maybe_initialize_distributed(config)
+  if log_file is not None:
+    print(f"handi-jax --mode={_MODE.value}: full log in {log_file}")
   logging.info("config:\n%s", config)
   logging.info("JAX backend %s, process %d of %d, %d local / %d global devices", jax.default_backend(),
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())

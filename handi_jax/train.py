@@ -11,6 +11,7 @@ config.diffusion.prediction_type reads it: epsilon, v_prediction or sample) -> s
 import dataclasses
 import functools
 import pathlib
+import time
 from typing import Any
 
 import jax
@@ -146,22 +147,29 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
       state, position = restored.state, restored.data["position"]
       logging.info("resumed from step %d (input position %d)", int(state.step), position)
-    data = input_pipeline.InputPipeline(config, mesh, tokenizer=tokenizer,
-                                        position=position)
+    data = input_pipeline.InputPipeline(config, mesh, tokenizer=tokenizer, position=position)
 
     step_fn = jax.jit(make_train_step(config, unet_graphdef, (frozen.vae_graphdef, frozen.text_graphdef)),
                       out_shardings=(state_sh, None), donate_argnums=(0,))
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items() if np.isscalar(v)})
+    quiet = jax.process_index() > 0
     first = int(state.step)
-    bar = tqdm.tqdm(range(first, config.train.num_steps), initial=first, total=config.train.num_steps,
-                    desc=f"stage {config.stage}", disable=jax.process_index() > 0)
     with jax.transfer_guard(config.train.transfer_guard):
-      for _ in bar:
+      for index in range(first, config.train.num_steps):
         batch = {k: v for k, v in next(data).items() if isinstance(v, jax.Array)}  # drop host-side text
-        state, metrics = step_fn(state, rng_state, frozen.vae, frozen.text_encoder, frozen.landmarks,
-                                 frozen.uncond_ids, batch, step_rng)
+        args = (rng_state, frozen.vae, frozen.text_encoder, frozen.landmarks, frozen.uncond_ids, batch, step_rng)
+        if index == first:  # compile ahead of time: its own phase on the console, its time in the log
+          with tqdm.tqdm(total=1, desc=f"compile stage-{config.stage} train step", disable=quiet) as compiling:
+            started = time.perf_counter()
+            step_fn = step_fn.lower(state, *args).compile()
+            compiling.update()
+          logging.info("train step compiled in %.1f s", time.perf_counter() - started)
+          bar = tqdm.tqdm(total=config.train.num_steps, initial=first, desc=f"train stage {config.stage}",
+                          unit="step", disable=quiet)
+        state, metrics = step_fn(state, *args)
         step = int(state.step)
+        bar.update()
         if step % config.train.log_every == 0 or step == config.train.num_steps:
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           if not all(np.isfinite(v) for v in scalars.values()):
@@ -171,6 +179,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(data.state())),
                      force=step == config.train.num_steps)
+      if first < config.train.num_steps:
+        bar.close()
     manager.wait_until_finished()
     writer.flush()
   return state

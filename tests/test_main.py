@@ -1,9 +1,14 @@
 """The entry point as a user runs it: a subprocess with a clean environment."""
 
+import logging as std_logging
 import os
+import pathlib
 import subprocess
 import sys
 
+from absl import logging
+
+from handi_jax import main
 from tests.conftest import REPO_ROOT
 
 
@@ -41,3 +46,36 @@ def test_input_errors_of_a_mode_are_one_line(tmp_path):
                 "--config.generate.image=/does/not/exist.png", "--config.generate.prompt=cut the onion")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "error: image /does/not/exist.png does not exist" in result.stderr
+
+
+def _record(level, path, message):
+  return std_logging.LogRecord("absl", level, str(path), 1, message, None, None)
+
+
+def test_console_shows_our_warnings_once_and_errors_but_not_library_notices():
+  console = main._ConsoleFilter()
+  ours = REPO_ROOT / "handi_jax" / "checkpoints.py"
+  library = pathlib.Path(sys.prefix) / "lib" / "site-packages" / "tensorflow_datasets" / "feature.py"
+  assert console.filter(_record(std_logging.WARNING, ours, "random weights"))
+  assert not console.filter(_record(std_logging.WARNING, ours, "random weights"))  # the same warning again
+  assert console.filter(_record(std_logging.WARNING, ours, "another warning"))
+  assert not console.filter(_record(std_logging.WARNING, library, "`FeatureConnector.dtype` is deprecated"))
+  assert console.filter(_record(std_logging.ERROR, library, "a library failed"))
+
+
+def test_the_log_file_gets_everything(tmp_path):
+  handler = logging.get_absl_handler()
+  level, filters, root_handlers = handler.level, list(handler.filters), list(std_logging.getLogger().handlers)
+  try:
+    log_file = main.setup_logging(str(tmp_path), "train")
+    logging.info("an info line")
+    std_logging.getLogger("some_library").warning("a library's deprecation notice")
+    for h in std_logging.getLogger().handlers:
+      h.flush()
+    text = log_file.read_text()
+  finally:
+    handler.setLevel(level)
+    handler.filters[:] = filters
+    std_logging.getLogger().handlers[:] = root_handlers
+  assert log_file.parent == tmp_path / "logs"
+  assert "an info line" in text and "a library's deprecation notice" in text
