@@ -9,15 +9,22 @@ import ml_collections
 
 
 def unet_config(full_size: bool) -> ml_collections.ConfigDict:
-  """The HANDI UNet (ModelScope text-to-video 3D UNet + AnimateAnything extension); diffusers names."""
+  """The HANDI UNet (ModelScope text-to-video 3D UNet + AnimateAnything extension); diffusers names.
+
+  temporal_norm_num_groups: GroupNorm groups of transformer_in and the temporal convs; None = norm_num_groups, as
+  diffusers builds them. The release's class always uses 32, so both configs keep norm_num_groups=32: then the
+  release's class and diffusers' UNet3DConditionModel both load an export and compute the same.
+  """
   if full_size:
     return ml_collections.ConfigDict(dict(
         in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
         attention_head_dim=64, cross_attention_dim=1024, norm_num_groups=32, norm_eps=1e-5,
+        temporal_norm_num_groups=ml_collections.config_dict.placeholder(int),
         transformer_in_heads=8, mask_channels=1, motion_strength=True, sample_size=32))
   return ml_collections.ConfigDict(dict(
       in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
-      attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8, norm_eps=1e-5,
+      attention_head_dim=8, cross_attention_dim=32, norm_num_groups=32, norm_eps=1e-5,
+      temporal_norm_num_groups=ml_collections.config_dict.placeholder(int),
       transformer_in_heads=8, mask_channels=1, motion_strength=True, sample_size=8))
 
 
@@ -120,6 +127,17 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       flow_threshold=1.0,             # motion-flow map: optical-flow magnitude (pixels) that counts as motion
       fps=8))
 
+  # Evaluation (--mode=evaluate, python -m handi_jax.evaluate; handi_jax/evaluate.py documents inputs/outputs).
+  # Clips: the release's prompts file + source images + ground-truth videos, or a TFRecord split. Runs:
+  # "name=folder,..." of generated videos; empty = generate them with the checkpoint (config.generate's models).
+  # Extractor weights: empty = "not configured" in the report (never a made-up number).
+  config.evaluate = ml_collections.ConfigDict(dict(
+      prompts_file="", image_dir="", gt_dir="", mask_dir="",  # release layout: {"source","target","prompt"} rows
+      data_dir="", split="test",                               # or a TFRecord split (used when prompts_file is empty)
+      runs="", output_dir="", max_clips=0,                     # output_dir empty = <workdir>/evaluate
+      clip="", inception="", i3d="", egovlp="", blip="",      # transformers CLIPModel dir, pytorch-fid / I3D weights
+      batch_size=16, motion_intensive_fraction=0.1, contact_sheet_clips=4))
+
   # Data.
   config.data = ml_collections.ConfigDict()
   config.data.dir = ""                # TFRecord dataset directory (--mode=demo writes demo data when empty)
@@ -142,6 +160,7 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       global_batch_size=2, learning_rate=5e-5, warmup_steps=20, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip_norm=1.0, num_steps=4,
       uncond_prob=0.15, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+      eval_every=0,                   # > 0: --mode=evaluate's metrics every N steps (config.evaluate)
       transfer_guard="allow",
       trainable="all",             # all | release (the release's module subset: 643.8M of 1.41B)
       freeze_background=True))     # outside the mask every target frame = the context latent (release)

@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers
 from flax import nnx
 
-from handi_jax import checkpoints, conditioning, losses, sharding, tokenizers, train_state
+from handi_jax import checkpoints, conditioning, evaluate, losses, sharding, tokenizers, train_state, video_io
 from handi_jax.data import input_pipeline
 from handi_jax.diffusion import schedules
 from handi_jax.hands import landmarks as landmarks_lib
@@ -176,14 +176,28 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
             raise FloatingPointError(f"non-finite training metrics at step {step}: {scalars}")
           writer.write_scalars(step, scalars)
           bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+        evaluating = bool(config.train.eval_every) and step % config.train.eval_every == 0
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(data.state())),
-                     force=step == config.train.num_steps)
+                     force=step == config.train.num_steps or evaluating)
+        if evaluating:
+          manager.wait_until_finished()  # evaluation loads this checkpoint
+          evaluate_during_training(config, workdir, step, writer)
       if first < config.train.num_steps:
         bar.close()
     manager.wait_until_finished()
     writer.flush()
   return state
+
+
+def evaluate_during_training(config, workdir: pathlib.Path, step: int, writer) -> None:
+  """config.train.eval_every: generate config.evaluate's clips with the checkpoint of `step`, evaluate them into
+  <workdir>/eval/step_<step>/ (videos, metrics, report) and log the metrics and contact sheets (TensorBoard)."""
+  if jax.process_index() > 0:  # generation and the metrics run on one host's devices
+    return
+  writer.write_scalars(step, evaluate.evaluate_checkpoint(config, workdir, step))
+  sheets = sorted((workdir / "eval" / f"step_{step}").glob("contact_*.png"))
+  writer.write_images(step, {f"eval/{p.stem}": np.asarray(video_io.load_image(p))[None] for p in sheets})
 
 
 def _flatten(tree, prefix=""):

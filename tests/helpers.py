@@ -51,8 +51,8 @@ def handi_forward(model, sample, timesteps, text, condition, mask, motion):
 
 def tiny_train_config(stage=2, steps=2):
   config = common.get_config(stage)
-  config.model.unet.update(block_out_channels=(16,), layers_per_block=1, attention_head_dim=8,
-                           norm_num_groups=4, cross_attention_dim=32)
+  # 32 channels in 32 groups: the release's UNet class can load the export (it builds 32-group temporal norms).
+  config.model.unet.update(block_out_channels=(32,), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32)
   config.model.vae.update(block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
   config.data.update(num_frames=3, height=32, width=32)
   config.data.demo.num_clips = 8

@@ -5,13 +5,20 @@ and the original release's HANDI UNet forward rebuilt around diffusers' UNet3DCo
 import diffusers
 import numpy as np
 import torch
+from diffusers.models.resnet import TemporalConvLayer
 
 from handi_jax.convert import unet as convert_unet
 from handi_jax.convert import vae as convert_vae
+from handi_jax.models.unet3d import unet_config_dict
 
 
 def torch_unet(config, seed=0):
-  """diffusers UNet3DConditionModel for `config`, every parameter random (none left at zero or one)."""
+  """diffusers UNet3DConditionModel for `config`, every parameter random (none left at zero or one).
+
+  A temporal_norm_num_groups other than norm_num_groups rebuilds the GroupNorms of transformer_in and of every
+  TemporalConvLayer with that many groups (same eps): with 32, the model the release's class builds, which
+  passes no norm_num_groups to them (reference_spec.md 1.5, item 7)."""
+  config = unet_config_dict(config)
   torch.manual_seed(seed)
   down, up = convert_unet.block_types(len(config["block_out_channels"]))
   model = diffusers.UNet3DConditionModel(
@@ -21,6 +28,13 @@ def torch_unet(config, seed=0):
       norm_eps=config["norm_eps"], cross_attention_dim=config["cross_attention_dim"],
       attention_head_dim=config["attention_head_dim"],
       time_cond_proj_dim=config["block_out_channels"][0] if config["motion_strength"] else None)
+  groups = config["temporal_norm_num_groups"]
+  if groups != config["norm_num_groups"]:
+    norm = model.transformer_in.norm
+    model.transformer_in.norm = torch.nn.GroupNorm(groups, norm.num_channels, eps=norm.eps)
+    for layer in [m for m in model.modules() if isinstance(m, TemporalConvLayer)]:
+      for stage in (layer.conv1, layer.conv2, layer.conv3, layer.conv4):
+        stage[0] = torch.nn.GroupNorm(groups, stage[0].num_channels, eps=stage[0].eps)
   randomize(model, seed)
   return model.eval()
 
@@ -56,6 +70,14 @@ class HandiReference(torch.nn.Module):
     state.update({f"conv_in2.{k}": v for k, v in self.conv_in2.state_dict().items()})
     state.update({f"motion_embedding.{k}": v for k, v in self.motion_embedding.state_dict().items()})
     return {k: v.detach().numpy() for k, v in state.items()}
+
+  def load_state_dict_numpy(self, state):
+    """The inverse of state_dict_numpy, strict: e.g. an export in the release's keys."""
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    extras = {"conv_in2.": self.conv_in2, "motion_embedding.": self.motion_embedding}
+    for prefix, module in extras.items():
+      module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    self.unet.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(tuple(extras))})
 
   def forward(self, sample, timestep, encoder_hidden_states, condition_latent, mask=None, motion=None):
     u = self.unet
@@ -102,3 +124,235 @@ def diffusers_vae(config, seed=0):
       if param.ndim == 1:
         param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(param))
   return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# pytorch-fid 0.3.0's FID Inception (pytorch_fid.inception.InceptionV3 with use_fid_inception=True), written out
+# because pytorch-fid needs torchvision, and the only torchvision 0.28.0 wheel reachable here is CUDA-built and
+# fails to import beside torch 2.13.0+cpu ("operator torchvision::nms does not exist"). Same module names as
+# torchvision's Inception3 (so as pt_inception-2015-12-05-6726825d.pth), same blocks, pools and order.
+
+class FidBasicConv2d(torch.nn.Module):
+  def __init__(self, cin, cout, **kw):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(cin, cout, bias=False, **kw)
+    self.bn = torch.nn.BatchNorm2d(cout, eps=0.001)
+
+  def forward(self, x):
+    return torch.relu(self.bn(self.conv(x)))
+
+
+def _fid_avg_pool(x):
+  return torch.nn.functional.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FidInceptionA(torch.nn.Module):
+  def __init__(self, cin, pool_features):
+    super().__init__()
+    self.branch1x1 = FidBasicConv2d(cin, 64, kernel_size=1)
+    self.branch5x5_1 = FidBasicConv2d(cin, 48, kernel_size=1)
+    self.branch5x5_2 = FidBasicConv2d(48, 64, kernel_size=5, padding=2)
+    self.branch3x3dbl_1 = FidBasicConv2d(cin, 64, kernel_size=1)
+    self.branch3x3dbl_2 = FidBasicConv2d(64, 96, kernel_size=3, padding=1)
+    self.branch3x3dbl_3 = FidBasicConv2d(96, 96, kernel_size=3, padding=1)
+    self.branch_pool = FidBasicConv2d(cin, pool_features, kernel_size=1)
+
+  def forward(self, x):
+    return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                      self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                      self.branch_pool(_fid_avg_pool(x))], 1)
+
+
+class FidInceptionB(torch.nn.Module):
+  def __init__(self, cin):
+    super().__init__()
+    self.branch3x3 = FidBasicConv2d(cin, 384, kernel_size=3, stride=2)
+    self.branch3x3dbl_1 = FidBasicConv2d(cin, 64, kernel_size=1)
+    self.branch3x3dbl_2 = FidBasicConv2d(64, 96, kernel_size=3, padding=1)
+    self.branch3x3dbl_3 = FidBasicConv2d(96, 96, kernel_size=3, stride=2)
+
+  def forward(self, x):
+    return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                      torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class FidInceptionC(torch.nn.Module):
+  def __init__(self, cin, c7):
+    super().__init__()
+    self.branch1x1 = FidBasicConv2d(cin, 192, kernel_size=1)
+    self.branch7x7_1 = FidBasicConv2d(cin, c7, kernel_size=1)
+    self.branch7x7_2 = FidBasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+    self.branch7x7_3 = FidBasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+    self.branch7x7dbl_1 = FidBasicConv2d(cin, c7, kernel_size=1)
+    self.branch7x7dbl_2 = FidBasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+    self.branch7x7dbl_3 = FidBasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+    self.branch7x7dbl_4 = FidBasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+    self.branch7x7dbl_5 = FidBasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+    self.branch_pool = FidBasicConv2d(cin, 192, kernel_size=1)
+
+  def forward(self, x):
+    dbl = self.branch7x7dbl_1(x)
+    for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+      dbl = layer(dbl)
+    return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), dbl,
+                      self.branch_pool(_fid_avg_pool(x))], 1)
+
+
+class FidInceptionD(torch.nn.Module):
+  def __init__(self, cin):
+    super().__init__()
+    self.branch3x3_1 = FidBasicConv2d(cin, 192, kernel_size=1)
+    self.branch3x3_2 = FidBasicConv2d(192, 320, kernel_size=3, stride=2)
+    self.branch7x7x3_1 = FidBasicConv2d(cin, 192, kernel_size=1)
+    self.branch7x7x3_2 = FidBasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+    self.branch7x7x3_3 = FidBasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+    self.branch7x7x3_4 = FidBasicConv2d(192, 192, kernel_size=3, stride=2)
+
+  def forward(self, x):
+    seven = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+    return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), seven,
+                      torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class FidInceptionE(torch.nn.Module):
+  """FIDInceptionE_1 (max_pool=False) / FIDInceptionE_2 (max_pool=True)."""
+
+  def __init__(self, cin, max_pool):
+    super().__init__()
+    self.max_pool = max_pool
+    self.branch1x1 = FidBasicConv2d(cin, 320, kernel_size=1)
+    self.branch3x3_1 = FidBasicConv2d(cin, 384, kernel_size=1)
+    self.branch3x3_2a = FidBasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+    self.branch3x3_2b = FidBasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+    self.branch3x3dbl_1 = FidBasicConv2d(cin, 448, kernel_size=1)
+    self.branch3x3dbl_2 = FidBasicConv2d(448, 384, kernel_size=3, padding=1)
+    self.branch3x3dbl_3a = FidBasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+    self.branch3x3dbl_3b = FidBasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+    self.branch_pool = FidBasicConv2d(cin, 192, kernel_size=1)
+
+  def forward(self, x):
+    three = self.branch3x3_1(x)
+    dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+    pooled = (torch.nn.functional.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool
+              else _fid_avg_pool(x))
+    return torch.cat([self.branch1x1(x), torch.cat([self.branch3x3_2a(three), self.branch3x3_2b(three)], 1),
+                      torch.cat([self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl)], 1),
+                      self.branch_pool(pooled)], 1)
+
+
+class FidInceptionV3(torch.nn.Module):
+  """pytorch-fid InceptionV3([3], resize_input, normalize_input=True): images (N, 3, H, W) in [0, 1] -> (N, 2048)."""
+
+  def __init__(self, resize_input=True):
+    super().__init__()
+    self.resize_input = resize_input
+    self.Conv2d_1a_3x3 = FidBasicConv2d(3, 32, kernel_size=3, stride=2)
+    self.Conv2d_2a_3x3 = FidBasicConv2d(32, 32, kernel_size=3)
+    self.Conv2d_2b_3x3 = FidBasicConv2d(32, 64, kernel_size=3, padding=1)
+    self.Conv2d_3b_1x1 = FidBasicConv2d(64, 80, kernel_size=1)
+    self.Conv2d_4a_3x3 = FidBasicConv2d(80, 192, kernel_size=3)
+    self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = FidInceptionA(192, 32), FidInceptionA(256, 64), FidInceptionA(288, 64)
+    self.Mixed_6a = FidInceptionB(288)
+    self.Mixed_6b, self.Mixed_6c = FidInceptionC(768, 128), FidInceptionC(768, 160)
+    self.Mixed_6d, self.Mixed_6e = FidInceptionC(768, 160), FidInceptionC(768, 192)
+    self.Mixed_7a = FidInceptionD(768)
+    self.Mixed_7b, self.Mixed_7c = FidInceptionE(1280, max_pool=False), FidInceptionE(2048, max_pool=True)
+    self.fc = torch.nn.Linear(2048, 1008)  # in the weights file, unused by FID
+
+  def forward(self, x):
+    if self.resize_input:
+      x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    x = 2 * x - 1
+    x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+    x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2)))
+    x = torch.nn.functional.max_pool2d(x, kernel_size=3, stride=2)
+    for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+      x = getattr(self, f"Mixed_{name}")(x)
+    return torch.nn.functional.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
+
+
+def randomize_batchnorm(module, seed):
+  """Random running statistics and affine parameters (fresh BatchNorms are identities in eval mode)."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+        m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=generator))
+        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=generator))
+        m.weight.copy_(0.5 + torch.rand(m.num_features, generator=generator))
+        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=generator))
+  return module.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# piergiaj/pytorch-i3d's InceptionI3d (the common PyTorch I3D for FVD; not on PyPI), with its module names,
+# TF-SAME padding rule and zero-padded max pools. `avg_pool` is its AvgPool3d window ((2, 7, 7) in the port).
+
+def _i3d_pad(x, kernel, stride):
+  pads = []
+  for size, k, s in zip(x.shape[2:], kernel, stride, strict=True):
+    total = max(k - s, 0) if size % s == 0 else max(k - size % s, 0)
+    pads.append((total // 2, total - total // 2))
+  (tf, tb), (hf, hb), (wf, wb) = pads
+  return torch.nn.functional.pad(x, (wf, wb, hf, hb, tf, tb))
+
+
+class I3dMaxPool(torch.nn.MaxPool3d):
+  def forward(self, x):
+    return super().forward(_i3d_pad(x, self.kernel_size, self.stride))
+
+
+class I3dUnit3D(torch.nn.Module):
+  def __init__(self, cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1), logits=False):
+    super().__init__()
+    self.kernel, self.stride, self.is_logits = kernel, stride, logits
+    self.conv3d = torch.nn.Conv3d(cin, cout, kernel, stride=stride, padding=0, bias=logits)
+    if not logits:
+      self.bn = torch.nn.BatchNorm3d(cout, eps=0.001, momentum=0.01)
+
+  def forward(self, x):
+    x = self.conv3d(_i3d_pad(x, self.kernel, self.stride))
+    return x if self.is_logits else torch.relu(self.bn(x))
+
+
+class I3dInceptionModule(torch.nn.Module):
+  def __init__(self, cin, c):
+    super().__init__()
+    self.b0 = I3dUnit3D(cin, c[0])
+    self.b1a, self.b1b = I3dUnit3D(cin, c[1]), I3dUnit3D(c[1], c[2], (3, 3, 3))
+    self.b2a, self.b2b = I3dUnit3D(cin, c[3]), I3dUnit3D(c[3], c[4], (3, 3, 3))
+    self.b3a, self.b3b = I3dMaxPool((3, 3, 3), (1, 1, 1)), I3dUnit3D(cin, c[5])
+
+  def forward(self, x):
+    return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], 1)
+
+
+class InceptionI3dReference(torch.nn.Module):
+  """videos (N, 3, T, H, W) in [-1, 1] -> logits (N, classes, T') like pytorch-i3d's forward (spatial squeeze)."""
+
+  MIXED = (("Mixed_3b", 192, (64, 96, 128, 16, 32, 32)), ("Mixed_3c", 256, (128, 128, 192, 32, 96, 64)),
+           ("Mixed_4b", 480, (192, 96, 208, 16, 48, 64)), ("Mixed_4c", 512, (160, 112, 224, 24, 64, 64)),
+           ("Mixed_4d", 512, (128, 128, 256, 24, 64, 64)), ("Mixed_4e", 512, (112, 144, 288, 32, 64, 64)),
+           ("Mixed_4f", 528, (256, 160, 320, 32, 128, 128)), ("Mixed_5b", 832, (256, 160, 320, 32, 128, 128)),
+           ("Mixed_5c", 832, (384, 192, 384, 48, 128, 128)))
+
+  def __init__(self, num_classes=400, avg_pool=(2, 7, 7)):
+    super().__init__()
+    self.Conv3d_1a_7x7 = I3dUnit3D(3, 64, (7, 7, 7), (2, 2, 2))
+    self.MaxPool3d_2a_3x3 = I3dMaxPool((1, 3, 3), (1, 2, 2))
+    self.Conv3d_2b_1x1 = I3dUnit3D(64, 64)
+    self.Conv3d_2c_3x3 = I3dUnit3D(64, 192, (3, 3, 3))
+    self.MaxPool3d_3a_3x3 = I3dMaxPool((1, 3, 3), (1, 2, 2))
+    self.MaxPool3d_4a_3x3 = I3dMaxPool((3, 3, 3), (2, 2, 2))
+    self.MaxPool3d_5a_2x2 = I3dMaxPool((2, 2, 2), (2, 2, 2))
+    for name, cin, c in self.MIXED:
+      setattr(self, name, I3dInceptionModule(cin, c))
+    self.avg_pool = torch.nn.AvgPool3d(avg_pool, stride=(1, 1, 1))
+    self.logits = I3dUnit3D(1024, num_classes, logits=True)
+
+  def forward(self, x):
+    for name in ("Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3",
+                 "Mixed_3b", "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e",
+                 "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c"):
+      x = getattr(self, name)(x)
+    return self.logits(self.avg_pool(x)).squeeze(3).squeeze(3)

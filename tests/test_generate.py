@@ -29,6 +29,7 @@ def _config(tmp_path, **generate_fields):
   # A one-level UNet (its mid block still has cross-attention and every temporal layer): it compiles in a
   # fraction of the tiny default's time; tests/test_unet*.py cover the full block structure.
   config.model.unet.block_out_channels = (16,)
+  config.model.unet.norm_num_groups = 8
   config.model.unet.transformer_in_heads = 2
   config.generate.output_dir = str(tmp_path / "out")
   config.generate.update(generate_fields)

@@ -3,9 +3,10 @@
 Imports inside functions count too (a lazy import is still a dependency). Layers, bottom to top:
   0 configs
   1 pure pieces: models (NNX modules only), diffusion math, hands, data, sharding, tokenizers, file and video IO
-  2 conversion of weights (convert/, the only place that knows PyTorch names), losses, conditioning, train state
+  2 conversion of weights (convert/, the only place that knows PyTorch names), losses, conditioning, train state,
+    evaluation (metric math, feature extractors loaded through convert/, reports)
   3 checkpoints: where every model comes from (random init, pipeline directories, training workdirs)
-  4 the jobs: train, generate, export, the convert command line, the offline data_prep tool
+  4 the jobs: train, generate, evaluate, export, the convert command line, the offline data_prep tool
   5 demo (data, then train / generate / export like a user)
   6 main (dispatches by name)
 """
@@ -20,10 +21,11 @@ LAYERS = {
     1: ("handi_jax", "handi_jax.fileio", "handi_jax.chunking", "handi_jax.sharding", "handi_jax.tokenizers",
         "handi_jax.video_io", "handi_jax.mask_cleanup", "handi_jax.diffusion", "handi_jax.models", "handi_jax.hands",
         "handi_jax.data"),
-    2: ("handi_jax.convert", "handi_jax.losses", "handi_jax.conditioning", "handi_jax.train_state"),
+    2: ("handi_jax.convert", "handi_jax.losses", "handi_jax.conditioning", "handi_jax.train_state",
+        "handi_jax.evaluation"),
     3: ("handi_jax.checkpoints",),
-    4: ("handi_jax.train", "handi_jax.generate", "handi_jax.export", "handi_jax.convert.cli",
-        "handi_jax.convert.__main__", "data_prep"),
+    4: ("handi_jax.train", "handi_jax.generate", "handi_jax.evaluate", "handi_jax.export", "handi_jax.convert.cli",
+        "handi_jax.convert.__main__", "handi_jax.app", "data_prep"),
     5: ("handi_jax.demo",),
     6: ("handi_jax.main",),
 }
@@ -109,3 +111,5 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
   assert find_cycle({"a": {"b"}, "b": set()}) is None
   assert layer_of("handi_jax.models.unet3d") < layer_of("handi_jax.convert.unet") < layer_of("handi_jax.train")
   assert layer_of("handi_jax.convert.cli") > layer_of("handi_jax.convert.core")
+  assert layer_of("handi_jax.models.clip_vision") < layer_of("handi_jax.convert.clip") <= layer_of(
+      "handi_jax.evaluation.extractors") < layer_of("handi_jax.evaluate")

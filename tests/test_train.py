@@ -1,12 +1,14 @@
 """Training end to end on demo data: a tiny model, 8 simulated devices, checkpoints, resume, restore."""
 
 import logging
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from configs import common
 from data_prep import demo_data, masks
@@ -36,13 +38,35 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
-def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_dir):
+def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_dir, monkeypatch):
   caplog.set_level(logging.INFO)
   config = tiny_train_config(stage=stage, steps=2)
   config.data.dir = demo_dir
+  # Evaluation during training (its metrics are tested in test_evaluate.py): called at step 2 with the
+  # checkpoint of step 2 already on disk; its scalars and contact sheets reach the metric writer.
+  config.train.eval_every = 2
+  evaluated = []
+
+  def fake_evaluate_checkpoint(config, workdir, step):
+    evaluated.append((step, train_state.checkpoint_manager(config, workdir).latest_step()))
+    (workdir / "eval" / f"step_{step}").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(workdir / "eval" / f"step_{step}" / "contact_generated.png")
+    return {"eval/all/full/hs_err": 0.5}
+
+  writers = []
+  create_writer = train.metric_writers.create_default_writer
+  monkeypatch.setattr(train.evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
+  monkeypatch.setattr(train.metric_writers, "create_default_writer",
+                      lambda *a, **k: writers.append(mock.MagicMock(wraps=create_writer(*a, **k))) or writers[-1])
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+  assert evaluated == [(2, 2)]
+  writers[0].write_scalars.assert_any_call(2, {"eval/all/full/hs_err": 0.5})
+  ((step, images), _), = writers[0].write_images.call_args_list
+  assert step == 2 and list(images) == ["eval/contact_generated"] and images["eval/contact_generated"].shape == (
+      1, 4, 6, 3)
+  config.train.eval_every = 0
   first_params = jax.device_get(state.params)
   leaves = jax.tree.leaves(first_params)
   assert all(np.isfinite(x).all() for x in leaves)

@@ -1,6 +1,8 @@
 """UNet parity with diffusers 0.42.1 (stock path) and with the release's forward pass written in PyTorch from
-reference_spec.md section 1.3 (HANDI path), fp32 on CPU; the forced-size upsampling index rule."""
+reference_spec.md section 1.3 (HANDI path), fp32 on CPU, also through export and the PyTorch loaders; the
+forced-size upsampling index rule."""
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
+from handi_jax.convert import core
+from handi_jax.convert import unet as convert_unet
 from handi_jax.models import unet_blocks
 from handi_jax.models.unet3d import UNet3DConditionModel
 from tests.helpers import (
@@ -34,19 +38,65 @@ def test_handi_path_matches_the_release_forward_in_torch(handi_outputs):
   assert np.abs(theirs).max() > 0.1  # a live output, not a zeroed network
 
 
-def test_stock_path_matches_diffusers_unet3d():
-  """No mask, no context frame, no motion: forward_frames is diffusers' UNet3DConditionModel.forward."""
-  config = tiny_unet_config(mask_channels=0, motion_strength=False)
-  reference = torch_unet(config, seed=3)
-  model = jax_unet(config, {k: v.numpy() for k, v in reference.state_dict().items()})
-  x = unet_inputs(seed=1)
-  video = np.concatenate([x["condition"], x["sample"]], axis=1)  # 4 frames
+def stock_outputs(model, reference, seed=1):
+  """(ours, diffusers') on the stock path: no mask, no context frame, no motion, 4 frames."""
+  x = unet_inputs(seed=seed)
+  video = np.concatenate([x["condition"], x["sample"]], axis=1)
   ours = nnx.jit(lambda m, *a: m.forward_frames(*a))(model, video, x["timesteps"], x["text"])
   with torch.no_grad():
     theirs = reference(to_torch_video(video), torch.from_numpy(x["timesteps"]),
                        torch.from_numpy(x["text"])).sample.permute(0, 2, 3, 4, 1).numpy()
+  return np.asarray(ours), theirs
+
+
+def handi_outputs_of(model, reference, seed=0):
+  """(ours, the release forward's) on the mask + motion + context-frame path."""
+  x = unet_inputs(seed=seed)
+  ours = handi_forward(model, x["sample"], x["timesteps"], x["text"], x["condition"], x["mask"], x["motion"])
+  with torch.no_grad():
+    theirs = reference(to_torch_video(x["sample"]), torch.from_numpy(x["timesteps"]), torch.from_numpy(x["text"]),
+                       to_torch_video(x["condition"]), torch.from_numpy(x["mask"]).permute(0, 3, 1, 2)[:, :, None],
+                       torch.from_numpy(x["motion"]))
+  return np.asarray(ours), theirs.permute(0, 2, 3, 4, 1).numpy()
+
+
+def test_stock_path_matches_diffusers_unet3d():
+  """No mask, no context frame, no motion: forward_frames is diffusers' UNet3DConditionModel.forward."""
+  config = tiny_unet_config(mask_channels=0, motion_strength=False)
+  reference = torch_unet(config, seed=3)
+  ours, theirs = stock_outputs(jax_unet(config, {k: v.numpy() for k, v in reference.state_dict().items()}), reference)
   error = relative_error(ours, theirs)
-  print(f"stock path: max |jax - torch| = {np.abs(np.asarray(ours) - theirs).max():.3g}, relative {error:.3g}")
+  print(f"stock path: max |jax - torch| = {np.abs(ours - theirs).max():.3g}, relative {error:.3g}")
+  assert error < TOLERANCE
+
+
+def test_diffusers_export_matches_diffusers_from_pretrained(tmp_path):
+  """4 GroupNorm groups and norm_eps 1e-2: diffusers gives the temporal norms norm_num_groups groups but torch's
+  default eps 1e-5. Imported from diffusers, exported in its keys, loaded by its own loader: same outputs."""
+  config = tiny_unet_config(norm_eps=1e-2, mask_channels=0, motion_strength=False)
+  torch_unet(config, seed=4).save_pretrained(tmp_path / "in")
+  model = convert_unet.load_pretrained(tmp_path / "in", handi_extension=False)
+  convert_unet.save_pretrained(model, tmp_path / "out", key_format="diffusers")
+  ours, theirs = stock_outputs(model, diffusers.UNet3DConditionModel.from_pretrained(tmp_path / "out").eval())
+  error = relative_error(ours, theirs)
+  print(f"diffusers export, 4 groups: max |jax - torch| = {np.abs(ours - theirs).max():.3g}, relative {error:.3g}")
+  assert error < TOLERANCE
+
+
+def test_original_export_matches_the_release_class(tmp_path):
+  """4 GroupNorm groups and norm_eps 1e-2 in the release's class, which builds transformer_in and the temporal
+  convs with 32 groups (eps 1e-5) anyway: imported from its keys, exported back and loaded into it, same outputs."""
+  config = tiny_unet_config(block_out_channels=(32, 64), norm_eps=1e-2, temporal_norm_num_groups=32)
+  core.write_model_dir(tmp_path / "in", convert_unet.to_pretrained_config(config, "original"),
+                       HandiReference(torch_unet(config, seed=5)).state_dict_numpy(), convert_unet.WEIGHTS_NAME)
+  model = convert_unet.load_pretrained(tmp_path / "in")
+  assert model.config["norm_num_groups"] == 4 and model.config["temporal_norm_num_groups"] == 32
+  convert_unet.save_pretrained(model, tmp_path / "out", key_format="original")
+  reference = HandiReference(torch_unet(config, seed=6))
+  reference.load_state_dict_numpy(core.read_state_dict(tmp_path / "out"))
+  ours, theirs = handi_outputs_of(model, reference)
+  error = relative_error(ours, theirs)
+  print(f"original export, 4 groups: max |jax - torch| = {np.abs(ours - theirs).max():.3g}, relative {error:.3g}")
   assert error < TOLERANCE
 
 
@@ -67,7 +117,7 @@ def test_half_pixel_resize_would_differ_from_torch():
 
 def test_temporal_dropout_only_in_train_mode():
   opts = unet_blocks.LayerOptions()
-  layer = unet_blocks.TemporalConvLayer(8, 4, 1e-5, 0.1, opts, nnx.Rngs(0, dropout=1))
+  layer = unet_blocks.TemporalConvLayer(8, 4, 0.1, opts, nnx.Rngs(0, dropout=1))
   kernel = layer.conv4[3].kernel  # starts at zero (an identity layer), which would hide the dropout
   kernel.value = jax.random.normal(jax.random.key(0), kernel.value.shape)
   x = jax.random.normal(jax.random.key(1), (2 * 3, 4, 5, 8))

@@ -17,18 +17,24 @@ from handi_jax.models import attention as attention_lib
 from handi_jax.models import unet_blocks as blocks
 
 CONFIG_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "attention_head_dim",
-                 "cross_attention_dim", "norm_num_groups", "norm_eps", "transformer_in_heads", "mask_channels",
-                 "motion_strength", "sample_size")
+                 "cross_attention_dim", "norm_num_groups", "norm_eps", "temporal_norm_num_groups",
+                 "transformer_in_heads", "mask_channels", "motion_strength", "sample_size")
+# Fields a config may leave out. temporal_norm_num_groups (GroupNorm groups of transformer_in and the temporal
+# convs) None = norm_num_groups, as diffusers' UNet3DConditionModel builds them; the release's class uses 32.
+CONFIG_DEFAULTS = {"temporal_norm_num_groups": None}
 REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
 def unet_config_dict(config) -> dict:
-  """config.model.unet (ConfigDict or dict) as a plain dict, checked for the fields the model reads."""
-  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  """config.model.unet (ConfigDict or dict) as a plain dict, checked for the fields the model reads, defaults
+  resolved (so two configs that build the same model compare equal)."""
+  values = {**CONFIG_DEFAULTS, **(config.to_dict() if hasattr(config, "to_dict") else dict(config))}
   missing = [f for f in CONFIG_FIELDS if f not in values]
   if missing:
     raise ValueError(f"UNet config lacks {missing}; expected the fields of configs/common.py unet_config(): "
                      f"{', '.join(CONFIG_FIELDS)}")
+  if values["temporal_norm_num_groups"] is None:
+    values["temporal_norm_num_groups"] = values["norm_num_groups"]
   return values
 
 
@@ -83,11 +89,13 @@ class UNet3DConditionModel(nnx.Module):
           blocks.linear(time_features, time_features, ("mlp", "embed"), opts, rngs, zero_init=True)])
     else:
       self.motion_embedding = None
+    temporal_groups = cfg["temporal_norm_num_groups"]
     self.transformer_in = blocks.TransformerTemporalModel(cfg["transformer_in_heads"], head_dim, channels[0],
-                                                          groups, opts, rngs)
+                                                          temporal_groups, opts, rngs)
 
     spec = functools.partial(blocks.BlockSpec, time_features=time_features, groups=groups, eps=eps,
-                             head_dim=head_dim, context_features=cfg["cross_attention_dim"])
+                             temporal_groups=temporal_groups, head_dim=head_dim,
+                             context_features=cfg["cross_attention_dim"])
     last = len(channels) - 1
     # diffusers' down_block_types / up_block_types: cross-attention everywhere but the lowest resolution.
     down_types = [blocks.CrossAttnDownBlock3D] * last + [blocks.DownBlock3D]

@@ -63,8 +63,9 @@ def linear(in_features: int, out_features: int, names: tuple[str, str], opts: La
 def group_norm(features: int, groups: int, eps: float, opts: LayerOptions, rngs: nnx.Rngs) -> nnx.GroupNorm:
   """Statistics over every non-batch axis (per frame on 4-D input, across frames on 5-D), two-pass variance."""
   if features % groups:
-    raise ValueError(f"GroupNorm: {features} channels are not divisible by norm_num_groups={groups}; choose "
-                     "config.model.unet.norm_num_groups dividing every entry of block_out_channels")
+    raise ValueError(f"GroupNorm: {features} channels are not divisible by {groups} groups; choose "
+                     "config.model.unet.norm_num_groups and temporal_norm_num_groups (None: norm_num_groups) "
+                     "dividing every entry of block_out_channels")
   return nnx.GroupNorm(features, num_groups=groups, epsilon=eps, use_fast_variance=False,
                        scale_init=nnx.with_partitioning(_ones, ("norm",)),
                        bias_init=nnx.with_partitioning(_zeros, ("norm",)), dtype=opts.dtype,
@@ -146,12 +147,13 @@ class TemporalConvLayer(nnx.Module):
   """Four (GN, SiLU, [Dropout], Conv3d over frames) stages plus identity; conv4 starts at zero (identity layer).
 
   The list indices reproduce torch's nn.Sequential keys: conv1.0 = GN, conv1.2 = Conv3d, conv{2,3,4}.3 = Conv3d.
-  Dropout is deterministic until `model.train()`.
+  The GNs have torch's default eps 1e-5 whatever norm_eps says: neither diffusers nor the release passes it.
+  `groups` is the config's temporal_norm_num_groups. Dropout is deterministic until `model.train()`.
   """
 
-  def __init__(self, features: int, groups: int, eps: float, dropout: float, opts: LayerOptions, rngs: nnx.Rngs):
+  def __init__(self, features: int, groups: int, dropout: float, opts: LayerOptions, rngs: nnx.Rngs):
     def stage(with_dropout: bool, zero_init: bool = False):
-      layers = [group_norm(features, groups, eps, opts, rngs), nnx.silu]
+      layers = [group_norm(features, groups, 1e-5, opts, rngs), nnx.silu]
       if with_dropout:
         layers.append(nnx.Dropout(dropout, deterministic=True, rngs=rngs))
       return nnx.List(layers + [temporal_conv(features, opts, rngs, zero_init=zero_init)])
@@ -299,7 +301,8 @@ class Upsample2D(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-  """Shape of one UNet block; `head_dim` is the config's attention_head_dim (heads = channels // head_dim)."""
+  """Shape of one UNet block; `head_dim` is the config's attention_head_dim (heads = channels // head_dim);
+  `groups` / `eps` are norm_num_groups / norm_eps, `temporal_groups` the temporal convs' temporal_norm_num_groups."""
 
   in_features: int
   out_features: int
@@ -307,6 +310,7 @@ class BlockSpec:
   num_layers: int
   groups: int
   eps: float
+  temporal_groups: int
   head_dim: int
   context_features: int
   dropout: float = 0.1  # temporal convs
@@ -324,7 +328,7 @@ class _Block3D(nnx.Module):
                rngs: nnx.Rngs, num_attentions: int | None = None):
     self.resnets = nnx.List([ResnetBlock2D(c, out_features, spec.time_features, spec.groups, spec.eps, opts, rngs)
                              for c in resnet_inputs])
-    self.temp_convs = nnx.List([TemporalConvLayer(out_features, spec.groups, spec.eps, spec.dropout, opts, rngs)
+    self.temp_convs = nnx.List([TemporalConvLayer(out_features, spec.temporal_groups, spec.dropout, opts, rngs)
                                 for _ in resnet_inputs])
     if self.cross_attention:
       heads, count = out_features // spec.head_dim, num_attentions or len(resnet_inputs)

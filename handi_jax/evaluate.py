@@ -1,0 +1,478 @@
+"""Evaluation: the HANDI paper's Table 2 / Table 3 metrics of generated videos against the ground truth.
+
+    python -m handi_jax.evaluate --prompts_file=prompt.json --image_dir=frames --gt_dir=videos \\
+        --runs=handi=runs/g/generate,aa=baselines/aa --clip=/path/to/clip-vit-base-patch32 --output_dir=eval
+    python -m handi_jax.main --config=configs/stage2.py:paper --mode=evaluate --workdir=runs/e \\
+        --config.evaluate.data_dir=data/handi --config.evaluate.split=test \\
+        --config.model.pretrained=/path/to/pipeline --config.generate.stage2_pretrained=runs/s2
+
+Clips (config.evaluate): the release's layout, `prompts_file` (JSON lines {"source", "target", "prompt"}) with
+source images under `image_dir` and ground-truth videos (mp4 / gif) under `gt_dir` at `target` (or its file
+name), motion-area masks optional under `mask_dir` (`<stem>_mask.png` or `<stem>.png`); or a TFRecord split
+(`data_dir`, `split`; frames, union mask, caption from the records). `max_clips` > 0 keeps the first ones.
+
+Runs: `runs` = "name=folder,..." of already generated videos, `<folder>/<stem>/video.mp4` (what --mode=generate
+writes) or `<folder>/<stem>.mp4|.gif`; empty = generate every clip now with generate.Generator (the models of
+config.model / config.generate, e.g. a trained stage-2 workdir) into `<output_dir>/generated/`, run "generated".
+
+Alignment: a generated video has F frames, frame 0 the context image. The ground truth is sampled evenly to
+F frames (data_prep's rule) and resized to the generated frame size (area interpolation; masks nearest).
+Every metric uses frames 1..F-1, the L generated frames.
+
+Motion area (MA): the ground-truth mask (`mask_dir`, the record's union mask) or, when none is given, the
+union over the L ground-truth frames of the filled hand hulls MediaPipe finds (data_prep's rule and settings,
+config.data.build). Scope "full" feeds whole frames; scope "ma" feeds each frame multiplied by the mask (black
+outside) and cropped to the mask's bounding box grown to a square (so CLIP's centre crop keeps all of it),
+the same box for generated and ground-truth frames. Every extractor then resizes as it always does. A clip
+whose mask is empty has no MA values.
+
+Metrics per clip and scope: HS-Err (Eq. 2 on MediaPipe keypoints of generated vs ground-truth frames, config
+.data.build's detector settings), the share of hand slots with a generated hand, CLIP_GT, CLIP_Cs, CLIP_Tx
+(x100), EgoVLP and BLIP (pluggable scorers), and for the full scope the share of motion-flow (Farneback,
+config.generate.flow_threshold) inside the mask. Over clips: means, FID over all L frames, FVD over clips;
+for all clips and for the motion-intensive subset (top config.evaluate.motion_intensive_fraction by mask
+area, or the data's motion_intensive.json). Extractors without weights are "not configured".
+
+Outputs in output_dir (default <workdir>/evaluate): metrics.csv (per run, clip, scope), summary.json,
+report.md, metrics.png (bars across runs), hs_err.png (per-clip HS-Err histogram), contact_<run>.png
+(generated above ground truth, mask outlined).
+"""
+
+import dataclasses
+import importlib
+import json
+import pathlib
+
+import cv2
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from data_prep import hands as hand_detection
+from data_prep import masks as mask_rules
+from data_prep.video import sample_indices
+from handi_jax import fileio, generate, video_io
+from handi_jax.data import schema
+from handi_jax.evaluation import extractors as extractors_lib
+from handi_jax.evaluation import metrics, report
+
+VIDEO_NAMES = ("video.mp4", "video.gif")
+
+
+@dataclasses.dataclass
+class Clip:
+  name: str
+  prompt: str
+  gt: np.ndarray | pathlib.Path   # (F_src, H, W, 3) uint8 (frame 0 = the context image), or its video file
+  mask: np.ndarray | None         # (H, W) bool ground-truth motion area; None = from the ground truth's hands
+  image: pathlib.Path | None      # the source image file (generation), None for TFRecord clips
+
+  def frames(self) -> np.ndarray:
+    """The ground-truth frames; a video file is read on use, so a long test set is never all in memory."""
+    return video_io.read_video(self.gt) if isinstance(self.gt, pathlib.Path) else self.gt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clips.
+
+
+def _find(root: str, relative: str, what: str, where: str) -> pathlib.Path:
+  candidates = [pathlib.Path(root) / relative, pathlib.Path(root) / pathlib.Path(relative).name]
+  for candidate in candidates:
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(f"{where}: {what} {relative!r} not found; looked for "
+                          f"{' and '.join(map(str, candidates))}")
+
+
+def _read_mask(mask_dir: str, stem: str, where: str) -> np.ndarray:
+  candidates = [pathlib.Path(mask_dir) / f"{stem}_mask.png", pathlib.Path(mask_dir) / f"{stem}.png"]
+  for candidate in candidates:
+    if candidate.is_file():
+      return np.asarray(video_io.load_image(candidate, mode="L")) > 127
+  raise FileNotFoundError(f"{where}: no mask for {stem!r} in config.evaluate.mask_dir; looked for "
+                          f"{' and '.join(map(str, candidates))} (or leave mask_dir empty: masks from ground truth)")
+
+
+def clips_from_prompts_file(e) -> list[Clip]:
+  path = pathlib.Path(e.prompts_file)
+  if not path.is_file():
+    raise FileNotFoundError(f"config.evaluate.prompts_file {path} does not exist")
+  clips = []
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f"{path} line {number}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{where} is not JSON ({error}); expected one {{source, target, prompt}} object per line") \
+          from error
+    if not isinstance(row, dict) or not {"source", "target", "prompt"} <= set(row):
+      raise ValueError(f"{where}: expected keys 'source', 'target' and 'prompt', found {sorted(row)}")
+    image = _find(e.image_dir, row["source"], "source image", where + " (config.evaluate.image_dir)")
+    video = _find(e.gt_dir, row["target"], "ground-truth video", where + " (config.evaluate.gt_dir)")
+    mask = _read_mask(e.mask_dir, image.stem, where) if e.mask_dir else None
+    clips.append(Clip(image.stem, row["prompt"], video, mask, image))
+  return clips
+
+
+def clips_from_tfrecords(e) -> list[Clip]:
+  import tensorflow_datasets as tfds
+
+  if not pathlib.Path(e.data_dir).is_dir():
+    raise FileNotFoundError(f"config.evaluate.data_dir {e.data_dir} does not exist (a data_prep output folder)")
+  builder = tfds.builder_from_directory(e.data_dir)
+  if e.split not in builder.info.splits:
+    raise ValueError(f"config.evaluate.split={e.split!r} is not in {e.data_dir}: splits {list(builder.info.splits)}")
+  dataset = builder.as_dataset(split=e.split, shuffle_files=False)
+  if e.max_clips:
+    dataset = dataset.take(e.max_clips)
+  return [Clip(record["clip_id"].decode(), record["caption"].decode(), record["frames"],
+               record["union_mask"][..., 0] > 127, None) for record in tfds.as_numpy(dataset)]
+
+
+def load_clips(config) -> list[Clip]:
+  e = config.evaluate
+  if e.prompts_file:
+    clips = clips_from_prompts_file(e)
+  elif e.data_dir:
+    clips = clips_from_tfrecords(e)
+  else:
+    raise ValueError("nothing to evaluate: set config.evaluate.prompts_file (+ image_dir, gt_dir) or "
+                     "config.evaluate.data_dir (+ split)")
+  return clips[:e.max_clips] if e.max_clips else clips
+
+
+def motion_intensive_from_data(config) -> set[str] | None:
+  """The data's own motion_intensive.json clip ids, when evaluating a TFRecord split that has one."""
+  e = config.evaluate
+  index = pathlib.Path(e.data_dir) / e.split / schema.MOTION_INTENSIVE if e.data_dir and not e.prompts_file else None
+  if index is None or not index.is_file():
+    return None
+  return {c["clip_id"] for c in json.loads(index.read_text())["clips"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generated videos.
+
+
+def parse_runs(runs: str) -> dict[str, pathlib.Path]:
+  parsed = {}
+  for item in filter(None, (part.strip() for part in runs.split(","))):
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+      raise ValueError(f"config.evaluate.runs: {item!r} is not name=folder (e.g. handi=runs/g/generate)")
+    if not pathlib.Path(folder).is_dir():
+      raise FileNotFoundError(f"config.evaluate.runs: folder {folder!r} of run {name!r} does not exist")
+    parsed[name] = pathlib.Path(folder)
+  return parsed
+
+
+def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
+  candidates = [folder / name / v for v in VIDEO_NAMES] + [folder / f"{name}{s}" for s in (".mp4", ".gif")]
+  for candidate in candidates:
+    if candidate.is_file():
+      return video_io.read_video(candidate)
+  raise FileNotFoundError(f"no generated video for clip {name!r} in {folder}: expected one of "
+                          f"{', '.join(str(c.relative_to(folder)) for c in candidates)}")
+
+
+def generate_run(config, workdir, clips: list[Clip], out_dir: pathlib.Path) -> pathlib.Path:
+  """Generate every clip not yet done with the configured models (stage 1 predicts the mask)."""
+  todo = [c for c in clips if not (out_dir / c.name / generate.DONE_FILE["generate"]).is_file()]
+  if todo:
+    generator = generate.Generator(config, workdir)
+    for index, clip in enumerate(clips):
+      if clip not in todo:
+        continue
+      image = clip.image
+      if image is None:  # a TFRecord clip: its context frame becomes the source image
+        image = out_dir / "sources" / f"{clip.name}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        video_io.write_png(image, clip.frames()[0])
+      generator.run(generate.Sample(index, clip.name, image, clip.prompt, None), out_dir / clip.name)
+  return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per clip.
+
+
+def align_ground_truth(clip: Clip, num_frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """The ground truth sampled to the generated video's F frames and size; the mask resized likewise."""
+  frames = clip.frames()
+  if len(frames) < num_frames:
+    raise ValueError(f"clip {clip.name!r}: the ground truth has {len(frames)} frames, the generated video "
+                     f"{num_frames}; evaluation needs at least as many ground-truth frames")
+  frames = frames[sample_indices(len(frames), num_frames)]
+  frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+  mask = None if clip.mask is None else cv2.resize(
+      clip.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+  return frames, mask
+
+
+def square_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(top, bottom, left, right) of the mask's bounding box grown to a square inside the frame; None if empty."""
+  rows, cols = np.nonzero(mask)
+  if rows.size == 0:
+    return None
+  height, width = mask.shape
+  top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+  side = min(max(bottom - top, right - left), height, width)
+  top = int(np.clip((top + bottom - side) // 2, 0, height - side))
+  left = int(np.clip((left + right - side) // 2, 0, width - side))
+  return top, top + side, left, left + side
+
+
+def motion_area_frames(frames: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
+  """Frames (N, H, W, 3) black outside the mask, cropped to `box` (see the module docstring)."""
+  top, bottom, left, right = box
+  return (frames * mask[None, :, :, None].astype(frames.dtype))[:, top:bottom, left:right]
+
+
+def detect_keypoints(detector: hand_detection.HandDetector, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """MediaPipe keypoints (N, 2, 21, 2) in [0, 1] of the frame and presence (N, 2, 21), data_prep's slot rule."""
+  keypoints, presence = hand_detection.empty_keypoints(len(frames))
+  for f, hands in enumerate(detector.detect_clip(np.ascontiguousarray(frames), fps=8.0)):
+    slots, _ = hand_detection.assign_slots(hands)
+    for s, hand in enumerate(slots):
+      if hand is not None:
+        keypoints[f, s], presence[f, s] = hand.landmarks, 1
+  return keypoints, presence
+
+
+def _features(frames: np.ndarray, ex: extractors_lib.Extractors) -> dict:
+  """FID features of every frame and the FVD features of the clip, for the extractors that are configured."""
+  found = {}
+  if ex.inception is not None:
+    found["inception"] = ex.inception.features(frames)
+  if ex.i3d is not None:
+    found["i3d"] = ex.i3d.features(frames[None])
+  return found
+
+
+@dataclasses.dataclass
+class ScopeResult:
+  values: dict                     # per-clip metrics of this scope
+  gen: np.ndarray | None           # (L, h, w, 3) frames as fed to the extractors (kept for contact sheets only)
+  gt: np.ndarray | None
+  features: dict = dataclasses.field(default_factory=dict)      # FID / FVD features of the generated frames
+  gt_features: dict = dataclasses.field(default_factory=dict)   # ... and of the ground truth
+
+
+class GroundTruthFeatures:
+  """The ground truth's keypoints and features per (clip, scope, frame size), computed once for all runs
+  (the ground truth and its motion area do not depend on the run)."""
+
+  def __init__(self, detector, ex: extractors_lib.Extractors):
+    self.detector, self.ex, self._cache = detector, ex, {}
+
+  def get(self, key, frames: np.ndarray) -> dict:
+    key = key + (frames.shape,)
+    if key not in self._cache:
+      keypoints, presence = detect_keypoints(self.detector, frames)
+      clip = None if self.ex.clip is None else self.ex.clip.image_embeddings(frames)
+      self._cache[key] = dict(keypoints=keypoints, presence=presence, clip=clip, frechet=_features(frames, self.ex))
+    return self._cache[key]
+
+
+def evaluate_scope(gen, gt, gt_features: dict, prompt, detector, ex: extractors_lib.Extractors) -> ScopeResult:
+  gen_kp, gen_presence = detect_keypoints(detector, gen)
+  values = dict(hs_err=metrics.hs_err(gen_kp, gen_presence, gt_features["keypoints"], gt_features["presence"]),
+                **metrics.hand_detection_rates(gen_presence, gt_features["presence"]))
+  if ex.clip is not None:
+    gen_embeddings = ex.clip.image_embeddings(gen)
+    values.update(clip_gt=metrics.clip_gt(gen_embeddings, gt_features["clip"]),
+                  clip_cs=metrics.clip_consecutive(gen_embeddings),
+                  clip_tx=metrics.clip_text(gen_embeddings, ex.clip.text_embedding(prompt)))
+  if ex.egovlp is not None:
+    values["egovlp"] = float(ex.egovlp.score(gen, gt))
+  if ex.blip is not None:
+    values["blip"] = float(ex.blip.score(gen, prompt))
+  return ScopeResult(values, gen, gt, _features(gen, ex), gt_features["frechet"])
+
+
+def evaluate_clip(clip: Clip, generated: np.ndarray, detector, ex, truth: GroundTruthFeatures, config) -> dict:
+  """{"full": ScopeResult, "ma": ScopeResult or None when the motion area is empty, "mask": (H, W) bool}."""
+  num_frames, height, width = generated.shape[:3]
+  gt, mask = align_ground_truth(clip, num_frames, height, width)
+  gen, gt = generated[1:], gt[1:]
+  gt_full = truth.get((clip.name, "full"), gt)
+  full = evaluate_scope(gen, gt, gt_full, clip.prompt, detector, ex)
+  if mask is None:
+    mask = mask_rules.clip_masks(gt_full["keypoints"], gt_full["presence"], height, width,
+                                 config.data.build.mask_rule)[1] > 0
+  full.values["mask_area"] = float(mask.mean())
+  flow = video_io.motion_flow_map(generated, float(config.generate.flow_threshold))
+  full.values["flow_inside"] = metrics.flow_inside_share(flow, mask)
+  box = square_box(mask)
+  ma = None
+  if box is not None:
+    gen_ma, gt_ma = motion_area_frames(gen, mask, box), motion_area_frames(gt, mask, box)
+    ma = evaluate_scope(gen_ma, gt_ma, truth.get((clip.name, "ma"), gt_ma), clip.prompt, detector, ex)
+  return {"full": full, "ma": ma, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation.
+
+
+def _frechet(extractor, name: str, scoped: list[ScopeResult]) -> float | str:
+  """FID (`name` "inception": every frame) or FVD ("i3d": one vector per clip) over the clips in `scoped`."""
+  if extractor is None:
+    return extractors_lib.NOT_CONFIGURED
+  if not scoped:
+    return float("nan")
+  gen = np.concatenate([r.features[name] for r in scoped])
+  gt = np.concatenate([r.gt_features[name] for r in scoped])
+  return metrics.frechet_distance_of_features(gen, gt) if min(len(gen), len(gt)) >= 2 else float("nan")
+
+
+def aggregate(results: dict[str, dict], names: list[str], ex: extractors_lib.Extractors) -> dict:
+  """Means of per-clip metrics over `names`, FID over their frames and FVD over their clips, per scope."""
+  summary = {}
+  for scope in report.SCOPES:
+    scoped = [results[n][scope] for n in names if results[n][scope] is not None]
+    values = dict(clips=len(scoped))
+    for key, _, _ in report.COLUMNS:
+      found = [r.values[key] for r in scoped if key in r.values]
+      values[key] = float(np.nanmean(found)) if found and not np.all(np.isnan(found)) else float("nan")
+    for key, name in (("clip_gt", "clip"), ("clip_cs", "clip"), ("clip_tx", "clip"), ("egovlp", "egovlp"),
+                      ("blip", "blip")):
+      if getattr(ex, name) is None:
+        values[key] = extractors_lib.NOT_CONFIGURED
+    values["fid"] = _frechet(ex.inception, "inception", scoped)
+    values["fvd"] = _frechet(ex.i3d, "i3d", scoped)
+    summary[scope] = values
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extractors from the config.
+
+
+def _plugin(spec: str, what: str):
+  """A scorer from "package.module:factory" (factory() returns an object with .score)."""
+  module_name, sep, factory = spec.partition(":")
+  if not sep:
+    raise ValueError(f"config.evaluate.{what}={spec!r}: expected 'package.module:factory', a function returning "
+                     f"a {what} scorer with .score(generated, reference) (handi-jax has no {what} port)")
+  return getattr(importlib.import_module(module_name), factory)()
+
+
+def extractors_from_config(config) -> extractors_lib.Extractors:
+  e = config.evaluate
+  return extractors_lib.Extractors(
+      clip=extractors_lib.ClipExtractor.from_directory(e.clip, e.batch_size) if e.clip else None,
+      inception=extractors_lib.InceptionExtractor.from_file(e.inception, e.batch_size) if e.inception else None,
+      i3d=extractors_lib.I3dExtractor.from_file(e.i3d) if e.i3d else None,
+      egovlp=_plugin(e.egovlp, "egovlp") if e.egovlp else None,
+      blip=_plugin(e.blip, "blip") if e.blip else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job.
+
+
+def evaluate_runs(config, clips: list[Clip], runs: dict[str, pathlib.Path], out_dir: pathlib.Path,
+                  ex: extractors_lib.Extractors | None = None) -> dict:
+  """Metrics of every run over `clips`; writes every output into out_dir and returns the summary
+  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value}}}}."""
+  ex = ex if ex is not None else extractors_from_config(config)
+  detector = hand_detection.HandDetector(hand_detection.DetectorSettings.from_config(config.data.build))
+  truth = GroundTruthFeatures(detector, ex)
+  summary, rows, sheets = {}, [], {}
+  subset = None
+  for run, folder in runs.items():
+    results = {}
+    for index, clip in enumerate(clips):
+      generated = read_generated(folder, clip.name)
+      results[clip.name] = evaluate_clip(clip, generated, detector, ex, truth, config)
+      logging.info("run %s, clip %s: %s", run, clip.name, results[clip.name]["full"].values)
+      if index >= int(config.evaluate.contact_sheet_clips):  # only features and numbers stay in memory
+        for scoped in filter(None, (results[clip.name]["full"], results[clip.name]["ma"])):
+          scoped.gen = scoped.gt = None
+        results[clip.name]["mask"] = None
+    if subset is None:
+      areas = {name: r["full"].values["mask_area"] for name, r in results.items()}
+      subset = motion_intensive_from_data(config) or set(
+          metrics.motion_intensive_subset(areas, float(config.evaluate.motion_intensive_fraction)))
+    names = [c.name for c in clips]
+    summary[run] = {"all": aggregate(results, names, ex),
+                    "motion_intensive": aggregate(results, [n for n in names if n in subset], ex)}
+    for name, by_scope in results.items():
+      for scope in report.SCOPES:
+        if (result := by_scope[scope]) is not None:
+          rows.append(dict(run=run, clip=name, scope=scope, motion_intensive=name in subset, **result.values))
+    sheets[run] = [(c.name, results[c.name]["full"].gen, results[c.name]["full"].gt, results[c.name]["mask"])
+                   for c in clips[:int(config.evaluate.contact_sheet_clips)]]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  report.write_csv(out_dir / "metrics.csv", rows)
+  report.write_summary(out_dir, summary)
+  report.plot_metric_bars(summary, out_dir / "metrics.png")
+  report.plot_hs_err_distribution(rows, out_dir / "hs_err.png")
+  for run, sheet in sheets.items():
+    if sheet:
+      report.write_contact_sheet(out_dir / f"contact_{run}.png", sheet)
+  return summary
+
+
+def evaluate(config, workdir) -> dict:
+  """--mode=evaluate: see the module docstring; returns the summary written to summary.json."""
+  e = config.evaluate
+  out_dir = pathlib.Path(e.output_dir or pathlib.Path(workdir) / "evaluate")
+  clips = load_clips(config)
+  runs = parse_runs(e.runs) or {"generated": generate_run(config, workdir, clips, out_dir / "generated")}
+  summary = evaluate_runs(config, clips, runs, out_dir)
+  fileio.write_text(out_dir / "config.json", config.to_json_best_effort(indent=1) + "\n")
+  print(report.markdown_report(summary))
+  return summary
+
+
+def training_scalars(run_summary: dict) -> dict[str, float]:
+  """One run's summary -> {"eval/<subset>/<scope>/<metric>": value} with the numbers only (no "not configured",
+  no NaN), as a metric writer takes them."""
+  return {f"eval/{subset}/{scope}/{key}": float(value)
+          for subset, by_scope in run_summary.items() for scope, values in by_scope.items()
+          for key, value in values.items()
+          if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)}
+
+
+def evaluate_checkpoint(config, workdir, step: int) -> dict[str, float]:
+  """The config.train.eval_every hook: the latest checkpoint in the training `workdir` (save it first) becomes
+  the stage-`config.stage` UNet of generation (the other stage as config.generate says); config.evaluate's clips
+  are generated and evaluated into <workdir>/eval/step_<step>/. Returns training_scalars of the result."""
+  config = config.copy_and_resolve_references()
+  out_dir = pathlib.Path(workdir) / "eval" / f"step_{step}"
+  config.generate[f"stage{int(config.stage)}_pretrained"] = str(workdir)
+  clips = load_clips(config)
+  runs = {"generated": generate_run(config, out_dir, clips, out_dir / "generated")}
+  return training_scalars(evaluate_runs(config, clips, runs, out_dir)["generated"])
+
+
+def _main():
+  """`python -m handi_jax.evaluate`: flags defined here, so --mode=evaluate of handi_jax.main can import this."""
+  config_flag = config_flags.DEFINE_config_file(
+      "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py"),
+      "Config file with optional variants (configs/stage2.py:paper); override fields with --config.<field>=...",
+      lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", "runs/evaluate", "Working directory (default output_dir).")
+  shortcuts = {name: flags.DEFINE_string(name, None, f"Sets config.evaluate.{name}.")
+               for name in ("prompts_file", "image_dir", "gt_dir", "mask_dir", "data_dir", "split", "runs",
+                            "output_dir", "clip", "egovlp", "blip")}
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = config_flag.value
+    for name, flag in shortcuts.items():
+      if flag.value is not None:
+        config.evaluate[name] = flag.value
+    evaluate(config, workdir_flag.value)
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _main()

@@ -1,0 +1,1 @@
+"""Evaluation of generated videos: metric math (metrics.py), feature extractors (extractors.py), reports."""

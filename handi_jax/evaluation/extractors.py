@@ -1,0 +1,165 @@
+"""Feature extractors of the evaluation, batched and jitted, and the ones that are not configured.
+
+Every extractor takes uint8 RGB frames (N, H, W, 3) of any size and does its own resizing; frames of the
+motion-area scope arrive already masked and cropped (see handi_jax.evaluate). An extractor whose weights are
+not configured is `None` in `Extractors`, and its metrics are reported as "not configured", never as a number.
+EgoVLP and BLIP have no JAX port: `VideoTextScorer` is the interface a port (or a wrapper) implements.
+"""
+
+import dataclasses
+import functools
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from handi_jax import tokenizers
+from handi_jax.convert import clip as convert_clip
+from handi_jax.convert import i3d as convert_i3d
+from handi_jax.convert import inception as convert_inception
+from handi_jax.models.clip_vision import CLIPModel
+from handi_jax.models.i3d import INPUT_SIZE as I3D_SIZE
+from handi_jax.models.i3d import InceptionI3d
+from handi_jax.models.inception import INPUT_SIZE, FIDInceptionV3
+
+NOT_CONFIGURED = "not configured"
+# CLIPImageProcessor's normalisation (OpenAI CLIP).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(frames: np.ndarray, size: int) -> np.ndarray:
+  """uint8 frames (N, H, W, 3) -> CLIP's input (N, size, size, 3) float32, as transformers' CLIPImageProcessor
+  makes it: PIL bicubic resize of the shorter side to `size`, central crop, /255, mean/std normalisation.
+  On the host, so the jitted network sees one shape whatever the frame (or motion-area crop) size."""
+  out = np.empty((len(frames), size, size, 3), np.float32)
+  for i, frame in enumerate(np.asarray(frames, np.uint8)):
+    height, width = frame.shape[:2]
+    # transformers' get_resize_output_image_size: the longer side becomes int(size * long / short).
+    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC), np.float32)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out[i] = resized[top:top + size, left:left + size] / 255.0
+  return (out - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+@nnx.jit
+def _clip_image_embeds(model: CLIPModel, pixels: jax.Array) -> jax.Array:
+  return model.image_embeds(pixels)
+
+
+@nnx.jit
+def _clip_text_embeds(model: CLIPModel, input_ids: jax.Array) -> jax.Array:
+  return model.text_embeds(input_ids)
+
+
+def batched(function, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+  """function over `inputs` in batches of exactly batch_size (the last one padded): one compiled shape."""
+  outputs = []
+  for start in range(0, len(inputs), batch_size):
+    chunk = inputs[start:start + batch_size]
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+    outputs.append(np.asarray(function(jnp.asarray(padded)))[:len(chunk)])
+  return np.concatenate(outputs)
+
+
+class ClipExtractor:
+  """CLIP image and text embeddings (projected, not normalised) for CLIP_GT, CLIP_Cs and CLIP_Tx."""
+
+  def __init__(self, model: CLIPModel, tokenizer, batch_size: int = 32):
+    self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+  @classmethod
+  def from_directory(cls, directory: str, batch_size: int = 32) -> "ClipExtractor":
+    """A transformers CLIPModel folder holding its tokenizer files too (what save_pretrained of both writes)."""
+    return cls(convert_clip.load_pretrained(directory), tokenizers.load_tokenizer(directory), batch_size)
+
+  def image_embeddings(self, frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, projection_dim) float32."""
+    pixels = clip_preprocess(frames, int(self.model.config.vision.image_size))
+    return batched(lambda x: _clip_image_embeds(self.model, x), pixels, self.batch_size)
+
+  def text_embedding(self, prompt: str) -> np.ndarray:
+    length = int(self.model.config.text.max_position_embeddings)
+    ids = jnp.asarray(tokenizers.tokenize(self.tokenizer, [prompt], max_length=length))
+    return np.asarray(_clip_text_embeds(self.model, ids))[0]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _resize_square(frames: jax.Array, size: int) -> jax.Array:
+  """uint8 (N, H, W, 3) -> float [0, 1] (N, size, size, 3), bilinear as torch's interpolate(align_corners=False)."""
+  images = frames.astype(jnp.float32) / 255.0
+  return jax.image.resize(images, (images.shape[0], size, size, 3), "linear", antialias=False)
+
+
+@nnx.jit
+def _inception_features(model: FIDInceptionV3, images: jax.Array) -> jax.Array:
+  return model(images)
+
+
+class InceptionExtractor:
+  """FID features: pytorch-fid's pool3 (2048-d) of each frame. The resize to 299 x 299 runs as its own small
+  jitted step per frame size, so the network compiles once whatever the frame (or motion-area crop) size."""
+
+  def __init__(self, model: FIDInceptionV3, batch_size: int = 32):
+    if model.resize_to is not None:
+      raise ValueError("InceptionExtractor resizes the frames itself: load the model with resize_to=None")
+    self.model, self.batch_size = model, batch_size
+
+  @classmethod
+  def from_file(cls, path: str, batch_size: int = 32) -> "InceptionExtractor":
+    return cls(convert_inception.load_pretrained(path, resize_to=None), batch_size)
+
+  def features(self, frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 2048) float32."""
+    images = np.concatenate([np.asarray(_resize_square(jnp.asarray(frames[i:i + self.batch_size]), INPUT_SIZE))
+                             for i in range(0, len(frames), self.batch_size)])
+    return batched(lambda x: _inception_features(self.model, x), images, self.batch_size)
+
+
+@nnx.jit
+def _i3d_logits(model: InceptionI3d, videos: jax.Array) -> jax.Array:
+  return model(videos)
+
+
+class I3dExtractor:
+  """FVD features: the I3D's Kinetics logits (N, 400) of each video, the reference FVD's choice. Frames are
+  resized to 224 x 224 (bilinear, as the FVD code's resize) and scaled to [-1, 1]; the L frames are fed as
+  they are (the port's (2, 7, 7) final pool needs L >= 9)."""
+
+  def __init__(self, model: InceptionI3d, batch_size: int = 4):
+    self.model, self.batch_size = model, batch_size
+
+  @classmethod
+  def from_file(cls, path: str, batch_size: int = 4) -> "I3dExtractor":
+    return cls(convert_i3d.load_pretrained(path), batch_size)
+
+  def features(self, videos: np.ndarray) -> np.ndarray:
+    """(N, L, H, W, 3) uint8 -> (N, 400) float32."""
+    videos = np.asarray(videos)
+    n, length = videos.shape[:2]
+    frames = np.asarray(_resize_square(jnp.asarray(videos.reshape((n * length,) + videos.shape[2:])), I3D_SIZE))
+    clips = (frames * 2.0 - 1.0).reshape(n, length, I3D_SIZE, I3D_SIZE, 3)
+    return batched(lambda x: _i3d_logits(self.model, x), clips, self.batch_size)
+
+
+class VideoTextScorer(Protocol):
+  """A video-level scorer (EgoVLP video-to-video similarity, BLIP video-to-text): `score(gen, reference)`
+  with uint8 videos (L, H, W, 3) and the reference video or prompt, returning one float per clip."""
+
+  def score(self, generated: np.ndarray, reference) -> float: ...
+
+
+@dataclasses.dataclass
+class Extractors:
+  """What the evaluation can compute; `None` = not configured (its columns say so)."""
+
+  clip: ClipExtractor | None = None
+  inception: InceptionExtractor | None = None
+  i3d: I3dExtractor | None = None
+  egovlp: VideoTextScorer | None = None
+  blip: VideoTextScorer | None = None
+

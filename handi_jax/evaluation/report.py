@@ -1,0 +1,149 @@
+"""Evaluation outputs: metrics.csv (per clip), summary.json, report.md (the paper's Table 2 / 3 shape) and plots.
+
+Table rows are runs x scope (full frame, motion area), columns the paper's metrics in its order, then
+handi-jax's hand detection rate and motion-flow share. A metric whose extractor is not configured reads
+"not configured"; one that cannot be computed on these clips (e.g. FID of fewer than two frames) reads "n/a".
+"""
+
+import csv
+import io
+import json
+import math
+import pathlib
+
+import cv2
+import numpy as np
+
+from handi_jax import fileio, video_io
+
+# (key, column title, higher is better): the paper's Table 2 / 3 columns, then handi-jax's diagnostics.
+COLUMNS = (
+    ("hs_err", "HS-Err ↓", False), ("fid", "FID ↓", False), ("clip_gt", "CLIP_GT ↑", True),
+    ("fvd", "FVD ↓", False), ("egovlp", "EgoVLP ↑", True), ("clip_cs", "CLIP_Cs ↑", True),
+    ("clip_tx", "CLIP_Tx ↑", True), ("blip", "BLIP ↑", True),
+    ("gen_hand_rate", "hands found ↑", True), ("flow_inside", "flow in MA ↑", True),
+)
+SCOPES = ("full", "ma")
+SCOPE_TITLES = {"full": "Full", "ma": "MA"}
+SUBSET_TITLES = {"all": "All clips", "motion_intensive": "Motion-intensive subset"}
+
+
+def format_value(value) -> str:
+  if isinstance(value, str):
+    return value
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "n/a"
+  return f"{value:.5f}" if abs(value) <= 1 else f"{value:.3f}"
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+  fields = list(dict.fromkeys(key for row in rows for key in row))
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: format_value(v) if isinstance(v, float) else v for k, v in row.items()})
+  fileio.write_text(path, buffer.getvalue())
+
+
+def markdown_report(summary: dict) -> str:
+  """summary[run][subset][scope][metric] -> report.md text (one table per subset)."""
+  lines = ["# handi-jax evaluation", "",
+           "Metrics on the L generated frames (context frame excluded). Full = whole frame; MA = motion area "
+           "(frames masked to the ground-truth motion-area mask and cropped to its square bounding box).", ""]
+  header = "| Scope | Run | clips | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+  rule = "|" + "---|" * (3 + len(COLUMNS))
+  for subset, title in SUBSET_TITLES.items():
+    lines += [f"## {title}", "", header, rule]
+    for scope in SCOPES:
+      for run, by_subset in summary.items():
+        values = by_subset[subset][scope]
+        lines.append(f"| {SCOPE_TITLES[scope]} | {run} | {values['clips']} | "
+                     + " | ".join(format_value(values.get(key)) for key, _, _ in COLUMNS) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_summary(out_dir: pathlib.Path, summary: dict) -> None:
+  fileio.write_text(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+  fileio.write_text(out_dir / "report.md", markdown_report(summary))
+
+
+def _save(figure, path: pathlib.Path) -> None:
+  with fileio.atomic_path(path) as tmp:
+    figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def plot_metric_bars(summary: dict, path: pathlib.Path) -> None:
+  """One panel per computed metric: a bar per run, full and MA scope side by side (all clips)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  runs = list(summary)
+  keys = [(key, title) for key, title, _ in COLUMNS
+          if any(isinstance(summary[r]["all"][s].get(key), float) for r in runs for s in SCOPES)]
+  figure, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.2), squeeze=False)
+  x = np.arange(len(runs))
+  for axis, (key, title) in zip(axes[0], keys, strict=False):
+    for offset, scope in ((-0.2, "full"), (0.2, "ma")):
+      values = [summary[r]["all"][scope].get(key) for r in runs]
+      values = [v if isinstance(v, float) else np.nan for v in values]
+      axis.bar(x + offset, values, width=0.4, label=SCOPE_TITLES[scope])
+    axis.set_title(title)
+    axis.set_xticks(x, runs, rotation=30, ha="right")
+  axes[0][0].legend()
+  _save(figure, path)
+  plt.close(figure)
+
+
+def plot_hs_err_distribution(per_clip: list[dict], path: pathlib.Path) -> None:
+  """Histogram of per-clip HS-Err (full frame) per run."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  figure, axis = plt.subplots(figsize=(5, 3.2))
+  runs = list(dict.fromkeys(row["run"] for row in per_clip))
+  values = [[row["hs_err"] for row in per_clip if row["run"] == run and row["scope"] == "full"] for run in runs]
+  axis.hist(values, bins=20, label=runs)
+  axis.set_xlabel("HS-Err per clip (full frame)")
+  axis.set_ylabel("clips")
+  axis.legend()
+  _save(figure, path)
+  plt.close(figure)
+
+
+def _tile(frame: np.ndarray, width: int, height: int, contours) -> np.ndarray:
+  small = np.ascontiguousarray(cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA))
+  return cv2.drawContours(small, contours, -1, (0, 255, 0), 1)
+
+
+def _label(strip: np.ndarray, text: str) -> np.ndarray:
+  cv2.putText(strip, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3, cv2.LINE_AA)
+  return cv2.putText(strip, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], frames_shown: int = 5,
+                  height: int = 96) -> np.ndarray:
+  """One band per clip: generated frames above ground-truth frames (L frames subsampled to `frames_shown`),
+  the motion-area mask outlined in green on both. rows: (name, gen (L, H, W, 3), gt (L, H, W, 3), mask (H, W))."""
+  bands = []
+  for name, gen, gt, mask in rows:
+    picks = np.round(np.linspace(0, len(gen) - 1, min(frames_shown, len(gen)))).astype(int)
+    width = max(1, round(gen.shape[2] * height / gen.shape[1]))
+    small_mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(small_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    band = np.concatenate([_label(np.concatenate([_tile(v[i], width, height, contours) for i in picks], axis=1),
+                                  f"{name} {which}") for v, which in ((gen, "generated"), (gt, "ground truth"))],
+                          axis=0)
+    bands.append(np.pad(band, ((0, 4), (0, 0), (0, 0)), constant_values=255))
+  widest = max(b.shape[1] for b in bands)
+  return np.concatenate([np.pad(b, ((0, 0), (0, widest - b.shape[1]), (0, 0)), constant_values=255)
+                         for b in bands])
+
+
+def write_contact_sheet(path: pathlib.Path, rows) -> None:
+  video_io.write_png(path, contact_sheet(rows))

@@ -1,0 +1,131 @@
+"""The CLIP vision tower and the two-tower CLIPModel (transformers architecture) in Flax NNX, for evaluation.
+
+Attribute paths equal transformers' CLIPModel state-dict names (`vision_model.encoder.layers.0.self_attn.q_proj`,
+`vision_model.pre_layrnorm` (sic), `visual_projection`, `text_projection`, `logit_scale`), so
+`handi_jax.convert.clip` imports a transformers CLIPModel directory with one rule table. The text tower is
+handi_jax.models.clip_text's; the vision encoder layers are the same pre-norm blocks without the causal mask.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from handi_jax.models import clip_text
+
+_CLASS_INIT = nnx.initializers.normal(0.02)
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+  """Patches (a stride-p convolution without bias) + a learned class token + learned positions."""
+
+  def __init__(self, config, *, rngs, dtype, param_dtype):
+    self.patch_size, self.image_size = config.patch_size, config.image_size
+    width = config.hidden_size
+    self.class_embedding = nnx.Param(_CLASS_INIT(rngs.params(), (width,), param_dtype))
+    self.patch_embedding = nnx.Conv(
+        config.num_channels, width, kernel_size=(self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+        padding="VALID", use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    num_positions = (config.image_size // config.patch_size) ** 2 + 1
+    self.position_embedding = nnx.Embed(num_positions, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, pixels):
+    patches = self.patch_embedding(pixels)
+    batch = patches.shape[0]
+    patches = patches.reshape(batch, -1, patches.shape[-1])
+    cls = jnp.broadcast_to(self.class_embedding.value.astype(patches.dtype), (batch, 1, patches.shape[-1]))
+    tokens = jnp.concatenate([cls, patches], axis=1)
+    return tokens + self.position_embedding(jnp.arange(tokens.shape[1]))[None]
+
+
+class CLIPVisionAttention(clip_text.CLIPAttention):
+  """Self-attention over all patches (no causal mask)."""
+
+  def __call__(self, x):
+    batch, length, width = x.shape
+    head_dim = width // self.num_heads
+    q, k, v = (p(x).reshape(batch, length, self.num_heads, head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return self.out_proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width))
+
+
+class CLIPVisionEncoderLayer(nnx.Module):
+
+  def __init__(self, config, **kw):
+    self.self_attn = CLIPVisionAttention(config, **kw)
+    self.layer_norm1 = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+    self.mlp = clip_text.CLIPMLP(config, **kw)
+    self.layer_norm2 = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+
+  def __call__(self, x):
+    x = x + self.self_attn(self.layer_norm1(x))
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPVisionEncoder(nnx.Module):
+
+  def __init__(self, config, **kw):
+    self.layers = nnx.List([CLIPVisionEncoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+class CLIPVisionTransformer(nnx.Module):
+  """pixels (B, S, S, C) normalised as CLIPImageProcessor does -> pooled class token (B, hidden_size)."""
+
+  def __init__(self, config, **kw):
+    self.embeddings = CLIPVisionEmbeddings(config, **kw)
+    self.pre_layrnorm = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+    self.encoder = CLIPVisionEncoder(config, **kw)
+    self.post_layernorm = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+
+  def __call__(self, pixels):
+    size = self.embeddings.image_size
+    if pixels.ndim != 4 or pixels.shape[1:3] != (size, size):
+      raise ValueError(f"CLIP vision input: expected (batch, {size}, {size}, channels) normalised pixels, got "
+                       f"{pixels.shape}; resize and normalise frames with evaluation.extractors.clip_preprocess")
+    hidden = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
+    return self.post_layernorm(hidden[:, 0])
+
+
+def _projection(in_features, out_features, *, rngs, dtype, param_dtype):
+  return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=clip_text._LINEAR_INIT, rngs=rngs)
+
+
+class CLIPModel(nnx.Module):
+  """`config` has `text` (config.model.text_encoder fields, eos_token_id among them), `vision` (hidden_size,
+  intermediate_size, num_hidden_layers, num_attention_heads, image_size, patch_size, num_channels,
+  layer_norm_eps, hidden_act) and `projection_dim`.
+
+  `image_embeds(pixels)` and `text_embeds(input_ids)` are transformers' get_image_features /
+  get_text_features: projected, not normalised.
+  """
+
+  def __init__(self, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = ml_collections.FrozenConfigDict(config)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.text_model = clip_text.CLIPTextTransformer(self.config.text, **kw)
+    self.vision_model = CLIPVisionTransformer(self.config.vision, **kw)
+    self.visual_projection = _projection(self.config.vision.hidden_size, self.config.projection_dim, **kw)
+    self.text_projection = _projection(self.config.text.hidden_size, self.config.projection_dim, **kw)
+    self.logit_scale = nnx.Param(jnp.asarray(2.6592, param_dtype))  # transformers' logit_scale_init_value
+
+  def image_embeds(self, pixels: jax.Array) -> jax.Array:
+    return self.visual_projection(self.vision_model(pixels))
+
+  def text_embeds(self, input_ids: jax.Array) -> jax.Array:
+    hidden = self.text_model(input_ids)
+    # The pooled token: the first end-of-text token (transformers' rule since its PR #24773); checkpoints whose
+    # config still says eos_token_id = 2 pool at the largest id, which is the end token in CLIP's vocabulary.
+    if self.config.text.eos_token_id == 2:
+      position = jnp.argmax(input_ids, axis=-1)
+    else:
+      position = jnp.argmax(input_ids == self.config.text.eos_token_id, axis=-1)
+    return self.text_projection(hidden[jnp.arange(hidden.shape[0]), position])
