@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all lint demo clean
+.PHONY: venv test test-all lint demo app browser clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)  ## default suite (everything not marked slow)
+test: $(STAMP) browser  ## default suite (everything not marked slow)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)  ## also the slow cases
+test-all: $(STAMP) browser  ## also the slow cases
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -27,6 +27,18 @@ lint: $(STAMP)
 
 demo: $(STAMP)  ## the main job on the embedded default: tiny model, demo data, CPU
 	$(PY) -m handi_jax.main --config=configs/stage2.py --workdir=runs/demo --mode=demo
+
+app: $(STAMP)  ## the web page on http://127.0.0.1:7860 (embedded default: tiny random models); ARGS=--port=N ...
+	$(PY) -m handi_jax.app --config=configs/stage2.py --workdir=runs/app $(ARGS)
+
+# Debian's chromium + chromium-driver for tests/test_app.py's browser test. Where apt-get cannot install them
+# (not root, no network) this says so and the test skips with the reason; it never fails the test run.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { echo "make browser: installing chromium and chromium-driver with apt-get"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver fonts-dejavu-core) >/dev/null 2>&1 || \
+	    echo "make browser: apt-get could not install chromium; the browser test will be skipped"; }
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -76,43 +76,16 @@ class Clip:
 # Clips.
 
 
-def _find(root: str, relative: str, what: str, where: str) -> pathlib.Path:
-  candidates = [pathlib.Path(root) / relative, pathlib.Path(root) / pathlib.Path(relative).name]
-  for candidate in candidates:
-    if candidate.is_file():
-      return candidate
-  raise FileNotFoundError(f"{where}: {what} {relative!r} not found; looked for "
-                          f"{' and '.join(map(str, candidates))}")
-
-
-def _read_mask(mask_dir: str, stem: str, where: str) -> np.ndarray:
-  candidates = [pathlib.Path(mask_dir) / f"{stem}_mask.png", pathlib.Path(mask_dir) / f"{stem}.png"]
-  for candidate in candidates:
-    if candidate.is_file():
-      return np.asarray(video_io.load_image(candidate, mode="L")) > 127
-  raise FileNotFoundError(f"{where}: no mask for {stem!r} in config.evaluate.mask_dir; looked for "
-                          f"{' and '.join(map(str, candidates))} (or leave mask_dir empty: masks from ground truth)")
-
-
 def clips_from_prompts_file(e) -> list[Clip]:
-  path = pathlib.Path(e.prompts_file)
-  if not path.is_file():
-    raise FileNotFoundError(f"config.evaluate.prompts_file {path} does not exist")
   clips = []
-  for number, line in enumerate(path.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
-    where = f"{path} line {number}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise ValueError(f"{where} is not JSON ({error}); expected one {{source, target, prompt}} object per line") \
-          from error
-    if not isinstance(row, dict) or not {"source", "target", "prompt"} <= set(row):
-      raise ValueError(f"{where}: expected keys 'source', 'target' and 'prompt', found {sorted(row)}")
-    image = _find(e.image_dir, row["source"], "source image", where + " (config.evaluate.image_dir)")
-    video = _find(e.gt_dir, row["target"], "ground-truth video", where + " (config.evaluate.gt_dir)")
-    mask = _read_mask(e.mask_dir, image.stem, where) if e.mask_dir else None
+  for where, row in generate.prompt_rows(pathlib.Path(e.prompts_file), ("source", "target", "prompt"),
+                                         "config.evaluate.prompts_file"):
+    image = generate.find_input(e.image_dir, row["source"], f"{where}: source image", "config.evaluate.image_dir")
+    video = generate.find_input(e.gt_dir, row["target"], f"{where}: ground-truth video", "config.evaluate.gt_dir")
+    mask = None
+    if e.mask_dir:
+      mask = np.asarray(video_io.load_image(generate.find_mask(e.mask_dir, image.stem, "config.evaluate.mask_dir"),
+                                            mode="L")) > 127
     clips.append(Clip(image.stem, row["prompt"], video, mask, image))
   return clips
 

@@ -36,8 +36,11 @@ the tokenizer is handi_jax.tokenizers.demo_tokenizer(), written into <workdir>/d
 come through handi_jax.checkpoints, as in training and export.
 """
 
+import contextlib
+import copy
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 import time
@@ -69,45 +72,56 @@ class Sample:
   mask: pathlib.Path | None        # a user mask skips stage 1
 
 
-def _mask_for(mask_dir: str, stem: str) -> pathlib.Path | None:
-  if not mask_dir:
-    return None
-  for name in (f"{stem}_mask.png", f"{stem}.png"):
-    if (pathlib.Path(mask_dir) / name).is_file():
-      return pathlib.Path(mask_dir) / name
-  raise FileNotFoundError(f"no mask for sample {stem!r} in config.generate.mask_dir={mask_dir!r}: expected "
-                          f"{stem}.png or {stem}_mask.png (or leave mask_dir empty to predict masks with stage 1)")
-
-
-def _image_for(image_dir: str, source: str, line: int, prompts_file: str) -> pathlib.Path:
-  candidates = [pathlib.Path(image_dir) / source, pathlib.Path(image_dir) / pathlib.Path(source).name]
+def find_mask(mask_dir: str, stem: str, field: str) -> pathlib.Path:
+  """The mask of image `stem` in `mask_dir` (config field `field`): <stem>_mask.png or <stem>.png."""
+  candidates = [pathlib.Path(mask_dir) / f"{stem}_mask.png", pathlib.Path(mask_dir) / f"{stem}.png"]
   for candidate in candidates:
     if candidate.is_file():
       return candidate
-  raise FileNotFoundError(f"{prompts_file} line {line}: image {source!r} not found; looked for "
-                          f"{' and '.join(map(str, candidates))} (set config.generate.image_dir)")
+  raise FileNotFoundError(f"no mask for {stem!r} in {field}={mask_dir!r}: expected {stem}.png or {stem}_mask.png "
+                          "(or leave it empty)")
+
+
+def prompt_rows(path: pathlib.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
+  """(where, row) for each line of a prompts file in the release's format (one JSON object per line, with
+  `keys`); `field` is the config field that names the file."""
+  if not path.is_file():
+    raise FileNotFoundError(f"{field} {path} does not exist")
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f"{path} line {number}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where} is not JSON ({e}); expected one {{{', '.join(keys)}}} object per line") from e
+    if not isinstance(row, dict) or not set(keys) <= set(row):
+      raise ValueError(f"{where}: expected keys {', '.join(map(repr, keys))}, found {row!r}")
+    rows.append((where, row))
+  return rows
+
+
+def find_input(root: str, relative: str, what: str, field: str) -> pathlib.Path:
+  """`root/relative`, else `root/<its file name>` (the release's prompt.json names files in sub-folders); `what`
+  says where the name came from, `field` is the config field that sets `root`."""
+  candidates = [pathlib.Path(root) / relative, pathlib.Path(root) / pathlib.Path(relative).name]
+  for candidate in candidates:
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(f"{what} {relative!r} not found; looked for {' and '.join(map(str, candidates))} "
+                          f"(set {field})")
 
 
 def samples_from_config(config) -> list[Sample]:
   """The samples config.generate asks for: a prompts file (JSON lines) or one image + prompt."""
   g = config.generate
   if g.prompts_file:
-    path = pathlib.Path(g.prompts_file)
-    if not path.is_file():
-      raise FileNotFoundError(f"config.generate.prompts_file {path} does not exist")
     samples = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {line_number} is not JSON ({e}); expected one "
-                         '{"source": ..., "prompt": ...} object per line') from e
-      if not isinstance(row, dict) or "source" not in row or "prompt" not in row:
-        raise ValueError(f"{path} line {line_number}: expected keys 'source' and 'prompt', found {row!r}")
-      image = _image_for(g.image_dir, row["source"], line_number, str(path))
-      samples.append(Sample(len(samples), image.stem, image, row["prompt"], _mask_for(g.mask_dir, image.stem)))
+    for where, row in prompt_rows(pathlib.Path(g.prompts_file), ("source", "prompt"), "config.generate.prompts_file"):
+      image = find_input(g.image_dir, row["source"], f"{where}: image", "config.generate.image_dir")
+      mask = find_mask(g.mask_dir, image.stem, "config.generate.mask_dir") if g.mask_dir else None
+      samples.append(Sample(len(samples), image.stem, image, row["prompt"], mask))
   elif g.image:
     image = pathlib.Path(g.image)
     samples = [Sample(0, image.stem, image, g.prompt, pathlib.Path(g.mask) if g.mask else None)]
@@ -138,6 +152,57 @@ def _encode_image(graphdef, state, image):
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def _decode(graphdef, state, latents, chunk_size):
   return vae_lib.decode_video(nnx.merge(graphdef, state), latents, chunk_size)
+
+
+# The listener of the per-step host callback compiled into `_sample_video_reporting`: a callback cannot carry a
+# Python object, so the loop reports to whoever listens now (runs that report progress are sequential).
+_step_listeners = []
+
+
+def _step_done(_):
+  for listener in _step_listeners:
+    listener()
+
+
+@contextlib.contextmanager
+def _listening(report, total: int):
+  """Calls report(done, total) after each sampling step while the block runs."""
+  count = itertools.count(1)
+  listener = lambda: report(next(count), total)
+  _step_listeners.append(listener)
+  try:
+    yield
+  finally:
+    _step_listeners.remove(listener)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_frames", "init"))
+def _sample_video_reporting(graphdef, state, plan, context_latent, text, uncond_text, mask, motion, guidance_scale,
+                            key, num_frames: int, init: str):
+  """video.sample_video_jit with a host callback after each step's UNet call (one per step), so that a caller
+  of Generator.run sees the steps go by; the loop is still one compiled scan."""
+  unet = nnx.merge(graphdef, state)
+
+  def reporting_unet(*args, **kwargs):
+    out = unet(*args, **kwargs)
+    jax.debug.callback(_step_done, out[(0,) * out.ndim])  # depends on the output: runs after the step
+    return out
+
+  return video_sampling.sample_video(reporting_unet, plan, context_latent, text, uncond_text, mask, motion,
+                                     guidance_scale, key, num_frames, init)
+
+
+def sampling_plan(config):
+  """(settings, plan) of config.sampling, with the scheduler config of config.model.pretrained if it has one."""
+  root = pathlib.Path(config.model.pretrained) if config.model.pretrained else None
+  scheduler_file = config.sampling.scheduler_config or (
+      root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
+  scheduler_json = samplers.read_scheduler_config(scheduler_file) if scheduler_file else None
+  settings, diffusion = samplers.settings_from_config(config, scheduler_json)
+  plan = samplers.make_plan(settings, schedules.make_schedule(ml_collections.ConfigDict(diffusion)))
+  logging.info("sampler %s, %d steps, timesteps %s", settings.sampler, plan.num_steps,
+               np.asarray(plan.timesteps).tolist())
+  return settings, plan
 
 
 def load_stage_unet(config, stage: int) -> unet3d.UNet3DConditionModel:
@@ -173,21 +238,23 @@ class Generator:
   def __init__(self, config, workdir: str | pathlib.Path):
     self.config = config
     self.workdir = pathlib.Path(workdir)
-    model = config.model
-    root = pathlib.Path(model.pretrained) if model.pretrained else None
     vae, text_encoder, self.tokenizer = checkpoints.load_frozen_components(config, self.workdir / "demo_tokenizer")
     self.vae = video_sampling.canonical_split(vae)
     self.text_encoder = video_sampling.canonical_split(text_encoder)
 
-    scheduler_file = config.sampling.scheduler_config or (
-        root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
-    scheduler_json = samplers.read_scheduler_config(scheduler_file) if scheduler_file else None
-    self.settings, diffusion = samplers.settings_from_config(config, scheduler_json)
-    self.plan = samplers.make_plan(self.settings, schedules.make_schedule(ml_collections.ConfigDict(diffusion)))
-    logging.info("sampler %s, %d steps, timesteps %s", self.settings.sampler, self.plan.num_steps,
-                 np.asarray(self.plan.timesteps).tolist())
+    self.settings, self.plan = sampling_plan(config)
     self.uncond = self._text(config.sampling.negative_prompt)
     self._unets = {}
+
+  def with_config(self, config) -> "Generator":
+    """These loaded models under another config's sampling and generate fields (steps, guidance, motion strength,
+    seed, size): the app changes those per request without loading or compiling the models again. Randomly
+    initialised models and the negative prompt stay those of the config this generator was made with."""
+    other = copy.copy(self)
+    other.config = config
+    other.settings, other.plan = sampling_plan(config)
+    other.unet = self.unet  # UNets load lazily, once, from this generator's config
+    return other
 
   def unet(self, stage: int):
     """(graphdef, state) of a stage's UNet, loaded on first use."""
@@ -199,21 +266,30 @@ class Generator:
     ids = jnp.asarray(tokenizers.tokenize(self.tokenizer, [prompt]))
     return _encode_text(self.text_encoder[0], self.text_encoder[1], ids)
 
-  def _sample(self, stage: int, context_latent, text, latent_mask, key) -> np.ndarray:
+  def _sample(self, stage: int, context_latent, text, latent_mask, key, progress=None) -> np.ndarray:
     """One stage: sample the latent video and decode it -> (F, H, W, 3) float32 in about [-1, 1]."""
     config = self.config
     motion = jnp.array([config.sampling.motion_strength], jnp.float32) if config.model.unet.motion_strength else None
     graphdef, state = self.unet(stage)
-    latents = video_sampling.sample_video_jit(
-        graphdef, state, self.plan, context_latent, text, self.uncond, latent_mask, motion,
-        jnp.float32(config.sampling.guidance_scale), key, num_frames=int(config.data.num_frames),
-        init=config.sampling.init)
+    args = (graphdef, state, self.plan, context_latent, text, self.uncond, latent_mask, motion,
+            jnp.float32(config.sampling.guidance_scale), key)
+    options = dict(num_frames=int(config.data.num_frames), init=config.sampling.init)
+    if progress is None:
+      latents = video_sampling.sample_video_jit(*args, **options)
+    else:
+      progress(f"stage {stage}", 0, self.plan.num_steps)
+      with _listening(functools.partial(progress, f"stage {stage}"), self.plan.num_steps):
+        latents = _sample_video_reporting(*args, **options).block_until_ready()
     frames = _decode(self.vae[0], self.vae[1], latents, int(config.model.frame_chunk))
     return np.asarray(frames[0], np.float32)
 
-  def run(self, sample: Sample, out_dir: pathlib.Path, mode: str = "generate") -> "Result":
-    """All outputs of one sample into out_dir (`mode` "predict_masks" stops after the mask)."""
+  def run(self, sample: Sample, out_dir: pathlib.Path, mode: str = "generate", progress=None) -> "Result":
+    """All outputs of one sample into out_dir (`mode` "predict_masks" stops after the mask). `progress`, if
+    given, is called as progress(phase, done, total): "encoding", "stage 1" / "stage 2" per sampling step,
+    "clean-up", "writing files"."""
     config = self.config
+    report = progress or (lambda phase, done, total: None)
+    report("encoding", 0, 1)
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     key = jax.random.fold_in(jax.random.key(config.seed), sample.index)
@@ -234,7 +310,8 @@ class Generator:
     else:
       prior = (video_io.load_mask(config.generate.prior_mask, height, width, binary=False)
                if config.generate.prior_mask else np.ones((height, width), np.float32))
-      mask_frames = self._sample(1, context_latent, text, self._latent_mask(prior), stage1_key)
+      mask_frames = self._sample(1, context_latent, text, self._latent_mask(prior), stage1_key, progress)
+      report("clean-up", 0, 1)
       mask = mask_cleanup.clean_mask_video_from_config(mask_frames[1:], config.mask_cleanup)
       video_io.write_mp4(out_dir / "mask_video.mp4", video_io.to_uint8(mask_frames), config.generate.fps)
       record["mask_source"] = "stage 1"
@@ -245,7 +322,9 @@ class Generator:
 
     frames = None
     if mode == "generate":
-      generated = self._sample(2, context_latent, text, self._latent_mask(mask.astype(np.float32)), stage2_key)
+      generated = self._sample(2, context_latent, text, self._latent_mask(mask.astype(np.float32)), stage2_key,
+                               progress)
+      report("writing files", 0, 1)
       frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background))
       video_io.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
       video_io.write_gif(out_dir / "video.gif", frames, config.generate.fps)
