@@ -64,8 +64,34 @@ class SampledClip:
   num_source_frames: int
 
 
+def _retrieve_rgb(capture: cv2.VideoCapture) -> np.ndarray | None:
+  """The frame of the last grab() as RGB, or None when it cannot be decoded."""
+  ok, bgr = capture.retrieve()
+  return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok else None
+
+
+def _decode_again(path: pathlib.Path, wanted: np.ndarray) -> dict[int, np.ndarray | None]:
+  """The frames at `wanted` from a second pass, for a clip whose decoded count differs from the container's."""
+  capture = cv2.VideoCapture(str(path))
+  keep, frames = set(wanted.tolist()), {}
+  try:
+    for index in range(int(wanted[-1]) + 1):
+      if not capture.grab():
+        raise ClipRejected("corrupt_video", f"{path}: frame {index} decoded on the first pass but not the second")
+      if index in keep:
+        frames[index] = _retrieve_rgb(capture)
+  finally:
+    capture.release()
+  return frames
+
+
 def read_sampled_frames(path: str | pathlib.Path, num_frames: int) -> SampledClip:
-  """Decode a video and keep `num_frames` evenly sampled RGB frames; raises ClipRejected for bad clips."""
+  """Decode a video and keep `num_frames` evenly sampled RGB frames; raises ClipRejected for bad clips.
+
+  Every frame is decoded once (grab()): the count decides the sampling and finds truncated files, since the
+  container's count can be off. The samples are kept on that same pass at the positions the container's count
+  gives, which is exact for MP4/MOV; only a clip whose decoded count differs is decoded a second time.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise ClipRejected("missing_file", f"{path} does not exist")
@@ -77,9 +103,11 @@ def read_sampled_frames(path: str | pathlib.Path, num_frames: int) -> SampledCli
       raise ClipRejected("corrupt_video", f"OpenCV/FFmpeg cannot open {path} (truncated or damaged file)")
     fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
     listed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    # The container's frame count can be off; count by decoding, then decode again keeping the samples.
-    total, last_ms = 0, 0.0
+    expected = set(sample_indices(listed, num_frames).tolist()) if listed > 0 else set()
+    frames, total, last_ms = {}, 0, 0.0
     while capture.grab():
+      if total in expected:
+        frames[total] = _retrieve_rgb(capture)
       total += 1
       last_ms = float(capture.get(cv2.CAP_PROP_POS_MSEC) or 0.0)
   finally:
@@ -94,19 +122,11 @@ def read_sampled_frames(path: str | pathlib.Path, num_frames: int) -> SampledCli
     raise ClipRejected("too_few_frames", f"{path} has {total} frames, {num_frames} are needed "
                        "(config.data.num_frames)")
   wanted = sample_indices(total, num_frames)
-  capture = cv2.VideoCapture(str(path))
-  frames = {}
-  try:
-    for index in range(int(wanted[-1]) + 1):
-      if not capture.grab():
-        raise ClipRejected("corrupt_video", f"{path}: frame {index} decoded on the first pass but not the second")
-      if index in wanted:
-        ok, bgr = capture.retrieve()
-        if not ok:
-          raise ClipRejected("corrupt_video", f"{path}: frame {index} cannot be decoded")
-        frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-  finally:
-    capture.release()
+  if not all(int(i) in frames for i in wanted):
+    frames = _decode_again(path, wanted)
+  for index in wanted:
+    if frames[int(index)] is None:
+      raise ClipRejected("corrupt_video", f"{path}: frame {index} cannot be decoded")
   return SampledClip(np.stack([frames[int(i)] for i in wanted]), wanted, fps, total)
 
 

@@ -8,7 +8,9 @@ input and config give byte-identical shards.
 """
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import io
 import json
@@ -67,14 +69,29 @@ def _fingerprint(settings_key: str, keys: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-def _run_jobs(process: Callable, jobs: Sequence, workers: int) -> Iterator:
-  """Results in job order; in this process for workers <= 1, else in a pool of spawned processes."""
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+  """Around a heavy import: `import tensorflow` makes ~10^6 objects, and the cyclic GC would scan them all again
+  on each of its full passes (six during that import, a quarter of its time)."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+
+
+@contextlib.contextmanager
+def _results(process: Callable, jobs: Sequence, workers: int) -> Iterator[Iterator]:
+  """Results in job order: in this process for workers <= 1, else from a pool of spawned processes that is
+  started at once, so that the workers start up while the caller imports TensorFlow."""
   if workers <= 1:
-    yield from map(process, jobs)
+    yield map(process, jobs)
     return
   # spawn, not fork: the parent holds TensorFlow and JAX thread pools that a forked child must not inherit.
-  with multiprocessing.get_context("spawn").Pool(workers) as pool:
-    yield from pool.imap(process, jobs, chunksize=1)
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving it stops the workers
+    yield pool.imap(process, jobs, chunksize=1)
 
 
 def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process: Callable, *, config,
@@ -103,10 +120,11 @@ def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process
 
   pending = [s for s in range(num_shards) if not finished(s)]
   pending_jobs = [jobs[i] for s in pending for i in shard_jobs[s]]
-  features = schema.make_features(config.data.num_frames, config.data.height, config.data.width)
-  serialize = schema.Serializer(features)
-  results = _run_jobs(process, pending_jobs, workers)
-  try:
+  # No pool for a single clip: starting a worker costs more than the clip.
+  with _results(process, pending_jobs, min(workers, len(pending_jobs))) as results:
+    with _gc_paused():  # make_features imports TensorFlow
+      features = schema.make_features(config.data.num_frames, config.data.height, config.data.width)
+    serialize = schema.Serializer(features)
     with tqdm(total=len(jobs), initial=len(jobs) - len(pending_jobs), desc=f"{split} clips", unit="clip",
               disable=not progress) as bar:
       for shard in pending:
@@ -115,8 +133,6 @@ def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process
           chunk.append(next(results))
           bar.update(1)
         _write_shard(data_dir, split, shard, num_shards, chunk, serialize, fingerprints[shard], config)
-  finally:
-    results.close()  # stops the worker pool
   _remove_stale(data_dir, split, num_shards)
   return finalize_split(data_dir, split, num_shards, config, shards_reused=num_shards - len(pending))
 

@@ -394,6 +394,26 @@ def test_truncated_mp4_with_its_index_at_the_front_is_a_corrupt_video(shared_dat
   assert video.read_sampled_frames(shared_data / "clips" / "31.gif", 16).num_source_frames == 20  # a GIF too
 
 
+def test_sampled_frames_are_those_of_a_full_decode_also_when_the_container_count_is_off(shared_data, tmp_path):
+  """The frames are kept on the one decoding pass at the positions the container's count gives; a clip whose
+  count is off (a variable-frame-rate mkv with a 2 s gap: 40 frames listed, 20 decoded) is decoded again."""
+  import imageio_ffmpeg
+
+  _write_mp4(tmp_path / "even.mp4", _read_all_frames(shared_data / "clips" / "31.gif"))
+  subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(tmp_path / "even.mp4"), "-vf",
+                  "setpts='if(lt(N,10),N,N+20)/(10*TB)'", "-fps_mode", "passthrough", "-c:v", "mpeg4", "-q:v", "3",
+                  str(tmp_path / "gap.mkv")], check=True, timeout=120)
+  for name, listed in (("even.mp4", 20), ("gap.mkv", 40)):
+    capture = cv2.VideoCapture(str(tmp_path / name))
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == listed
+    capture.release()
+    decoded = _read_all_frames(tmp_path / name)
+    clip = video.read_sampled_frames(tmp_path / name, 16)
+    wanted = video.sample_indices(len(decoded), 16)
+    assert clip.num_source_frames == len(decoded) == 20 and clip.frame_indices.tolist() == wanted.tolist()
+    np.testing.assert_array_equal(clip.frames, [cv2.cvtColor(decoded[i], cv2.COLOR_BGR2RGB) for i in wanted])
+
+
 def test_frame_count_slack_excuses_an_estimated_count_but_not_a_lost_tail():
   at_10_fps = lambda frames: (frames - 1) * 100.0  # noqa: E731 - the time of the last frame, in ms
   assert not video.missing_frames(128, 130, 10.0, at_10_fps(128))  # 2 short: a dropped edit-list frame

@@ -6,17 +6,25 @@ landmark polygon plus one convex hull around all joints per frame, the OR over f
 video's resolution, one process per core. data_prep.build samples 16 frames per clip, resizes and crops them to
 256 x 256, detects, draws per-frame and union masks and writes TFRecord shards, prior, index and report.
 
-Input: the three clips of ../shared/data/clips (20 frames, 10 fps) as mp4, each listed `--copies` times; with
-`--time_loops=N` every clip is also looped N times in time (longer clips, like real training videos).
+Input, the same files for both sides: the three clips of ../shared/data/clips (20 frames, 10 fps), each looped in
+time to `--lengths` frames (130 = the length of a real EPIC-KITCHENS clip) and written as mp4, each listed
+`--copies` times. For each length both sides run back to back in this process. The table gives wall times including
+worker start-up (modules and TensorFlow are imported before either side is timed) and the CPU time of each side
+with its workers (a figure that a busy machine disturbs less than the wall time), and the sha256 of data_prep's
+shards, to check that a change leaves its output unchanged. Last, one command-line build of a single clip, from
+interpreter start to exit: what a one-clip build costs in fixed start-up.
 
-  .venv/bin/python tests/benchmarks/bench_data_prep.py [--copies=12] [--time_loops=1 8]
+  .venv/bin/python tests/benchmarks/bench_data_prep.py [--copies=12] [--lengths 130 20]
 """
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +36,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 CLIPS = REPO_ROOT.parent / "shared" / "data" / "clips"
 NAMES = ("31", "36", "816")
+SIZE = dict(num_frames=16, height=256, width=256)
 
 
-def make_videos(root: pathlib.Path, copies: int, time_loops: int) -> pathlib.Path:
+def make_videos(root: pathlib.Path, copies: int, length: int) -> pathlib.Path:
+  """Each real clip looped to `length` frames as mp4 (10 fps), listed `copies` times; returns the caption file."""
   for name in NAMES:
     capture = cv2.VideoCapture(str(CLIPS / f"{name}.gif"))
     frames = []
@@ -41,9 +51,8 @@ def make_videos(root: pathlib.Path, copies: int, time_loops: int) -> pathlib.Pat
       frames.append(frame)
     height, width = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(root / f"{name}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (width, height))
-    for _ in range(time_loops):
-      for frame in frames:
-        writer.write(frame)
+    for index in range(length):
+      writer.write(frames[index % len(frames)])
     writer.release()
   entries = [dict(video=f"{name}.mp4", caption=f"clip {name} copy {i}") for i in range(copies) for name in NAMES]
   captions = root / "captions.json"
@@ -85,54 +94,105 @@ def _release_style_mask(job):
   cv2.imwrite(out_path, union)
 
 
-def run_per_frame_baseline(captions: pathlib.Path, out: pathlib.Path, workers: int) -> float:
+class Timer:
+  """Wall seconds and CPU seconds of this process plus its finished children (worker pools are joined on exit),
+  so that a run on a busy machine still shows how much work each side did."""
+
+  def __enter__(self):
+    self._start = self._now()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall, self.cpu = (end - start for end, start in zip(self._now(), self._start, strict=True))
+
+  @staticmethod
+  def _now() -> tuple[float, float]:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_per_frame_baseline(captions: pathlib.Path, out: pathlib.Path, workers: int) -> Timer:
   from data_prep.hands import write_bundled_task_file
 
   task = str(write_bundled_task_file(out / "hand_landmarker.task"))
   entries = json.loads(captions.read_text())
   jobs = [(str(captions.parent / e["video"]), task, str(out / f"{i}.png")) for i, e in enumerate(entries)]
-  start = time.perf_counter()
-  with multiprocessing.get_context("fork").Pool(workers) as pool:
+  with Timer() as timer, multiprocessing.get_context("fork").Pool(workers) as pool:
     pool.map(_release_style_mask, jobs, chunksize=1)
+  return timer
+
+
+def _config():
+  from configs import common
+
+  config = common.get_config(2)
+  for key, value in SIZE.items():
+    config.data[key] = value
+  return config
+
+
+def run_data_prep(captions: pathlib.Path, out: pathlib.Path, workers: int) -> tuple[Timer, str]:
+  """The build's times and the sha256 of its shards in order (to compare outputs across versions). Its modules
+  are imported first, as the per-frame side's are; its worker processes start inside the timing."""
+  from data_prep import build, writer  # noqa: F401 - imported before the timing
+  from handi_jax.data import schema
+
+  with Timer() as timer:
+    summary = build.build(_config(), captions, out, workers=workers, progress=False)
+  assert summary.num_rejected == 0, summary
+  digest = hashlib.sha256()
+  for shard in schema.split_files(out, "train"):
+    digest.update(shard.read_bytes())
+  return timer, digest.hexdigest()
+
+
+def one_clip_command_line(root: pathlib.Path) -> float:
+  """Seconds from interpreter start to exit of `python -m data_prep.build` on one 130-frame clip."""
+  make_videos(root, 1, 130)
+  (root / "one.json").write_text(json.dumps([dict(video="31.mp4", caption="julienne the carrot")]))
+  command = [sys.executable, "-m", "data_prep.build", f"--captions={root / 'one.json'}",
+             f"--output_dir={root / 'out'}", "--noprogress"] + [f"--config.data.{k}={v}" for k, v in SIZE.items()]
+  start = time.perf_counter()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True, env=env)
   return time.perf_counter() - start
 
 
-def run_data_prep(captions: pathlib.Path, out: pathlib.Path, workers: int) -> float:
-  from configs import common
-  from data_prep import build
-
-  config = common.get_config(2)
-  config.data.num_frames, config.data.height, config.data.width = 16, 256, 256
-  start = time.perf_counter()
-  summary = build.build(config, captions, out, workers=workers, progress=False)
-  elapsed = time.perf_counter() - start
-  assert summary.num_rejected == 0, summary
-  return elapsed
+def _load() -> str:
+  return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--copies", type=int, default=12, help="times each of the 3 clips is listed")
-  parser.add_argument("--time_loops", type=int, nargs="+", default=[1, 8], help="clip lengths, in loops of 20 frames")
+  parser.add_argument("--lengths", type=int, nargs="+", default=[130, 20], help="clip lengths in frames")
   parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for both sides")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import tensorflow as tf  # data_prep's writer uses it; imported here so neither timing pays for it
 
   tf.config.set_visible_devices([], "GPU")
-  print(f"{os.cpu_count()} CPU cores, {args.workers} worker processes, {args.copies * len(NAMES)} clips per run")
-  for loops in args.time_loops:
+  num_clips = args.copies * len(NAMES)
+  print(f"{os.cpu_count()} CPU cores, {args.workers} worker processes per side, {num_clips} clips per run; "
+        f"load average (1/5/15 min) at start {_load()}")
+  print("| clip length | data_prep.build | per-frame mask_video-style | ratio (wall) | CPU s, ours / theirs "
+        "(ratio) | load after | shards sha256 |")
+  print("|---|---|---|---|---|---|---|")
+  for length in args.lengths:
     with tempfile.TemporaryDirectory() as tmp:
       tmp = pathlib.Path(tmp)
       (tmp / "videos").mkdir()
       (tmp / "release").mkdir()
-      captions = make_videos(tmp / "videos", args.copies, loops)
-      num_clips = args.copies * len(NAMES)
-      ours = run_data_prep(captions, tmp / "ours", args.workers)
+      captions = make_videos(tmp / "videos", args.copies, length)
+      ours, digest = run_data_prep(captions, tmp / "ours", args.workers)
       theirs = run_per_frame_baseline(captions, tmp / "release", args.workers)
-      print(f"clips of {20 * loops} frames: data_prep.build {num_clips / ours:.2f} clips/s ({ours:.1f} s), "
-            f"per-frame mask_video-style {num_clips / theirs:.2f} clips/s ({theirs:.1f} s), "
-            f"ratio {theirs / ours:.2f}x")
+      print(f"| {length} frames | {num_clips / ours.wall:.2f} clips/s ({ours.wall:.1f} s) | "
+            f"{num_clips / theirs.wall:.2f} clips/s ({theirs.wall:.1f} s) | {theirs.wall / ours.wall:.2f}x | "
+            f"{ours.cpu:.1f} / {theirs.cpu:.1f} ({theirs.cpu / ours.cpu:.2f}x) | {_load()} | {digest[:16]} |",
+            flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    print(f"one-clip command-line build (130 frames): {one_clip_command_line(pathlib.Path(tmp)):.1f} s; "
+          f"load average after {_load()}")
 
 
 if __name__ == "__main__":
