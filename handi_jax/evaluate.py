@@ -45,13 +45,12 @@ import pathlib
 
 import cv2
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from data_prep import hands as hand_detection
 from data_prep import masks as mask_rules
 from data_prep.video import sample_indices
-from handi_jax import fileio, generate, video_io
+from handi_jax import command_line, fileio, generate, video_io
 from handi_jax.data import schema
 from handi_jax.evaluation import extractors as extractors_lib
 from handi_jax.evaluation import metrics, report
@@ -424,28 +423,7 @@ def evaluate_checkpoint(config, workdir, step: int) -> dict[str, float]:
   return training_scalars(evaluate_runs(config, clips, runs, out_dir)["generated"])
 
 
-def _main():
-  """`python -m handi_jax.evaluate`: flags defined here, so --mode=evaluate of handi_jax.main can import this."""
-  config_flag = config_flags.DEFINE_config_file(
-      "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py"),
-      "Config file with optional variants (configs/stage2.py:paper); override fields with --config.<field>=...",
-      lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", "runs/evaluate", "Working directory (default output_dir).")
-  shortcuts = {name: flags.DEFINE_string(name, None, f"Sets config.evaluate.{name}.")
-               for name in ("prompts_file", "image_dir", "gt_dir", "mask_dir", "data_dir", "split", "runs",
-                            "output_dir", "clip", "egovlp", "blip")}
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_flag.value
-    for name, flag in shortcuts.items():
-      if flag.value is not None:
-        config.evaluate[name] = flag.value
-    evaluate(config, workdir_flag.value)
-
-  app.run(main)
-
-
 if __name__ == "__main__":
-  _main()
+  command_line.run("evaluate", ("prompts_file", "image_dir", "gt_dir", "mask_dir", "data_dir", "split", "runs",
+                                "output_dir", "clip", "egovlp", "blip"),
+                   "runs/evaluate", "Working directory (default output_dir).", evaluate)

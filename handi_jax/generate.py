@@ -50,11 +50,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 
-from handi_jax import checkpoints, conditioning, fileio, mask_cleanup, tokenizers, video_io
+from handi_jax import checkpoints, command_line, conditioning, fileio, mask_cleanup, tokenizers, video_io
 from handi_jax.diffusion import samplers, schedules
 from handi_jax.diffusion import video as video_sampling
 from handi_jax.models import unet3d
@@ -366,31 +365,12 @@ def predict_masks_from_config(config, workdir) -> list[pathlib.Path]:
   return _run_all(config, workdir, "predict_masks")
 
 
-def _main():
-  """`python -m handi_jax.generate`: flags are defined here, not at import, so --mode=generate of
-  handi_jax.main (which owns --config and --workdir) can import this module."""
-  config_flag = config_flags.DEFINE_config_file(
-      "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py"),
-      "Config file with optional variants (configs/stage2.py:paper); override fields with --config.<field>=...",
-      lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", "runs/generate", "Working directory (default output_dir, demo "
-                                     "tokenizer).")
-  shortcuts = {name: flags.DEFINE_string(name, None, f"Sets config.generate.{name}.")
-               for name in ("image", "prompt", "mask", "prompts_file", "image_dir", "mask_dir", "output_dir",
-                            "stage1_pretrained", "stage2_pretrained")}
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_flag.value
-    for name, flag in shortcuts.items():
-      if flag.value is not None:
-        config.generate[name] = flag.value
-    for folder in generate_from_config(config, workdir_flag.value):
-      print(folder)
-
-  app.run(main)
+def _print_folders(config, workdir) -> None:
+  for folder in generate_from_config(config, workdir):
+    print(folder)
 
 
 if __name__ == "__main__":
-  _main()
+  command_line.run("generate", ("image", "prompt", "mask", "prompts_file", "image_dir", "mask_dir", "output_dir",
+                                "stage1_pretrained", "stage2_pretrained"),
+                   "runs/generate", "Working directory (default output_dir, demo tokenizer).", _print_folders)

@@ -51,9 +51,10 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-  """Multi-head self-attention with a causal mask (each token sees itself and the tokens before it)."""
+  """Multi-head self-attention; `causal` (the text tower): each token sees itself and the tokens before it."""
 
-  def __init__(self, config, **kw):
+  def __init__(self, config, causal: bool = True, **kw):
+    self.causal = causal
     width, self.num_heads = config.hidden_size, config.num_attention_heads
     if width % self.num_heads:
       raise ValueError(f"config.model.text_encoder: hidden_size {width} is not divisible by "
@@ -73,8 +74,8 @@ class CLIPAttention(nnx.Module):
     q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
     # Logits and softmax in float32, as transformers does, whatever the compute dtype.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    if self.causal:
+      logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
     return self.out_proj(out)
@@ -95,10 +96,10 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-  """Pre-norm transformer block."""
+  """Pre-norm transformer block (causal in the text tower, not in the vision tower)."""
 
-  def __init__(self, config, **kw):
-    self.self_attn = CLIPAttention(config, **kw)
+  def __init__(self, config, causal: bool = True, **kw):
+    self.self_attn = CLIPAttention(config, causal, **kw)
     self.layer_norm1 = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
     self.mlp = CLIPMLP(config, **kw)
     self.layer_norm2 = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
@@ -110,8 +111,8 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
 
-  def __init__(self, config, **kw):
-    self.layers = nnx.List([CLIPEncoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+  def __init__(self, config, causal: bool = True, **kw):
+    self.layers = nnx.List([CLIPEncoderLayer(config, causal, **kw) for _ in range(config.num_hidden_layers)])
 
   def __call__(self, x):
     for layer in self.layers:

@@ -3,7 +3,7 @@
 Attribute paths equal transformers' CLIPModel state-dict names (`vision_model.encoder.layers.0.self_attn.q_proj`,
 `vision_model.pre_layrnorm` (sic), `visual_projection`, `text_projection`, `logit_scale`), so
 `handi_jax.convert.clip` imports a transformers CLIPModel directory with one rule table. The text tower is
-handi_jax.models.clip_text's; the vision encoder layers are the same pre-norm blocks without the causal mask.
+handi_jax.models.clip_text's; the vision encoder is its CLIPEncoder without the causal mask.
 """
 
 from collections.abc import Mapping
@@ -40,49 +40,13 @@ class CLIPVisionEmbeddings(nnx.Module):
     return tokens + self.position_embedding(jnp.arange(tokens.shape[1]))[None]
 
 
-class CLIPVisionAttention(clip_text.CLIPAttention):
-  """Self-attention over all patches (no causal mask)."""
-
-  def __call__(self, x):
-    batch, length, width = x.shape
-    head_dim = width // self.num_heads
-    q, k, v = (p(x).reshape(batch, length, self.num_heads, head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return self.out_proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width))
-
-
-class CLIPVisionEncoderLayer(nnx.Module):
-
-  def __init__(self, config, **kw):
-    self.self_attn = CLIPVisionAttention(config, **kw)
-    self.layer_norm1 = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-    self.mlp = clip_text.CLIPMLP(config, **kw)
-    self.layer_norm2 = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPVisionEncoder(nnx.Module):
-
-  def __init__(self, config, **kw):
-    self.layers = nnx.List([CLIPVisionEncoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
-
-  def __call__(self, x):
-    for layer in self.layers:
-      x = layer(x)
-    return x
-
-
 class CLIPVisionTransformer(nnx.Module):
   """pixels (B, S, S, C) normalised as CLIPImageProcessor does -> pooled class token (B, hidden_size)."""
 
   def __init__(self, config, **kw):
     self.embeddings = CLIPVisionEmbeddings(config, **kw)
     self.pre_layrnorm = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-    self.encoder = CLIPVisionEncoder(config, **kw)
+    self.encoder = clip_text.CLIPEncoder(config, causal=False, **kw)
     self.post_layernorm = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
 
   def __call__(self, pixels):
