@@ -7,6 +7,11 @@
   (in JAX) on hand crops placed by the ground-truth keypoints, mean squared error to those keypoints.
 - `stage1_loss` = L_noise + alpha * L_mIoU (Eq. 5); `stage2_loss` = L_noise + eta * L_HR (Eq. 7).
 
+Decoding dominates the step's cost, so each stage loss may score a random subset of k of the L generated frames
+per clip and step (`config.loss.miou_frames`, `config.loss.hand_frames`; `random_frames`): drawn uniformly
+without replacement, with sums scaled by L / k and counts taken from all L frames' ground truth, so the
+estimate's expectation is the loss over all L frames. k = 0 (or k >= L) scores every frame: the exact loss.
+
 Both pixel-space losses decode the predicted clean latent x0 (Eq. 4) inside the graph, so unlike the
 original release (whose hand loss ran MediaPipe on uint8 copies and sent no gradient) they train the UNet.
 Frames go through decode + loss `config.model.frame_chunk` at a time under `lax.map`; with `remat_decoder`
@@ -70,6 +75,26 @@ def soft_miou_loss(masks: jax.Array, targets: jax.Array, smooth: float = 1.0) ->
   return 1.0 - jnp.mean(soft_iou(masks, targets, smooth))
 
 
+def random_frames(key: jax.Array, count: int, *videos: jax.Array) -> list[jax.Array]:
+  """The same `count` frames (axis 1) of every video, drawn per clip uniformly without replacement.
+
+  videos: (B, L, ...) arrays sharing B and L. Frames are gathered, so only they are decoded downstream, and a
+  gradient reaches only them. count 0 or >= L: the videos unchanged (every frame, no key needed).
+  """
+  clips, frames = videos[0].shape[:2]
+  if count < 0:
+    raise ValueError(f"frame subset size (config.loss.miou_frames / hand_frames) must be >= 0 (0 = all frames), "
+                     f"got {count}")
+  if count == 0 or count >= frames:
+    return list(videos)
+  if key is None:
+    raise ValueError(f"scoring {count} of {frames} frames needs a random key; pass frames_key, or set the subset "
+                     "size (config.loss.miou_frames / hand_frames) to 0 for all frames")
+  order = jnp.broadcast_to(jnp.arange(frames), (clips, frames))
+  chosen = jax.random.permutation(key, order, axis=1, independent=True)[:, :count]
+  return [jnp.take_along_axis(v, chosen.reshape(*chosen.shape, *(1,) * (v.ndim - 2)), axis=1) for v in videos]
+
+
 def hand_slot_weights(presence: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(joint weights (..., 2, 21), hand weights (..., 2)) from ground-truth presence (..., 2, 21).
 
@@ -85,8 +110,7 @@ def hand_errors(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, la
   """Per-frame sums for L_HR over decoded frames (B, L, H, W, 3) in [-1, 1] with keypoints (B, L, 2, 21, 2).
 
   Returns (B, L) sums (not means) so that chunks of frames can be added up: squared error (x and y,
-  normalised frame coordinates) over counted joints, their number, -log(presence) and presence over counted
-  hands, and their number.
+  normalised frame coordinates) over counted joints, -log(presence) and presence over counted hands.
   """
   batch, frames_n, height, width = frames.shape[:4]
   if keypoints.shape != (batch, frames_n, 2, 21, 2) or presence.shape != (batch, frames_n, 2, 21):
@@ -112,23 +136,30 @@ def hand_errors(frames: jax.Array, keypoints: jax.Array, presence: jax.Array, la
   squared = jnp.sum(jnp.square(predicted - _real(keypoints)), axis=-1)  # per joint
   per_frame = lambda x: jnp.sum(x, axis=tuple(range(2, x.ndim)))
   return dict(
-      squared_error=per_frame(squared * joint_w), joints=per_frame(joint_w),
+      squared_error=per_frame(squared * joint_w),
       presence_nll=per_frame(-jnp.log(jnp.clip(hand_presence, 1e-6, 1.0)) * hand_w),
-      presence=per_frame(hand_presence * hand_w), hands=per_frame(hand_w))
+      presence=per_frame(hand_presence * hand_w))
 
 
-def hand_refinement_from_sums(sums: Mapping[str, jax.Array], presence_weight: float) -> tuple[jax.Array, dict]:
+def hand_refinement_from_sums(sums: Mapping[str, jax.Array], presence: jax.Array, presence_weight: float
+                              ) -> tuple[jax.Array, dict]:
   """L_HR from `hand_errors` sums: mean squared joint error (+ presence_weight * mean -log presence).
 
-  Eq. 2 averages the squared joint distance over frames and joints; joints missing in the ground truth do
-  not count (mean over counted joints). With no counted joint at all the loss is 0.
+  sums: (B, k) per-frame sums of k scored frames out of the L frames whose ground-truth presence (B, L, 2, 21)
+  is given. Eq. 2 averages the squared joint distance over frames and joints; joints missing in the ground truth
+  do not count (mean over counted joints). The counts depend only on the ground truth, so they come from all L
+  frames, and the scored frames' sums are scaled by L / k: for frames drawn uniformly (`random_frames`) the
+  expectation is the loss over all L frames. With no counted joint at all the loss is 0.
   """
-  sums = jax.tree.map(jnp.sum, sums)
-  hand_mse = sums["squared_error"] / jnp.maximum(sums["joints"], 1.0)
-  presence_nll = sums["presence_nll"] / jnp.maximum(sums["hands"], 1.0)
+  joint_w, hand_w = hand_slot_weights(presence)
+  joints, hands = jnp.maximum(jnp.sum(joint_w), 1.0), jnp.maximum(jnp.sum(hand_w), 1.0)
+  scale = presence.shape[1] / sums["squared_error"].shape[1]
+  total = {name: scale * jnp.sum(value) for name, value in sums.items()}
+  hand_mse = total["squared_error"] / joints
+  presence_nll = total["presence_nll"] / hands
   loss = hand_mse + presence_weight * presence_nll if presence_weight else hand_mse
-  terms = dict(hand_mse=hand_mse, hand_presence_nll=presence_nll,
-               hand_presence=sums["presence"] / jnp.maximum(sums["hands"], 1.0), hands_counted=sums["hands"])
+  terms = dict(hand_mse=hand_mse, hand_presence_nll=presence_nll, hand_presence=total["presence"] / hands,
+               hands_counted=jnp.sum(hand_w))
   return loss, terms
 
 
@@ -142,7 +173,8 @@ def _decoder(decode_fn: DecodeFn, loss_config) -> DecodeFn:
 
 
 def stage1_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
-                decode_fn: DecodeFn, loss_config, frame_chunk: int | None = None) -> tuple[jax.Array, dict]:
+                decode_fn: DecodeFn, loss_config, frame_chunk: int | None = None, frames_key: jax.Array | None = None
+                ) -> tuple[jax.Array, dict]:
   """L_stage1 = L_noise + alpha * L_mIoU (Eq. 5).
 
   prediction, target: (B, F, h, w, 4) model output and its regression target (config.diffusion.prediction_type);
@@ -151,6 +183,8 @@ def stage1_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.A
   decode_fn: scaled latents (B, f, h, w, 4) -> pixels (B, f, H, W, 3) in [-1, 1], computing in
   loss_config.decode_dtype (the latents it gets are cast to it). loss_config: config.loss. frame_chunk
   (config.model.frame_chunk): frames decoded and scored per step of a `lax.map` (None: all at once).
+  frames_key: draws the loss_config.miou_frames frames scored per clip (`random_frames`; the mean IoU over them
+  estimates the mean over all generated frames without bias).
   Returns (loss, terms) with terms noise, miou_loss, miou.
   """
   l_noise = noise_loss(prediction, target)
@@ -162,8 +196,8 @@ def stage1_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.A
   if targets.shape[:2] != latents.shape[:2]:
     raise ValueError(f"stage1_loss: target_masks {targets.shape} must hold the F - 1 = {latents.shape[1]} "
                      f"generated frames of each of the {latents.shape[0]} clips")
+  latents, targets = random_frames(frames_key, loss_config.miou_frames, latents, targets)
   decode = _decoder(decode_fn, loss_config)
-
   masks = chunking.map_frame_chunks(lambda z: pixels_to_mask(decode(z)), frame_chunk, latents)
   l_miou = soft_miou_loss(masks, targets)
   terms.update(miou_loss=l_miou, miou=1.0 - l_miou)
@@ -171,32 +205,31 @@ def stage1_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.A
 
 
 def stage2_loss(prediction: jax.Array, target: jax.Array, x0_pred_latents: jax.Array, batch: Mapping[str, jax.Array],
-                decode_fn: DecodeFn, landmark_params, loss_config, frame_chunk: int | None = None
-                ) -> tuple[jax.Array, dict]:
+                decode_fn: DecodeFn, landmark_params, loss_config, frame_chunk: int | None = None,
+                frames_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """L_stage2 = L_noise + eta * L_HR (Eq. 7).
 
   prediction, target, x0_pred_latents: (B, F, h, w, 4) as in `stage1_loss`. batch["keypoints"] (B, F, 2, 21, 2)
   in [0, 1] of the training frames (slot 0 left, 1 right) and batch["presence"] (B, F, 2, 21).
   decode_fn and frame_chunk as in `stage1_loss`; landmark_params from `hands.landmarks.load_hand_landmark_params()`.
-  Frames 1, 1 + k, ... with k = loss_config.hand_frame_stride are decoded and scored.
+  frames_key draws the loss_config.hand_frames generated frames decoded and scored per clip (`random_frames`;
+  `hand_refinement_from_sums` makes the estimate unbiased).
   Returns (loss, terms) with terms noise, hand_loss, hand_mse, hand_presence_nll, hand_presence, hands_counted.
   """
   l_noise = noise_loss(prediction, target)
   terms = dict(noise=l_noise)
   if not loss_config.eta_hand:
     return l_noise, terms
-  stride = loss_config.hand_frame_stride
-  if stride < 1:
-    raise ValueError(f"config.loss.hand_frame_stride must be >= 1, got {stride}")
   # Frame 0 is the context image, not generated.
-  latents = x0_pred_latents[:, 1::stride]
-  keypoints, presence = batch["keypoints"][:, 1::stride], batch["presence"][:, 1::stride]
+  generated_presence = batch["presence"][:, 1:]
+  chosen = random_frames(frames_key, loss_config.hand_frames, x0_pred_latents[:, 1:], batch["keypoints"][:, 1:],
+                         generated_presence)
   decode = _decoder(decode_fn, loss_config)
 
   def chunk_errors(latents, keypoints, presence):
     return hand_errors(decode(latents), keypoints, presence, landmark_params, loss_config.remat_landmarks)
 
-  sums = chunking.map_frame_chunks(chunk_errors, frame_chunk, latents, keypoints, presence)
-  l_hr, hand_terms = hand_refinement_from_sums(sums, loss_config.hand_presence_weight)
+  sums = chunking.map_frame_chunks(chunk_errors, frame_chunk, *chosen)
+  l_hr, hand_terms = hand_refinement_from_sums(sums, generated_presence, loss_config.hand_presence_weight)
   terms.update(hand_terms, hand_loss=l_hr)
   return l_noise + loss_config.eta_hand * l_hr, terms

@@ -53,6 +53,7 @@ MODES = {
     "export": "handi_jax.export:export_from_config",
     "predict_masks": "handi_jax.generate:predict_masks_from_config",
     "demo": "handi_jax.demo:run_demo",
+    "compile_report": "handi_jax.compile_report:compile_report",
 }
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback for input errors.")
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run: " + ", ".join(MODES) + ".")

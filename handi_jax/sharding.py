@@ -30,6 +30,17 @@ class MeshShape:
   def num_devices(self) -> int:
     return math.prod(self.values())
 
+  @property
+  def batch_devices(self) -> int:
+    """Devices the batch is split over (BATCH_AXES)."""
+    return self.data * self.fsdp
+
+
+def global_batch_size(train_config, batch_devices: int) -> int:
+  """config.train.per_device_batch_size x the batch devices when it is set (> 0), else .global_batch_size."""
+  per_device = train_config.get("per_device_batch_size", 0)
+  return per_device * batch_devices if per_device else train_config.global_batch_size
+
 
 def mesh_shape(mesh_config, num_devices: int, num_devices_expected: int = 0) -> MeshShape:
   """Resolve the config's axis sizes; one size may be -1 (= the devices left over)."""
@@ -91,23 +102,26 @@ def _logical_axes(variable: nnx.Variable) -> tuple | None:
   return variable.get_metadata().get("sharding_names")
 
 
-def param_shardings(abstract_state, mesh: Mesh, rules):
-  """NamedShardings for an (abstract) nnx.State; parameters without logical names are replicated.
+def param_shardings(abstract_tree, mesh: Mesh, rules, min_size: int = 0):
+  """NamedShardings for an (abstract) pytree of nnx Variables and arrays, e.g. an nnx.State.
 
-  The result has a NamedSharding where the state has a Variable: a pytree prefix that `jax.jit`
-  out_shardings and `jax.device_put` accept.
+  A Variable with logical names is laid out by `rules`; arrays without names (plain arrays, unnamed
+  Variables) and arrays of fewer than `min_size` elements (config.sharding_min_size) are replicated.
+  The result has a NamedSharding where the tree has a Variable or an array: a pytree prefix that `jax.jit`
+  in/out_shardings and `jax.device_put` accept.
   """
+  replicated = NamedSharding(mesh, PartitionSpec())
 
-  def sharding_for(variable):
-    axes = _logical_axes(variable)
-    value = variable.value
-    if axes is None:
-      return NamedSharding(mesh, PartitionSpec())
+  def sharding_for(leaf):
+    axes = _logical_axes(leaf) if isinstance(leaf, nnx.Variable) else None
+    value = leaf.value if isinstance(leaf, nnx.Variable) else leaf
+    if axes is None or math.prod(value.shape) < min_size:
+      return replicated
     if len(axes) != value.ndim:
       raise ValueError(f"logical axes {axes} do not match the parameter's shape {value.shape}")
     return NamedSharding(mesh, logical_to_spec(axes, rules, value.shape, mesh))
 
-  return jax.tree.map(sharding_for, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(sharding_for, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -64,9 +64,10 @@ def initial_state(config, params: nnx.State, frozen_params: nnx.State) -> TrainS
                     opt_state=make_optimizer(config).init(params))
 
 
-def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
-  """Parameters by their logical axes; AdamW moments mirror the parameters; scalars are replicated."""
-  param_sh = sharding.param_shardings(abstract_state.params, mesh, rules)
+def state_shardings(abstract_state: TrainState, mesh, rules, min_size: int = 0) -> TrainState:
+  """Parameters by their logical axes (under min_size elements: replicated, config.sharding_min_size); AdamW
+  moments mirror the parameters; scalars are replicated."""
+  param_sh = sharding.param_shardings(abstract_state.params, mesh, rules, min_size)
   params_def = jax.tree.structure(abstract_state.params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -76,7 +77,7 @@ def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
   opt_sh = jax.tree.map(lambda node: param_sh if is_moment(node) else replicated, abstract_state.opt_state,
                         is_leaf=is_moment)
   return TrainState(step=replicated, params=param_sh,
-                    frozen_params=sharding.param_shardings(abstract_state.frozen_params, mesh, rules),
+                    frozen_params=sharding.param_shardings(abstract_state.frozen_params, mesh, rules, min_size),
                     opt_state=opt_sh)
 
 
@@ -85,3 +86,27 @@ def checkpoint_manager(config, workdir) -> ocp.CheckpointManager:
                                          save_interval_steps=config.train.checkpoint_every, create=True)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
                                item_names=("state", "data"))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict,
+                    force: bool = False) -> bool:
+  """Save `state` and the input pipeline's state as checkpoint `step` (asynchronously; orbax decides from its
+  interval unless `force`). True when a save started."""
+  return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:
+  """A restore target: every array's shape and dtype with the sharding it should have on this run's mesh.
+
+  `shardings` is a prefix of `shapes` (one NamedSharding per nnx.Variable, as state_shardings gives them)."""
+  return jax.tree.map(lambda s, node: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), node),
+                      shardings, shapes)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: TrainState) -> tuple[TrainState, dict]:
+  """(state, input pipeline state) of checkpoint `step`, laid out as `target` (arrays or abstract_state):
+  each host reads the slices its devices need, so a checkpoint written on one mesh restores onto another."""
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                           data=ocp.args.JsonRestore()))
+  return restored.state, restored.data

@@ -18,14 +18,16 @@ from tests.conftest import REPO_ROOT
 
 LAYERS = {
     0: ("configs",),
-    1: ("handi_jax", "handi_jax.chips", "handi_jax.fileio", "handi_jax.chunking", "handi_jax.command_line",
+    1: ("handi_jax", "handi_jax.chips", "handi_jax.xla_stats", "handi_jax.fileio", "handi_jax.chunking",
+        "handi_jax.command_line",
         "handi_jax.sharding", "handi_jax.tokenizers", "handi_jax.video_io", "handi_jax.mask_cleanup",
         "handi_jax.diffusion", "handi_jax.models", "handi_jax.hands", "handi_jax.data"),
     2: ("handi_jax.convert", "handi_jax.losses", "handi_jax.conditioning", "handi_jax.train_state",
         "handi_jax.evaluation"),
     3: ("handi_jax.checkpoints",),
     4: ("handi_jax.train", "handi_jax.generate", "handi_jax.evaluate", "handi_jax.export", "handi_jax.convert.cli",
-        "handi_jax.convert.__main__", "handi_jax.app", "data_prep"),
+        "handi_jax.convert.__main__", "handi_jax.app", "data_prep",
+        "handi_jax.compile_report"),
     5: ("handi_jax.demo",),
     6: ("handi_jax.main",),
 }

@@ -1,7 +1,7 @@
 """Training input: TFRecord shards (handi_jax.data.schema) -> batches of global jax.Arrays on the mesh.
 
 Every host reads its own files (file `i` goes to process `i % process_count`), shuffles them and their records
-with `config.seed`, decodes and batches `global_batch_size // process_count` clips, and the batch is assembled
+with `config.seed`, decodes and batches (global batch) // process_count clips, and the batch is assembled
 into global arrays split over the mesh's batch axes. The stream repeats forever and is deterministic: the
 integer `position` (batches delivered so far, `state()`) is all a checkpoint needs to resume it.
 
@@ -36,14 +36,24 @@ def _hide_accelerators_from_tensorflow(tf) -> None:
                          "tf.config.set_visible_devices([], 'GPU')) before anything initialises TensorFlow") from None
 
 
-def _per_host_batch(config, mesh, process_count: int) -> int:
-  global_batch = config.train.global_batch_size
-  batch_devices = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+def _batch_devices(mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+
+
+def per_host_batch_size(config, mesh, process_count: int) -> int:
+  """Clips each host reads per step; checks that the global batch splits over the batch devices and hosts.
+
+  `mesh` may be a jax.sharding.AbstractMesh (the target's mesh, checked without its devices).
+  """
+  batch_devices = _batch_devices(mesh)
+  global_batch = sharding.global_batch_size(config.train, batch_devices)
   if global_batch % process_count or global_batch % batch_devices:
-    raise ValueError(f"config.train.global_batch_size={global_batch} must be divisible by the {process_count} "
-                     f"process(es) and by the {batch_devices} devices of the mesh's batch axes "
-                     f"{sharding.BATCH_AXES}; set --config.train.global_batch_size to a multiple of "
-                     f"{np.lcm(process_count, batch_devices)}")
+    multiple = int(np.lcm(process_count, batch_devices))
+    raise ValueError(
+        f"global batch {global_batch} does not split over the {batch_devices} devices of the mesh's batch axes "
+        f"{sharding.BATCH_AXES} and {process_count} process(es): set --config.train.global_batch_size to a "
+        f"multiple of {multiple} (e.g. {multiple * max(1, round(global_batch / multiple))}) or "
+        f"--config.train.per_device_batch_size=N (global batch N x {batch_devices})")
   return global_batch // process_count
 
 
@@ -58,10 +68,19 @@ def load_prior_mask(data_dir: str | pathlib.Path, split: str) -> np.ndarray:
   return np.load(path).astype(np.float32)[..., None]
 
 
-def batch_shapes(config, stage: int | None = None, with_input_ids: bool = False) -> dict:
-  """Global shapes and dtypes of a batch (jax.ShapeDtypeStruct), e.g. to compile a step before data exists."""
+def batch_shapes(config, stage: int | None = None, with_input_ids: bool = False, mesh=None) -> dict:
+  """Global shapes and dtypes of a batch (jax.ShapeDtypeStruct), e.g. to compile a step before data exists.
+
+  `mesh` (a Mesh or an AbstractMesh; default the one config.mesh resolves to here) sets the global batch when
+  config.train.per_device_batch_size is set.
+  """
   stage = config.stage if stage is None else stage
-  b, f, h, w = config.train.global_batch_size, config.data.num_frames, config.data.height, config.data.width
+  if mesh is None:
+    batch_devices = sharding.mesh_shape(config.mesh, jax.device_count(), config.num_devices_expected).batch_devices
+  else:
+    batch_devices = _batch_devices(mesh)
+  b = sharding.global_batch_size(config.train, batch_devices)
+  f, h, w = config.data.num_frames, config.data.height, config.data.width
   shapes = dict(frames=(b, f, h, w, 3), mask=(b, h, w, 1))
   if stage == 1:
     shapes["target_masks"] = (b, f - 1, h, w)
@@ -98,7 +117,7 @@ class InputPipeline:
     process_count = jax.process_count() if process_count is None else process_count
     self.mesh = mesh
     self.tokenizer = tokenizer
-    self.per_host_batch = _per_host_batch(config, mesh, process_count)
+    self.per_host_batch = per_host_batch_size(config, mesh, process_count)
     self.position = int(position)
 
     features = schema.load_features(data_dir)

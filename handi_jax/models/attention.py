@@ -4,24 +4,42 @@
 Pallas splash-attention kernel on TPUs, meant for the long spatial sequences of the UNet. Temporal attention
 (sequence = frames, at most a few dozen) always takes the `xla` path: kernels gain nothing there.
 All functions take (batch, length, heads, head_dim) arrays and use scale head_dim ** -0.5.
+
+Kernels are chosen for the target: the devices of the mesh set by `jax.set_mesh` (a TPU topology in a compile-only
+process on a CPU host), else the default backend. The splash kernel runs inside `jax.shard_map` over that mesh.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax._src import mesh as mesh_lib
+from jax._src import xla_bridge
+from jax.sharding import PartitionSpec
+
+from handi_jax.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash")
 _BACKEND_OF = {"cudnn": "gpu", "tpu_flash": "tpu"}
 _TPU_BLOCK = 128  # splash-attention block length; sequences are padded to a multiple of it
+_HEAD_AXIS = "tensor"
+
+
+def target_platform() -> str:
+  """The platform being compiled for: that of the mesh set by `jax.set_mesh` (also inside `jit`), else the default
+  backend."""
+  mesh = mesh_lib.get_concrete_mesh()
+  return jax.default_backend() if mesh.empty else mesh.devices.flat[0].platform
 
 
 def check_implementation(implementation: str, backend: str | None = None) -> None:
-  """Raise a ValueError naming the setting to use when `implementation` cannot run on `backend`."""
+  """Raise a ValueError naming the setting to use when `implementation` cannot run on `backend` (default: the
+  target platform)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention={implementation!r} is not known; valid settings: {', '.join(IMPLEMENTATIONS)} "
                      "(--config.model.attention=xla works everywhere)")
-  backend = backend or jax.default_backend()
+  backend = backend or target_platform()
   needed = _BACKEND_OF.get(implementation)
   if needed is not None and backend != needed:
     device = {"gpu": "a CUDA GPU", "tpu": "a TPU"}[needed]
@@ -51,10 +69,45 @@ def xla_attention(query, key, value):
 
 
 def splash_attention(query, key, value, interpret: bool = False):
-  """Pallas TPU splash attention; sequences are padded to the block length and padded keys masked out.
+  """Pallas TPU splash attention, run per shard of the mesh set by `jax.set_mesh` (plain call without one).
 
+  A Mosaic kernel cannot be partitioned by XLA, so it runs inside `jax.shard_map`: the batch dimension (batch *
+  frames for spatial attention) is split over the batch axes, the heads over "tensor" (see `_shard_spec`).
   `interpret=True` runs the kernel in the Pallas interpreter (any backend; slow), which tests use.
   """
+  if not interpret and jax.default_backend() != "tpu":
+    # Compile-only process (TPU target, CPU runtime): jax picks an older Mosaic IR version from the TPU runtime's
+    # build date, which it cannot read here, so it would emit version 8, which libtpu 0.0.20 (jax[tpu]==0.7.1)
+    # refuses. Its forward-compatible lowering, used for exports, emits version 7; it changes only Mosaic kernels.
+    xla_bridge.FORCE_FORWARD_COMPAT_LOWERING_PLATFORMS.add("tpu")
+  local = functools.partial(_local_splash_attention, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    if not mesh_lib.thread_resources.env.physical_mesh.empty:
+      raise ValueError("attention='tpu_flash' takes its mesh from `with jax.set_mesh(mesh):`, found only the legacy "
+                       "`with mesh:` context; enter the mesh with jax.set_mesh")
+    return local(query, key, value)
+  spec = _shard_spec(mesh, batch=query.shape[0], heads=query.shape[2])
+  # check_vma=False: the kernel's pallas_call declares no varying-axes types for its outputs.
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+      query, key, value)
+
+
+def _shard_spec(mesh, batch: int, heads: int) -> PartitionSpec:
+  """(N, L, H, D) spec: N over the batch axes, in order, as long as their product divides N (an axis that would not
+  divide it is left out and replicates the work); H over the tensor axis when it divides H, else replicated."""
+  batch_axes = []
+  for axis in BATCH_AXES:
+    size = mesh.shape.get(axis, 1)
+    if size > 1 and batch % (math.prod(mesh.shape[a] for a in batch_axes) * size) == 0:
+      batch_axes.append(axis)
+  tensor = mesh.shape.get(_HEAD_AXIS, 1)
+  head_axis = _HEAD_AXIS if tensor > 1 and heads % tensor == 0 else None
+  return PartitionSpec(tuple(batch_axes) or None, None, head_axis, None)
+
+
+def _local_splash_attention(query, key, value, interpret: bool):
+  """The splash kernel on one device's arrays; sequences are padded to the block length and padded keys masked."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
   _, q_len, heads, head_dim = query.shape
@@ -75,7 +128,7 @@ def splash_attention(query, key, value, interpret: bool = False):
   return out.transpose(0, 2, 1, 3)[:, :q_len]
 
 
-@functools.lru_cache(maxsize=64)
+# Built per call, not cached: its mask arrays belong to the trace that builds them (jax caches the mask processing).
 def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks

@@ -101,7 +101,7 @@ def bench_stage2_step(frames: int, size: int, repeats: int):
         eps = nnx.merge(graphdef, params, rest)(noisy, t, text, latents[:, :1], mask=mask)
         x0 = schedules.predict_x0_from_eps(schedule, noisy, t, eps)
         return losses.stage2_loss(eps, noise, x0, batch, decode, landmark_params, loss_config,
-                                  config.model.frame_chunk)
+                                  config.model.frame_chunk, jax.random.key(1))
 
       return jax.value_and_grad(loss_fn, has_aux=True)(params)
     return step
