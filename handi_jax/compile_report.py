@@ -482,8 +482,8 @@ def train_step_parts(config, mesh, parts: str) -> dict:
     if config.model.remat != "full":
       raise ValueError(f"config.compile_report.parts='blocks' bounds the step's memory by what full remat keeps; "
                        f"config.model.remat is {config.model.remat!r}: set it to 'full' or use parts='pixel_loss'")
-    return dict(**pixel, frozen_forward=frozen_forward_program(config, mesh),
-                optimizer=optimizer_program(config, mesh), **unet_block_programs(config, mesh))
+    return dict(**unet_block_programs(config, mesh), optimizer=optimizer_program(config, mesh),
+                frozen_forward=frozen_forward_program(config, mesh), **pixel)
   raise ValueError(f"config.compile_report.parts={parts!r}; expected none, pixel_loss or blocks")
 
 

@@ -206,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   step_rng = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1 << 20),
                             NamedSharding(mesh, PartitionSpec()))
 
-  with mesh:
+  with jax.set_mesh(mesh):  # tpu_flash's shard_map takes the mesh from here (`with mesh:` does not set it)
     state, unet_graphdef, rng_state, state_sh = create_train_state(config, mesh)
     frozen, frozen_sh, tokenizer = place_frozen_models(config, mesh)
     manager = train_state.checkpoint_manager(config, workdir)
@@ -242,7 +242,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           bar = tqdm.tqdm(total=num_steps, initial=first, desc=f"train stage {config.stage}", unit="step",
                           disable=quiet)
         state, metrics = step_fn(state, *args)
-        step = int(state.step)
+        step = index + 1  # not int(state.step): a device-to-host copy that transfer_guard='disallow' refuses
         bar.update()
         report(step)
         profile(step)
@@ -258,7 +258,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                                     force=step == num_steps or evaluating or stopped)
         if evaluating:
           manager.wait_until_finished()  # evaluation loads this checkpoint
-          evaluate_during_training(config, workdir, step, writer)
+          with jax.transfer_guard("allow"):  # generation and the metrics move data on purpose
+            evaluate_during_training(config, workdir, step, writer)
         if stopped:
           break
       if first < num_steps:

@@ -63,8 +63,21 @@ def _split_instruction(line: str) -> _Instruction | None:
   start = op.end() - 1
   end = _closing(rest, start)
   arguments = rest[start + 1:end]
-  operands = re.findall(r"%([\w.\-]+)", arguments)
+  operands = [] if op.group(1) == "constant" else _operand_names(arguments)
   return _Instruction(match.group(2), shape, op.group(1), operands, arguments, rest[end + 1:], bool(match.group(1)))
+
+
+def _operand_names(arguments: str) -> list[str]:
+  """Operand names of an argument list: compiled text writes `f32[4]{0} %x`, unoptimised text `x`."""
+  names, depth, start = [], 0, 0
+  for index, char in enumerate(arguments + ","):
+    depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(char, 0)
+    if char == "," and depth == 0:
+      token = arguments[start:index].strip().rpartition(" ")[2]
+      if re.fullmatch(r"%?[A-Za-z_][\w.\-]*", token):
+        names.append(token.lstrip("%"))
+      start = index + 1
+  return names
 
 
 def parse_hlo(text: str) -> tuple[dict[str, list[_Instruction]], str, dict]:

@@ -64,3 +64,17 @@ def test_param_shardings_of_an_abstract_module():
   assert shardings["bias"].spec == P()
   params = jax.device_put(nnx.state(nnx.Linear(64, 128, kernel_init=init, rngs=nnx.Rngs(0))), shardings)
   assert params["kernel"].value.sharding.spec == P("fsdp", "tensor")
+
+
+def test_min_size_threshold_replicates_small_arrays():
+  config = common.get_config(2, "h100x8")
+  mesh = sharding.make_mesh(config)
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+  abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(64, 128, kernel_init=init, rngs=nnx.Rngs(0))))
+  tree = dict(linear=abstract, plain=jax.ShapeDtypeStruct((1024, 64), jax.numpy.float32))
+  at_size = sharding.param_shardings(tree, mesh, config.sharding_rules, min_size=64 * 128)
+  assert at_size["linear"]["kernel"].spec == P("fsdp", "tensor")  # 8192 elements: not below the threshold
+  above = sharding.param_shardings(tree, mesh, config.sharding_rules, min_size=64 * 128 + 1)
+  assert above["linear"]["kernel"].spec == P()
+  assert at_size["plain"].spec == P()  # no logical names: replicated at any size
+  assert config.sharding_min_size == 2**16

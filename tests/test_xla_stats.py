@@ -137,10 +137,15 @@ def test_hlo_size_of_an_unoptimised_graph():
   def f(x):
     return jax.lax.scan(lambda c, _: (jnp.sin(c) @ c, None), x, length=3)[0]
 
-  text = jax.jit(f).lower(_f32(4, 4)).as_text(dialect="hlo")
+  lowered = jax.jit(f).lower(_f32(M, M))
+  text = lowered.as_text(dialect="hlo")
   size = xla_stats.hlo_size(text)
   assert size["while_loops"] == 1 and size["computations"] >= 3
   assert size["instructions"] == sum(1 for line in text.splitlines() if re.match(r"\s+(ROOT )?[\w.\-%]+ = ", line))
+  # Operands are written without `%` there: the matmul still counts, at the loop's 3 trips.
+  counts = xla_stats.count_hlo(text)
+  assert counts.flops_loops_once == pytest.approx(lowered.cost_analysis()["flops"], rel=0.02)
+  assert counts.flops == pytest.approx(3 * 2 * M ** 3, rel=0.02)
 
 
 def test_memory_counts_the_sharded_arguments():
