@@ -58,6 +58,7 @@ from handi_jax.hands import landmarks as landmarks_lib
 from handi_jax.models import vae as vae_lib
 
 PROGRAMS = ("train_step", "sampler")
+PARTS = ("none", "pixel_loss", "blocks")  # config.compile_report.parts
 REPORT_FILE = "compile_report.json"
 _TPU_INSTALL = 'pip install "jax[tpu]==0.7.1"'
 
@@ -419,6 +420,8 @@ def compile_report(config, workdir) -> dict:
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise ValueError(f"config.compile_report.programs has {unknown}; valid: {', '.join(PROGRAMS)}")
+  if report_config.parts not in PARTS:
+    raise ValueError(f"config.compile_report.parts={report_config.parts!r}; expected one of {', '.join(PARTS)}")
   devices = target_devices(report_config.target)
   chip = target_chip(report_config, devices)
   mesh = sharding.make_mesh(config, devices)
@@ -484,7 +487,7 @@ def train_step_parts(config, mesh, parts: str) -> dict:
                        f"config.model.remat is {config.model.remat!r}: set it to 'full' or use parts='pixel_loss'")
     return dict(**unet_block_programs(config, mesh), optimizer=optimizer_program(config, mesh),
                 frozen_forward=frozen_forward_program(config, mesh), **pixel)
-  raise ValueError(f"config.compile_report.parts={parts!r}; expected none, pixel_loss or blocks")
+  raise ValueError(f"config.compile_report.parts={parts!r}; expected one of {', '.join(PARTS)}")
 
 
 def _summed_collectives(parts) -> dict:

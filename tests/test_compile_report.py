@@ -155,6 +155,8 @@ def test_bad_targets_and_sizes_are_one_line_errors():
     compile_report.target_devices("cpu:4096")
   with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
     compile_report.sampler_sizes(_tiny_config(sampler_sizes="512x500").compile_report)
+  with pytest.raises(ValueError, match="parts='True'; expected one of none, pixel_loss, blocks"):
+    compile_report.compile_report(_tiny_config(parts="True"), "/nonexistent")  # the old boolean, from a flag
 
 
 @pytest.mark.slow
