@@ -34,6 +34,9 @@ def describe(config, workdir):
   print(config)
   shape = sharding.mesh_shape(config.mesh, jax.device_count(), config.num_devices_expected)
   print(f"mesh axes {sharding.MESH_AXES} -> shape {tuple(shape.values())}")
+  batch_devices = shape.data * shape.fsdp
+  print(f"global batch {sharding.global_batch_size(config.train, batch_devices)} clips a step over "
+        f"{batch_devices} batch device(s)")
   if shape.num_devices != jax.device_count():
     print(f"this config wants {shape.num_devices} devices ({config.num_devices_expected} expected by the "
           f"variant); {jax.device_count()} {jax.default_backend()} device(s) exist here, so the mesh is not "
@@ -170,7 +173,12 @@ def _maybe_initialize_distributed(config):
     multihost = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
     multihost = multihost and int(os.environ.get("SLURM_NTASKS", "2")) > 1
   if multihost:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      sys.exit(f"error: multi-host start-up (jax.distributed.initialize) failed: {str(e).rstrip('.')}. Start "
+               "every host through launch/ (tpu_pod.sh, slurm_h100.sbatch), or run on one host with "
+               "--config.multihost=False")
 
 
 def main(argv):
@@ -185,7 +193,8 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], "GPU")
   config = _CONFIG.value
   enable_compilation_cache(config)
-  _maybe_initialize_distributed(config)
+  if _MODE.value not in ("describe", "compile_report"):  # these only resolve and compile, on one host
+    _maybe_initialize_distributed(config)
   if log_file is not None:
     print(f"handi-jax --mode={_MODE.value}: full log in {log_file}")
   logging.info("config:\n%s", config)

@@ -26,6 +26,16 @@ def test_describe_explains_missing_devices():
   assert "wants 8 devices" in result.stdout and "1 cpu device(s) exist here" in result.stdout
 
 
+def test_pod_variant_describes_on_one_host_and_train_says_how_to_start_hosts(tmp_path):
+  described = _run("--config=configs/stage2.py:paper,tpu_v5p_64", "--mode=describe")
+  assert described.returncode == 0, described.stderr
+  assert "global batch 64 clips a step over 32 batch device(s)" in described.stdout
+  trained = _run("--config=configs/stage2.py:paper,tpu_v5p_64", f"--workdir={tmp_path}", "--mode=train")
+  lines = [line for line in trained.stderr.strip().splitlines() if line.strip()]
+  assert trained.returncode != 0 and len(lines) == 1, trained.stderr
+  assert lines[0].startswith("error: multi-host start-up") and "--config.multihost=False" in lines[0]
+
+
 def test_unknown_override_is_one_line_error():
   result = _run("--config=configs/stage2.py", "--config.nope=1", "--mode=describe")
   assert result.returncode != 0
