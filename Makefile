@@ -3,15 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-all lint demo app browser clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The runtime set (what `make demo` needs) installs with uv when it can (about 5x faster than pip here), else pip;
+# the test set adds torch/diffusers/pytest with pip, which reads this machine's pip configuration (CPU torch).
+$(RUNTIME): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	($(PY) -m pip install --quiet uv==0.13.9 && $(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt) || \
+	  $(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,10 +32,10 @@ test-all: $(STAMP) browser  ## also the slow cases
 lint: $(STAMP)
 	$(PY) -m ruff check handi_jax configs data_prep tests launch
 
-demo: $(STAMP)  ## the main job on the embedded default: tiny model, demo data, CPU
+demo: $(RUNTIME)  ## the main job on the embedded default: tiny model, demo data, CPU
 	$(PY) -m handi_jax.main --config=configs/stage2.py --workdir=runs/demo --mode=demo
 
-app: $(STAMP)  ## the web page on http://127.0.0.1:7860 (embedded default: tiny random models); ARGS=--port=N ...
+app: $(RUNTIME)  ## the web page on http://127.0.0.1:7860 (embedded default: tiny random models); ARGS=--port=N ...
 	$(PY) -m handi_jax.app --config=configs/stage2.py --workdir=runs/app $(ARGS)
 
 # Debian's chromium + chromium-driver for tests/test_app.py's browser test. Where apt-get cannot install them

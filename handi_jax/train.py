@@ -241,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
         if index == first:  # compile ahead of time: its own phase on the console, its time in the log
           with tqdm.tqdm(total=1, desc=f"compile stage-{config.stage} train step", disable=quiet) as compiling:
             started = time.perf_counter()
-            step_fn = step_fn.lower(state, *args).compile()
+            step_fn = step_fn.lower(state, *args).compile(compiler_options(config, mesh.devices.flat[0]))
             compiling.update()
           logging.info("train step compiled in %.1f s", time.perf_counter() - started)
           report = ProgressReport(config.train, writer, examples_per_step=batch["frames"].shape[0],
@@ -261,8 +261,9 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           bar.set_postfix(loss=f"{scalars['loss']:.4f}")
         evaluating = bool(config.train.eval_every) and step % config.train.eval_every == 0
         stopped = step < num_steps and preempted(step)
-        train_state.save_checkpoint(manager, step, state, data.state(),
-                                    force=step == num_steps or evaluating or stopped)
+        # Our interval, not orbax's: orbax also saves the first step of every run (a full save on a pod).
+        if step % config.train.checkpoint_every == 0 or step == num_steps or evaluating or stopped:
+          train_state.save_checkpoint(manager, step, state, data.state())
         if evaluating:
           manager.wait_until_finished()  # evaluation loads this checkpoint
           with jax.transfer_guard("allow"):  # generation and the metrics move data on purpose
@@ -317,6 +318,13 @@ def step_flops(compiled) -> float:
   flops = xla_stats.compiled_flops(compiled)
   logging.info("train step: %.4g GFLOP per device (XLA cost analysis, loops at their trip counts)", flops / 1e9)
   return flops
+
+
+def compiler_options(config, device: jax.Device) -> dict:
+  """XLA options for the train step: on CPU with config.cpu_fast_compile, LLVM's expensive passes are skipped."""
+  if config.cpu_fast_compile and device.platform == "cpu":
+    return {"xla_llvm_disable_expensive_passes": True}
+  return {}
 
 
 def peak_flops(device: jax.Device) -> float | None:

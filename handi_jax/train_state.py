@@ -82,18 +82,16 @@ def state_shardings(abstract_state: TrainState, mesh, rules, min_size: int = 0) 
 
 
 def checkpoint_manager(config, workdir) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                         save_interval_steps=config.train.checkpoint_every, create=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
                                item_names=("state", "data"))
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict,
-                    force: bool = False) -> bool:
-  """Save `state` and the input pipeline's state as checkpoint `step` (asynchronously; orbax decides from its
-  interval unless `force`). True when a save started."""
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict) -> bool:
+  """Save `state` and the input pipeline's state as checkpoint `step`, asynchronously (the caller decides when).
+  True when a save started."""
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)), force=force)
+                                                    data=ocp.args.JsonSave(data_state)), force=True)
 
 
 def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:

@@ -12,7 +12,7 @@ def _load(spec):
 def test_default_is_demo_with_tiny_models():
   config = _load("stage2.py")
   assert config.stage == 2
-  assert config.model.unet.block_out_channels == (32, 64, 64, 64)
+  assert config.model.unet.block_out_channels == (32, 64)
   assert config.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
 
 

@@ -142,8 +142,8 @@ def test_bad_inputs_name_the_problem(tmp_path, shared_data):
 
 
 def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, shared_data):
-  # The config.json of a UNet saved from the default tiny config ((32, 64, 64, 64) channels); the check reads
-  # it before any weights.
+  # The config.json of a four-level UNet, against this file's one-level config; the check reads it before any
+  # weights.
   (tmp_path / "unet").mkdir()
   other = unet3d.unet_config_dict(common.get_config(stage=2).model.unet)
   (tmp_path / "unet" / "config.json").write_text(json.dumps(dict(other, block_out_channels=[32, 64, 64, 64])))

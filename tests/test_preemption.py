@@ -278,7 +278,7 @@ def test_checkpoint_of_8_devices_restores_onto_4_with_another_mesh(tmp_path):
   state = jax.jit(state_at_step_3, out_shardings=train_state.state_shardings(
       shapes, mesh, config.sharding_rules, config.sharding_min_size))(params, frozen_params)
   manager = train_state.checkpoint_manager(config, tmp_path)
-  assert train_state.save_checkpoint(manager, 3, state, {"position": 3}, force=True)
+  assert train_state.save_checkpoint(manager, 3, state, {"position": 3})
   manager.wait_until_finished()
   leaves = jax.tree.leaves(state)
   split_8 = [i for i, x in enumerate(leaves) if x.sharding.shard_shape(x.shape) != x.shape]

@@ -83,7 +83,10 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
   # 2 + 2 resumed steps equal 4 uninterrupted ones: the optimizer state and the data position came back.
   config_straight = tiny_train_config(stage=stage, steps=4)
   config_straight.data.dir = demo_dir
+  config_straight.train.update(checkpoint_every=3, keep_checkpoints=5)
   straight = train.train_and_evaluate(config_straight, str(tmp_path / "straight"))
+  # Saved: the multiples of checkpoint_every and the last step; not the first step (orbax's own rule).
+  assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["3", "4"]
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(resumed.params)),
                   strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -199,3 +202,22 @@ def test_train_step_regresses_the_configured_target(prediction_type):
   output = ConvDenoiser(nnx.Rngs(0))(jnp.asarray(noisy, jnp.float32), t, None, None)
   expected = float(np.mean(np.square(np.asarray(output) - np.asarray(target))))
   assert float(metrics["noise"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_cpu_fast_compile_options_reach_xla_and_keep_the_result():
+  config = common.get_config(2)
+  cpu = jax.devices("cpu")[0]
+  options = train.compiler_options(config, cpu)
+  assert options == {"xla_llvm_disable_expensive_passes": True}
+  config.cpu_fast_compile = False
+  assert train.compiler_options(config, cpu) == {}
+
+  def f(x):
+    return jnp.tanh(x @ x.T).sum(axis=0) + jnp.exp(-x[:, 0])
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 64)), jnp.float32)
+  lowered = jax.jit(f).lower(x)
+  fast = lowered.compile(options)
+  np.testing.assert_allclose(fast(x), lowered.compile()(x), rtol=1e-6)
+  with pytest.raises(Exception, match="no_such_xla_option"):  # XLA checks the names it is given
+    lowered.compile({"no_such_xla_option": True})
