@@ -147,10 +147,15 @@ def setup_logging(workdir: str, mode: str) -> pathlib.Path:
   file_handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
   root = std_logging.getLogger()
   root.addHandler(file_handler)
+  root.setLevel(std_logging.INFO)
   logging.set_verbosity(logging.INFO)
   console = logging.get_absl_handler()
   console.setLevel(std_logging.WARNING)
-  console.addFilter(_ConsoleFilter())
+  console_filter = _ConsoleFilter()
+  console.addFilter(console_filter)
+  import jax  # noqa: F401 - jax gives its "jax" logger a stderr handler of its own at import
+  for handler in std_logging.getLogger("jax").handlers:
+    handler.addFilter(console_filter)
   std_logging.captureWarnings(True)
   return path
 
@@ -185,6 +190,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is optional
   log_file = None if _MODE.value == "describe" else setup_logging(_WORKDIR.value, _MODE.value)
   import jax
   import tensorflow as tf

@@ -73,13 +73,17 @@ def test_console_shows_our_warnings_once_and_errors_but_not_library_notices():
   assert console.filter(_record(std_logging.ERROR, library, "a library failed"))
 
 
-def test_the_log_file_gets_everything(tmp_path):
+def test_the_log_file_gets_everything(tmp_path, capfd):
   handler = logging.get_absl_handler()
   level, filters, root_handlers = handler.level, list(handler.filters), list(std_logging.getLogger().handlers)
+  jax_handlers = {h: list(h.filters) for h in std_logging.getLogger("jax").handlers}
+  root_level = std_logging.getLogger().level
   try:
     log_file = main.setup_logging(str(tmp_path), "train")
     logging.info("an info line")
     std_logging.getLogger("some_library").warning("a library's deprecation notice")
+    # jax logs through a stderr handler of its own (e.g. on every machine without a TPU).
+    std_logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
     for h in std_logging.getLogger().handlers:
       h.flush()
     text = log_file.read_text()
@@ -87,5 +91,10 @@ def test_the_log_file_gets_everything(tmp_path):
     handler.setLevel(level)
     handler.filters[:] = filters
     std_logging.getLogger().handlers[:] = root_handlers
+    for h, kept in jax_handlers.items():
+      h.filters[:] = kept
+    std_logging.getLogger().setLevel(root_level)
   assert log_file.parent == tmp_path / "logs"
   assert "an info line" in text and "a library's deprecation notice" in text
+  assert "Unable to initialize backend 'tpu'" in text
+  assert "Unable to initialize backend" not in capfd.readouterr().err
