@@ -57,6 +57,7 @@ def test_tiny_sampler_report_on_the_devices_here(tmp_path):
 @pytest.mark.slow
 def test_the_pixel_loss_part_costs_what_its_decodes_cost():
   config = _tiny_config()
+  config.loss.remat_decoder = True
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     lower, args = compile_report.pixel_loss_program(config, mesh)
