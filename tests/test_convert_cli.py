@@ -28,8 +28,10 @@ UNET = dict(common.unet_config(full_size=False), transformer_in_heads=8)
 
 def _stock_diffusers_unet():
   torch.manual_seed(3)
+  down, up = convert_unet.block_types(len(UNET["block_out_channels"]))
   return diffusers.UNet3DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, block_out_channels=UNET["block_out_channels"], layers_per_block=1,
+      down_block_types=down, up_block_types=up, sample_size=8, in_channels=4, out_channels=4,
+      block_out_channels=UNET["block_out_channels"], layers_per_block=1,
       attention_head_dim=8, cross_attention_dim=32, norm_num_groups=32).eval()
 
 

@@ -152,11 +152,11 @@ def test_bad_inputs_name_the_argument(handi_pair):
 
 
 @pytest.mark.slow
-def test_demo_config_matches_the_release_forward_at_an_odd_latent_size():
-  """The demo model (4 levels) at 24 x 43 latents: 43 -> 22 -> 11 -> 6 down, 6 -> 11 -> 22 -> 43 up."""
+def test_four_level_demo_widths_match_the_release_forward_at_an_odd_latent_size():
+  """The demo model's widths on four levels at 24 x 43 latents: 43 -> 22 -> 11 -> 6 down, 6 -> 11 -> 22 -> 43 up."""
   from configs.common import unet_config
 
-  config = unet_config(full_size=False).to_dict()
+  config = dict(unet_config(full_size=False).to_dict(), block_out_channels=(32, 64, 64, 64))
   reference = HandiReference(torch_unet(config, seed=7))
   model = jax_unet(config, reference.state_dict_numpy())
   rng = np.random.default_rng(2)
