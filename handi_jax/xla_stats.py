@@ -13,6 +13,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 # Bytes per element of the HLO primitive types that occur in handi-jax's programs.
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
           "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -131,18 +133,47 @@ def _instruction_flops(instruction: _Instruction, by_name: dict[str, _Instructio
     size = math.prod(lhs[0][1][d] for d in contracting) if lhs else 1
     return 2.0 * _elements(instruction.shape) * size
   if opcode == "convolution":
-    kernel = _arrays(shapes(instruction.operands[1]))
-    labels = re.search(r"dim_labels=\w+_(\w+)->", instruction.attributes)
-    if not kernel or labels is None:
-      return 0.0
-    dims = kernel[0][1]
-    out_features = dims[labels.group(1).index("o")]
-    return 2.0 * _elements(instruction.shape) * math.prod(dims) / out_features
+    return _convolution_flops(instruction, shapes)
   if opcode in _ELEMENTWISE:
     return float(_elements(instruction.shape))
   if opcode == "reduce":
     return float(sum(_elements(shapes(o)) for o in instruction.operands[:len(instruction.operands) // 2]))
   return 0.0
+
+
+def _window_taps(output: int, kernel: int, input_size: int, stride: int, pad_low: int, lhs_dilate: int,
+                 rhs_dilate: int) -> int:
+  """(output position, kernel tap) pairs of one spatial dimension that meet a real input element, not padding or
+  a hole of the input's dilation."""
+  position = np.arange(output)[:, None] * stride - pad_low + np.arange(kernel)[None, :] * rhs_dilate
+  real = (position >= 0) & (position % lhs_dilate == 0) & (position // lhs_dilate < input_size)
+  return int(real.sum())
+
+
+def _convolution_flops(instruction: _Instruction, shapes) -> float:
+  """2 x the multiply-adds a convolution really does: per spatial dimension, the taps that meet input elements.
+  TPU compiles batched dots into base-dilated convolutions whose windows span the batch (`size=128x8
+  lhs_dilate=128x8`): each output meets one input element per window, not size x size of them."""
+  lhs, rhs = (_arrays(shapes(o)) for o in instruction.operands[:2])
+  out = _arrays(instruction.shape)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instruction.attributes)
+  if not (lhs and rhs and out and labels):
+    return 0.0
+  (lhs_labels, rhs_labels, out_labels), lhs, rhs, out = labels.groups(), lhs[0][1], rhs[0][1], out[0][1]
+  window_text = re.search(r"window=\{([^}]*)\}", instruction.attributes)
+  window = dict(re.findall(r"(\w+)=([\d_x]+)", window_text.group(1))) if window_text else {}
+  spatial = sorted(label for label in out_labels if label.isdigit())
+  per_dim = lambda key, default: ([int(v) for v in window[key].split("x")] if key in window
+                                  else [default] * len(spatial))
+  strides, lhs_dilates, rhs_dilates = per_dim("stride", 1), per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+  pads_low = [int(p.split("_")[0]) for p in window["pad"].split("x")] if "pad" in window else [0] * len(spatial)
+  taps = math.prod(
+      _window_taps(out[out_labels.index(d)], rhs[rhs_labels.index(d)], lhs[lhs_labels.index(d)], stride, pad,
+                   lhs_dilate, rhs_dilate)
+      for d, stride, pad, lhs_dilate, rhs_dilate in zip(spatial, strides, pads_low, lhs_dilates, rhs_dilates,
+                                                        strict=True))
+  features_in_per_group = rhs[rhs_labels.index("i")]
+  return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * features_in_per_group * taps
 
 
 def _trip_count(loop: _Instruction, caller: dict[str, _Instruction], computations) -> int | None:

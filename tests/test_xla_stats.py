@@ -47,6 +47,34 @@ def test_a_loop_free_program_is_xla_s_own_count():
   assert xla_stats.count_hlo(compiled.as_text()).flops == pytest.approx(flops, rel=1e-3)
 
 
+_CONVOLUTIONS = {  # padding, strides and dilations make taps miss the input: XLA's cost analysis counts only hits
+    "padded_strided": (dict(window_strides=(2, 1), padding=((1, 1), (2, 0))), (2, 9, 7, 4), (3, 3, 4, 6)),
+    "dilated": (dict(window_strides=(1, 3), padding=((2, 1), (0, 3)), lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
+                (1, 6, 11, 3), (2, 3, 3, 5)),
+    "feature_groups": (dict(window_strides=(1, 1), padding="SAME", feature_group_count=2), (2, 5, 5, 8), (3, 3, 4, 6)),
+    "batch_groups": (dict(window_strides=(1, 1), padding="VALID", batch_group_count=2), (4, 5, 5, 3), (2, 2, 3, 6)),
+}
+
+
+@pytest.mark.parametrize("name", _CONVOLUTIONS)
+def test_convolution_flops_count_only_taps_that_meet_the_input(name):
+  options, lhs, rhs = _CONVOLUTIONS[name]
+  fn = lambda x, k: jax.lax.conv_general_dilated(x, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **options)
+  compiled = _compile(fn, _f32(*lhs), _f32(*rhs))
+  assert xla_stats.count_hlo(compiled.as_text()).flops == xla_stats.xla_flops(compiled)
+
+
+def test_a_batched_dot_written_as_a_base_dilated_convolution_counts_one_matmul_per_batch():
+  # TPU compiles batched dots (attention's einsums) into this form: the batch becomes a spatial window of its own
+  # size whose input is dilated by that size, so each output meets one input element, not `batch` of them.
+  batch, m, k, n = 8, 5, 16, 3
+  fn = lambda x, w: jax.lax.conv_general_dilated(x, w, (batch - 1,), ((0, 0),), lhs_dilation=(batch,),
+                                                 dimension_numbers=("HNC", "HIO", "HNC"))
+  compiled = _compile(jax.vmap(fn, in_axes=(0, None)), _f32(TRIPS, batch, m, k), _f32(batch, k, n))
+  assert "lhs_dilate" in compiled.as_text()
+  assert xla_stats.count_hlo(compiled.as_text()).flops == pytest.approx(TRIPS * 2 * batch * m * k * n, rel=1e-3)
+
+
 def _mesh():
   return jax.make_mesh((8,), ("d",), devices=jax.devices()[:8])
 
