@@ -69,12 +69,24 @@ def create_train_state(config, mesh) -> tuple[train_state.TrainState, Any, nnx.S
   unet = checkpoints.load_unet(config, config.model.pretrained, "the UNet to train")
   graphdef, params, frozen_params, rng_state = train_state.split_unet(unet, config)
   state_from = functools.partial(train_state.initial_state, config)
-  state_sh = train_state.state_shardings(jax.eval_shape(state_from, params, frozen_params), mesh,
-                                         config.sharding_rules, config.sharding_min_size)
+  state_sh = _state_shardings(config, mesh, jax.eval_shape(state_from, params, frozen_params))
   params, frozen_params = jax.device_put((params, frozen_params), (state_sh.params, state_sh.frozen_params))
   state = jax.jit(state_from, out_shardings=state_sh)(params, frozen_params)
   rng_state = jax.device_put(rng_state, NamedSharding(mesh, PartitionSpec()))  # placed: no implicit transfer
   return state, graphdef, rng_state, state_sh
+
+
+def _state_shardings(config, mesh, shapes: train_state.TrainState) -> train_state.TrainState:
+  return train_state.state_shardings(shapes, mesh, config.sharding_rules, config.sharding_min_size)
+
+
+def restore_train_state(config, mesh, manager: ocp.CheckpointManager, step: int) -> train_state.TrainState:
+  """Checkpoint `step`'s train state on `mesh`, without initialising any model (the UNet is built abstractly)."""
+  _, params, frozen_params, _ = train_state.split_unet(nnx.eval_shape(lambda: checkpoints.build_unet(config)),
+                                                       config)
+  shapes = jax.eval_shape(functools.partial(train_state.initial_state, config), params, frozen_params)
+  target = train_state.abstract_state(shapes, _state_shardings(config, mesh, shapes))
+  return train_state.restore_checkpoint(manager, step, target)[0]
 
 
 def _weights_in_compute_dtype(model: nnx.Module) -> nnx.Module:
@@ -214,15 +226,20 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                             NamedSharding(mesh, PartitionSpec()))
 
   with jax.set_mesh(mesh):  # tpu_flash's shard_map takes the mesh from here (`with mesh:` does not set it)
+    manager = train_state.checkpoint_manager(config, workdir)
+    latest = manager.latest_step()
+    if latest is not None and latest >= config.train.num_steps:
+      logging.warning("checkpoint %d in %s: already trained for config.train.num_steps=%d; nothing to train (raise "
+                      "it to train on)", latest, manager.directory, config.train.num_steps)
+      return restore_train_state(config, mesh, manager, latest)
     state, unet_graphdef, rng_state, state_sh = create_train_state(config, mesh)
     frozen, frozen_sh, tokenizer = place_frozen_models(config, mesh)
-    manager = train_state.checkpoint_manager(config, workdir)
     position = 0
-    if manager.latest_step() is not None:
+    if latest is not None:
       # Restored onto this run's mesh, whatever mesh wrote it; the initial arrays go first to free their memory.
       target = train_state.abstract_state(state, state_sh)
       del state
-      state, data_state = train_state.restore_checkpoint(manager, manager.latest_step(), target)
+      state, data_state = train_state.restore_checkpoint(manager, latest, target)
       position = data_state["position"]
       logging.info("resumed from step %d (input position %d)", int(state.step), position)
     data = input_pipeline.InputPipeline(config, mesh, tokenizer=tokenizer, position=position)

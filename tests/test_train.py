@@ -91,6 +91,14 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
                   strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
+  # Run again when already finished (a second `make demo`): the checkpoint's state, and no model initialised.
+  for name in ("create_train_state", "load_frozen_models"):
+    monkeypatch.setattr(train, name, lambda *args, name=name: pytest.fail(f"{name} with nothing to train"))
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert int(again.step) == 4 and "nothing to train" in caplog.text
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   # The checkpointed UNet loads for generation and export with exactly the trained parameters.
   unet = checkpoints.restore_unet(config, str(tmp_path))
   restored = nnx.state(unet, nnx.Param)
