@@ -198,7 +198,11 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       chip="",                        # handi_jax.chips name for the bounds (e.g. h100); empty = the target's kind
       programs="train_step,sampler",  # comma-separated: train_step, sampler
       parts="none",                   # none | pixel_loss (+ unet_step) | blocks: the train step compiled in parts
-      sampler_sizes="384x680,512x512"))  # HEIGHTxWIDTH pixels: the release's 680 x 384 and 512 x 512
+      sampler_sizes="384x680,512x512",  # HEIGHTxWIDTH pixels: the release's 680 x 384 and 512 x 512
+      # Comma-separated compile_report.json files whose programs are not compiled again: a program that lowers to
+      # the same text for the same target takes their figures. The workdir's own report always counts (a stopped
+      # report resumes where it stopped).
+      reuse=""))
 
   apply_variants(config, arg)
   return config

@@ -28,6 +28,11 @@ Programs:
 - sampler_<H>x<W>: diffusion.video.sample_video_jit (all config.sampling.num_inference_steps CFG steps in one scan)
   for one sample on one device of the target, per config.compile_report.sampler_sizes.
 
+Programs measured before are not compiled again: each figure set records its program_key (the sha256 of the target
+and the lowered program), and a program whose key is in <workdir>/compile_report.json or in a report listed in
+config.compile_report.reuse takes those figures ("reused_from"). A report stopped part-way (memory, preemption)
+resumes where it stopped; stage 1 reuses stage 2's UNet blocks, AdamW and encode, which lower to the same programs.
+
 Figures: memory from compiled.memory_analysis() (per device; on simulated CPU devices the CPU compiler's buffers,
 and "state_bytes", the sharded arguments counted from the arrays, which hold on any platform); FLOPs per device
 from xla_stats.compiled_flops (loop bodies at their trip counts); useful FLOPs from the unoptimised graphs of the
@@ -38,6 +43,7 @@ ring bytes / interconnect bandwidth of handi_jax.chips.
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -309,13 +315,44 @@ def sharded_bytes(args) -> int:
   return total
 
 
-def measure(name: str, lower, args, chip: chips.Chip | None) -> dict:
+def target_identity(target: str, devices) -> str:
+  """The target as far as it decides a compile: its name, device kind and count, jax's and the compiler's versions."""
+  return " ".join((target, devices[0].device_kind, str(len(devices)), jax.__version__,
+                   str(getattr(devices[0].client, "platform_version", ""))))
+
+
+def program_key(lowered_text: str, target: str) -> str:
+  """Two programs with the same key compile to the same executable: the same lowered program for the same target
+  (target_identity)."""
+  return hashlib.sha256(f"{target}\n{lowered_text}".encode()).hexdigest()
+
+
+def measured_programs(reports) -> dict:
+  """program_key -> (figures, report path) of every program measured in these compile_report.json files."""
+  known = {}
+  for path in map(pathlib.Path, reports):
+    try:
+      programs = json.loads(path.read_text())["programs"]
+    except (OSError, ValueError, KeyError) as e:
+      raise ValueError(f"config.compile_report.reuse: {path} is not a readable compile report ({e}); give the "
+                       f"path of a {REPORT_FILE} that --mode=compile_report wrote") from e
+    known.update({p["program_key"]: (p, str(path)) for p in programs.values() if "program_key" in p})
+  return known
+
+
+def measure(name: str, lower, args, chip: chips.Chip | None, known: dict | None = None, target: str = "") -> dict:
   """Lower (lower(*args), e.g. a jitted function's .lower) and compile one program; its per-device figures and
-  bounds."""
+  bounds. A program already in `known` (measured_programs) for the same `target` (target_identity) is not
+  compiled again: its figures are reused."""
   logging.info("compile report: lowering %s", name)
   started = time.perf_counter()
   lowered = lower(*args)
   lowered_at = time.perf_counter()
+  key = program_key(lowered.as_text(), target)
+  if known and key in known:
+    figures, source = known[key]
+    logging.info("compile report: %s is a program measured in %s; its figures are reused", name, source)
+    return dict(figures, reused_from=source, chip_bounds=bounds(figures, chip) if chip else None)
   logging.info("compile report: compiling %s (lowered in %.1f s)", name, lowered_at - started)
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
@@ -328,7 +365,7 @@ def measure(name: str, lower, args, chip: chips.Chip | None) -> dict:
       flops_per_device=flops, xla_flops_loops_once=xla_stats.xla_flops(compiled),
       unknown_trip_counts=counts.unknown_trip_counts,
       collectives=xla_stats.collectives(compiled, counts), hlo=xla_stats.hlo_size(text),
-      lowered_characters=len(lowered.as_text()))
+      lowered_characters=len(lowered.as_text()), program_key=key)
   result["bounds"] = {key: bounds(result, c) for key, c in chips.CHIPS.items()}
   result["chip_bounds"] = bounds(result, chip) if chip else None
   return result
@@ -422,8 +459,13 @@ def compile_report(config, workdir) -> dict:
     raise ValueError(f"config.compile_report.programs has {unknown}; valid: {', '.join(PROGRAMS)}")
   if report_config.parts not in PARTS:
     raise ValueError(f"config.compile_report.parts={report_config.parts!r}; expected one of {', '.join(PARTS)}")
+  own_report = pathlib.Path(workdir) / REPORT_FILE
+  reuse = [r.strip() for r in report_config.reuse.split(",") if r.strip()]
+  known = measured_programs(reuse + ([own_report] if own_report.is_file() else []))
   devices = target_devices(report_config.target)
   chip = target_chip(report_config, devices)
+  measure_here = functools.partial(measure, chip=chip, known=known,
+                                   target=target_identity(report_config.target, devices))
   mesh = sharding.make_mesh(config, devices)
   report = dict(target=report_config.target, device_kind=devices[0].device_kind, num_devices=len(devices),
                 mesh=dict(mesh.shape), chip=chip.name if chip else None, stage=config.stage,
@@ -437,7 +479,7 @@ def compile_report(config, workdir) -> dict:
       report["global_batch_size"] = global_batch
       report["useful_train_flops"] = useful_train_flops(config, units, global_batch)
       for name, (lower, args) in train_step_parts(config, mesh, report_config.parts).items():
-        report["programs"][name] = measure(name, lower, args, chip)
+        report["programs"][name] = measure_here(name, lower, args)
         if name.startswith("unet_") and report_config.parts == "blocks":
           report["programs"][name]["kept_activation_bytes"] = activation_bytes(args)
         _write(workdir, report)  # a long report keeps what it has measured
@@ -454,7 +496,7 @@ def compile_report(config, workdir) -> dict:
       lower, args = sampler_program(config, one_device, height, width)
       name = f"sampler_{height}x{width}"
       with jax.set_mesh(one_device):  # tpu_flash takes the target platform from the set mesh
-        report["programs"][name] = figures = measure(name, lower, args, chip)
+        report["programs"][name] = figures = measure_here(name, lower, args)
       forward = unit_flops(config, height, width, config.data.num_frames)["unet_forward"]
       figures["useful_flops"] = 2 * steps * forward  # classifier-free guidance: 2 UNet passes per step
       _write(workdir, report)

@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import configs
 from handi_jax import checkpoints, chips, compile_report
@@ -50,8 +52,36 @@ def test_tiny_sampler_report_on_the_devices_here(tmp_path):
   assert sampler["unknown_trip_counts"] == 0
   assert sampler["flops_per_device"] > 2.5 * sampler["xla_flops_loops_once"]
   assert sampler["useful_flops"] == 2 * 3 * compile_report.unit_flops(config, 16, 24, 2)["unet_forward"]
-  assert 0.5 < sampler["useful_ratio"] <= 1.05
+  # Above 1 is possible: XLA hoists loop-invariant work (such as projections of the fixed text) out of the loop.
+  assert 0.5 < sampler["useful_ratio"] <= 1.2
   assert report["num_devices"] == jax.device_count() and report["chip"] == "NVIDIA H100 SXM"
+  # Run again in the same workdir: the sampler lowers to the same program, so it is not compiled again.
+  again = compile_report.compile_report(config, tmp_path)["programs"]["sampler_16x24"]
+  assert again["reused_from"] == str(tmp_path / compile_report.REPORT_FILE)
+  assert again["flops_per_device"] == sampler["flops_per_device"] and again["useful_ratio"] == sampler["useful_ratio"]
+
+
+def test_a_program_measured_before_is_not_compiled_again(tmp_path, monkeypatch):
+  mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+  lower = jax.jit(lambda a: jnp.tanh(a @ a.T)).lower
+  target = compile_report.target_identity("devices", jax.devices()[:1])
+  first = compile_report.measure("p", lower, (x,), chips.CHIPS["h100"], target=target)
+  report = tmp_path / compile_report.REPORT_FILE
+  report.write_text(json.dumps({"programs": {"p": first}}))
+  known = compile_report.measured_programs([report])
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda *args, **kwargs: pytest.fail("compiled again"))
+  again = compile_report.measure("q", lower, (x,), chips.CHIPS["v5p"], known, target)
+  assert again["reused_from"] == str(report) and again["flops_per_device"] == first["flops_per_device"] > 0
+  assert again["chip_bounds"]["chip"] == "TPU v5p"  # bounds for this report's chip
+  # Another program, or the same program for another target, is compiled.
+  with pytest.raises(pytest.fail.Exception, match="compiled again"):
+    compile_report.measure("r", jax.jit(lambda a: a @ a.T).lower, (x,), None, known, target)
+  with pytest.raises(pytest.fail.Exception, match="compiled again"):
+    compile_report.measure("p", lower, (x,), None, known, target + " v2")
+  with pytest.raises(ValueError, match="missing.json is not a readable compile report"):
+    compile_report.measured_programs([tmp_path / "missing.json"])
 
 
 @pytest.mark.slow
