@@ -161,7 +161,7 @@ def _convolution_flops(instruction: _Instruction, shapes) -> float:
     return 0.0
   (lhs_labels, rhs_labels, out_labels), lhs, rhs, out = labels.groups(), lhs[0][1], rhs[0][1], out[0][1]
   window_text = re.search(r"window=\{([^}]*)\}", instruction.attributes)
-  window = dict(re.findall(r"(\w+)=([\d_x]+)", window_text.group(1))) if window_text else {}
+  window = dict(re.findall(r"(\w+)=([\d_x-]+)", window_text.group(1))) if window_text else {}
   spatial = sorted(label for label in out_labels if label.isdigit())
   per_dim = lambda key, default: ([int(v) for v in window[key].split("x")] if key in window
                                   else [default] * len(spatial))

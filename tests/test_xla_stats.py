@@ -49,6 +49,7 @@ def test_a_loop_free_program_is_xla_s_own_count():
 
 _CONVOLUTIONS = {  # padding, strides and dilations make taps miss the input: XLA's cost analysis counts only hits
     "padded_strided": (dict(window_strides=(2, 1), padding=((1, 1), (2, 0))), (2, 9, 7, 4), (3, 3, 4, 6)),
+    "negative_padding": (dict(window_strides=(1, 1), padding=((-1, 2), (1, -2))), (2, 9, 7, 4), (3, 3, 4, 6)),
     "dilated": (dict(window_strides=(1, 3), padding=((2, 1), (0, 3)), lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
                 (1, 6, 11, 3), (2, 3, 3, 5)),
     "feature_groups": (dict(window_strides=(1, 1), padding="SAME", feature_group_count=2), (2, 5, 5, 8), (3, 3, 4, 6)),
