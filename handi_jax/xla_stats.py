@@ -26,6 +26,11 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 # Calls whose callee runs once per caller execution (async-update / -done repeat the async-start's callee).
 _CALL_ATTRS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_PARENTHESES = re.compile(r"[()]")
+_DELIMITERS = re.compile(r"[()\[\]{},]")  # what nests in an operand list, and its separator
+_NAME = re.compile(r"%?[A-Za-z_][\w.\-]*")
+_ASSIGNMENT = re.compile(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_OPCODE = re.compile(r"([\w\-]+)\(")
 
 
 @dataclasses.dataclass
@@ -42,15 +47,15 @@ class _Instruction:
 def _closing(text: str, start: int) -> int:
   """Index of the parenthesis closing the one at text[start]."""
   depth = 0
-  for index in range(start, len(text)):
-    depth += {"(": 1, ")": -1}.get(text[index], 0)
+  for found in _PARENTHESES.finditer(text, start):
+    depth += 1 if found.group() == "(" else -1
     if depth == 0:
-      return index
+      return found.start()
   return len(text) - 1
 
 
 def _split_instruction(line: str) -> _Instruction | None:
-  match = re.match(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
+  match = _ASSIGNMENT.match(line)
   if match is None:
     return None
   rest = line[match.end():]
@@ -59,7 +64,7 @@ def _split_instruction(line: str) -> _Instruction | None:
     shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
   else:
     shape, _, rest = rest.partition(" ")
-  op = re.match(r"([\w\-]+)\(", rest)
+  op = _OPCODE.match(rest)
   if op is None:
     return None
   start = op.end() - 1
@@ -72,11 +77,13 @@ def _split_instruction(line: str) -> _Instruction | None:
 def _operand_names(arguments: str) -> list[str]:
   """Operand names of an argument list: compiled text writes `f32[4]{0} %x`, unoptimised text `x`."""
   names, depth, start = [], 0, 0
-  for index, char in enumerate(arguments + ","):
-    depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(char, 0)
-    if char == "," and depth == 0:
+  for found in _DELIMITERS.finditer(arguments + ","):
+    char, index = found.group(), found.start()
+    if char != ",":
+      depth += 1 if char in "([{" else -1
+    elif depth == 0:
       token = arguments[start:index].strip().rpartition(" ")[2]
-      if re.fullmatch(r"%?[A-Za-z_][\w.\-]*", token):
+      if _NAME.fullmatch(token):
         names.append(token.lstrip("%"))
       start = index + 1
   return names
@@ -232,7 +239,8 @@ def _callees(instruction: _Instruction, caller: dict[str, _Instruction], computa
   if instruction.opcode in ("async-update", "async-done"):
     return []
   called = []
-  for attr, name in _CALL_ATTRS.findall(instruction.attributes):
+  attributes = instruction.attributes.partition(", metadata={")[0]  # calls are printed before the metadata
+  for attr, name in _CALL_ATTRS.findall(attributes):
     if attr == "to_apply" and instruction.opcode in ("reduce", "reduce-window", "scatter", "select-and-scatter",
                                                       "sort", "all-reduce", "reduce-scatter", "all-reduce-start"):
       continue  # per-element combiners: the instruction's own count covers them
@@ -240,7 +248,7 @@ def _callees(instruction: _Instruction, caller: dict[str, _Instruction], computa
       called.append((name, _trip_count(instruction, caller, computations)))
     elif attr != "condition":
       called.append((name, 1))
-  for group in _BRANCHES.findall(instruction.attributes):
+  for group in _BRANCHES.findall(attributes):
     called.extend((name.strip().lstrip("%"), 1) for name in group.split(",") if name.strip())
   return called
 
@@ -280,7 +288,12 @@ def count_hlo(text: str) -> HloCounts:
   computations, entry, header = parse_hlo(text)
   devices = header.get("num_partitions", 1) * header.get("replica_count", 1)
   counts = HloCounts()
-  memo = {}
+  memo, called = {}, {}
+
+  def callees(instruction: _Instruction, by_name: dict) -> list[tuple[str, int | None]]:
+    if id(instruction) not in called:
+      called[id(instruction)] = _callees(instruction, by_name, computations)
+    return called[id(instruction)]
 
   def visit(name: str) -> tuple[float, float]:
     """(FLOPs, FLOPs with loops once) of one execution of `name`, adding collectives to `pending`."""
@@ -292,7 +305,7 @@ def count_hlo(text: str) -> HloCounts:
     for instruction in instructions:
       own = _instruction_flops(instruction, by_name)
       flops, once = flops + own, once + own
-      for callee, times in _callees(instruction, by_name, computations):
+      for callee, times in callees(instruction, by_name):
         callee_flops, callee_once = visit(callee)
         flops += callee_flops * (times or 1)
         once += callee_once
@@ -312,7 +325,7 @@ def count_hlo(text: str) -> HloCounts:
         counts.collective_link_bytes[kind] = (counts.collective_link_bytes.get(kind, 0.0)
                                               + multiplier * _link_bytes(kind, size, group))
         counts.collective_count[kind] = counts.collective_count.get(kind, 0) + multiplier
-      for callee, times in _callees(instruction, by_name, computations):
+      for callee, times in callees(instruction, by_name):
         if times is None:
           counts.unknown_trip_counts += 1
         collect(callee, multiplier * (times or 1))
