@@ -3,8 +3,9 @@
 XLA's `compiled.cost_analysis()` counts the body of a while loop (`lax.map`, `lax.scan`, `fori_loop`) once,
 whatever its trip count. The compiled HLO records the trip counts XLA proved (`known_trip_count` in a while op's
 backend_config), so `compiled_flops` takes XLA's count and adds the bodies' FLOPs (trip count - 1) more times,
-counting those bodies itself from the HLO text: dots and convolutions exactly, elementwise ops and reductions at
-one FLOP per element (as XLA's cost analysis does; transcendentals are not FLOPs there either).
+counting those bodies itself from the HLO text: dots and convolutions exactly (a convolution by the window taps
+that meet the input, as XLA counts them), elementwise ops and reductions at one FLOP per element (as XLA's cost
+analysis does; transcendentals are not FLOPs there either).
 Collective bytes are read from the same text, also scaled by trip counts. All figures are per device: an SPMD
 program is one device's program.
 """
