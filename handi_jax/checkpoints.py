@@ -80,9 +80,13 @@ def restore_unet(config, workdir, step: int | None = None) -> unet3d.UNet3DCondi
                             "train first (--mode=train) or point config.model.pretrained at weights")
   graphdef, params, frozen_params, rng_state = train_state.split_unet(nnx.eval_shape(lambda: build_unet(config)),
                                                                       config)
-  abstract_state = jax.eval_shape(lambda p, f: train_state.initial_state(config, p, f), params, frozen_params)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  unet = nnx.merge(graphdef, restored.state.params, restored.state.frozen_params, rng_state)
+  # The UNet's weights only: the AdamW moments (two thirds of the arrays) stay on disk.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  weights = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                         dict(params=params, frozen_params=frozen_params))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      weights, ocp.checkpoint_utils.construct_restore_args(weights), partial_restore=True)))
+  unet = nnx.merge(graphdef, restored.state["params"], restored.state["frozen_params"], rng_state)
   unet.eval()
   return unet
 
