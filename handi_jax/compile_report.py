@@ -591,8 +591,9 @@ def format_table(report: dict) -> str:
     coll = lambda kind, p=p: p["collectives"].get(kind, {}).get("bytes", 0.0) / gib
     b = p["chip_bounds"] or {}
     useful = f"{p['useful_ratio']:.2f}" if "useful_ratio" in p else "-"
+    compiled = "reused" if "reused_from" in p else f"{p['compile_seconds']:.0f}"
     lines.append(
-        f"{name:<22}{p['compile_seconds']:>10.0f}{p['memory'].get('arguments', 0) / gib:>10.2f}"
+        f"{name:<22}{compiled:>10}{p['memory'].get('arguments', 0) / gib:>10.2f}"
         f"{p['memory']['temp'] / gib:>10.2f}{p['memory']['peak'] / gib:>10.2f}{p['flops_per_device'] / tera:>11.2f}"
         f"{useful:>8}{coll('all-gather'):>8.2f}{coll('reduce-scatter'):>8.2f}{coll('all-reduce'):>8.2f}"
         f"{b.get('compute_seconds', float('nan')):>11.3f}{b.get('collective_seconds', float('nan')):>9.3f}")

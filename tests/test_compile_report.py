@@ -41,7 +41,7 @@ def _check_program(figures: dict, chip: chips.Chip):
 
 
 @pytest.mark.slow
-def test_tiny_sampler_report_on_the_devices_here(tmp_path):
+def test_tiny_sampler_report_on_the_devices_here(tmp_path, capsys):
   """Through compile_report() in this process (3.5 min on the loaded 2-core machine: a UNet scan compile)."""
   config = _tiny_config()
   report = compile_report.compile_report(config, tmp_path)
@@ -56,7 +56,9 @@ def test_tiny_sampler_report_on_the_devices_here(tmp_path):
   assert 0.5 < sampler["useful_ratio"] <= 1.2
   assert report["num_devices"] == jax.device_count() and report["chip"] == "NVIDIA H100 SXM"
   # Run again in the same workdir: the sampler lowers to the same program, so it is not compiled again.
+  capsys.readouterr()
   again = compile_report.compile_report(config, tmp_path)["programs"]["sampler_16x24"]
+  assert capsys.readouterr().out.splitlines()[-1].split()[:2] == ["sampler_16x24", "reused"]
   assert again["reused_from"] == str(tmp_path / compile_report.REPORT_FILE)
   assert again["flops_per_device"] == sampler["flops_per_device"] and again["useful_ratio"] == sampler["useful_ratio"]
 
