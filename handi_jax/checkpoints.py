@@ -2,7 +2,8 @@
 
 Training, generation and export all call these, so they agree on where weights come from:
 - nothing given: random initialisation from the (tiny) config, one key per component derived from config.seed
-  (`component_key`), so a demo run's training, generation and export see the same random models;
+  (`component_key`), so a demo run's training, generation and export see the same random models; the VAE is
+  the fixed block-mean autoencoder instead (config.model.vae_without_weights);
 - a diffusers pipeline directory (config.model.pretrained), or a UNet directory inside one;
 - a training workdir: the UNet of its latest orbax checkpoint.
 """
@@ -102,9 +103,14 @@ def load_frozen_components(config, tokenizer_dir: str | os.PathLike | None = Non
     text_encoder = convert_clip_text.load_pretrained(root / "text_encoder", expected_config=model.text_encoder,
                                                      **_dtypes(config))
     return vae, text_encoder, tokenizers.load_tokenizer(root / "tokenizer")
-  logging.warning("config.model.pretrained is empty: the VAE and the text encoder are randomly initialised and "
-                  "the tokenizer is the demo tokenizer (outputs show the pipeline, not real videos)")
+  if model.vae_without_weights not in ("block_mean", "random"):
+    raise ValueError(f"config.model.vae_without_weights={model.vae_without_weights!r}: use block_mean or random")
+  logging.warning("config.model.pretrained is empty: the VAE is %s, the text encoder is randomly initialised "
+                  "and the tokenizer is the demo tokenizer (outputs show the pipeline, not real videos)",
+                  "random" if model.vae_without_weights == "random" else "a fixed block-mean autoencoder")
   vae = vae_lib.AutoencoderKL(model.vae, rngs=nnx.Rngs(component_key(config, "vae")), **_dtypes(config))
+  if model.vae_without_weights == "block_mean":
+    vae = vae_lib.block_mean_weights(vae)
   text_encoder = clip_text.CLIPTextModel(model.text_encoder, rngs=nnx.Rngs(component_key(config, "text_encoder")),
                                          **_dtypes(config))
   return vae, text_encoder, tokenizers.demo_tokenizer(tokenizer_dir)

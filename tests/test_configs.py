@@ -14,6 +14,8 @@ def test_default_is_demo_with_tiny_models():
   assert config.stage == 2
   assert config.model.unet.block_out_channels == (32, 64)
   assert config.mesh.to_dict() == {"data": -1, "fsdp": 1, "tensor": 1}
+  assert (config.diffusion.prediction_type, config.loss.eta_hand) == ("sample", 0.0)  # the demo's fast learning
+  assert config.model.vae_without_weights == "block_mean"
 
 
 def test_paper_variant_has_release_hyperparameters():
@@ -24,7 +26,8 @@ def test_paper_variant_has_release_hyperparameters():
   assert (config.train.learning_rate, config.train.global_batch_size) == (5e-5, 48)
   assert (config.loss.alpha_miou, config.loss.eta_hand) == (0.1, 0.1)
   assert (config.sampling.num_inference_steps, config.sampling.guidance_scale) == (25, 9.0)
-  assert config.data.num_frames == 16
+  assert config.data.num_frames == 16 and config.diffusion.prediction_type == "epsilon"
+  assert _load("stage2.py:demo,paper").to_dict() == _load("stage2.py:paper").to_dict()
 
 
 def test_variants_compose_left_to_right():

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from PIL import Image
 
 from configs import common
 from handi_jax import sharding
 from handi_jax.convert import core
 from handi_jax.convert import vae as convert_vae
-from handi_jax.models.vae import AutoencoderKL, decode_video, encode_video
+from handi_jax.models.vae import AutoencoderKL, block_mean_weights, decode_video, encode_video
 from tests.reference_torch import diffusers_vae
 
 TINY = common.vae_config(full_size=False)
@@ -178,3 +179,30 @@ def test_bad_directories_and_configs_give_clear_errors(vae_dir, tmp_path):
     convert_vae.load_pretrained(vae_dir, expected_config=dict(TINY, layers_per_block=2))
   with pytest.raises(ValueError, match="chunk_size must be a positive number"):
     decode_video(AutoencoderKL(MICRO, rngs=nnx.Rngs(0)), jnp.zeros((1, 2, 4, 4, 4)), 0)
+
+
+def _bilinear_x2(image):
+  """Nearest x2 then [1, 2, 1] / 4 per axis with zero padding, by hand."""
+  up = image.repeat(2, axis=0).repeat(2, axis=1)
+  padded = np.pad(up, ((1, 1), (1, 1), (0, 0)))
+  taps = (0.25, 0.5, 0.25)
+  rows = sum(t * padded[i:i + up.shape[0]] for i, t in enumerate(taps))
+  return sum(t * rows[:, i:i + up.shape[1]] for i, t in enumerate(taps))
+
+
+def test_block_mean_weights_encode_block_means_and_decode_them_bilinearly(shared_data):
+  frame = shared_data / "ek_frames" / "1.png"
+  image = np.asarray(Image.open(frame).convert("RGB").resize((64, 48)), np.float32) / 127.5 - 1.0
+  vae = block_mean_weights(AutoencoderKL(TINY, rngs=nnx.Rngs(0)))
+  latents = np.asarray(encode_video(vae, jnp.asarray(image)[None, None]))[0, 0]
+  block_means = image.reshape(6, 8, 8, 8, 3).mean(axis=(1, 3))
+  assert latents.shape == (6, 8, 4)
+  np.testing.assert_allclose(latents[..., :3], 3.0 * block_means, atol=1e-4)  # _LATENT_GAIN
+  np.testing.assert_array_equal(latents[..., 3], 0.0)
+  decoded = np.asarray(decode_video(vae, jnp.asarray(latents)[None, None]))[0, 0]
+  np.testing.assert_allclose(decoded, _bilinear_x2(_bilinear_x2(_bilinear_x2(block_means))), atol=1e-4)
+
+
+def test_block_mean_weights_refuse_a_config_without_room_for_them():
+  with pytest.raises(ValueError, match="4 channels a norm group.*pretrained VAE weights"):
+    block_mean_weights(AutoencoderKL(MICRO, rngs=nnx.Rngs(0)))

@@ -256,3 +256,113 @@ def decode_video(vae: AutoencoderKL, latents: jax.Array, chunk_size: int | None 
 def _check_video(video: jax.Array, channels: int, what: str) -> None:
   if video.ndim != 5 or video.shape[-1] != channels:
     raise ValueError(f"{what}: expected a channels-last video (B, F, H, W, {channels}), got shape {video.shape}")
+
+
+# block_mean_weights: a group's two constant channels (+K, -K) set its GroupNorm spread, so the norm passes the
+# signal up to a relative O(s^2 / K^2) (< 1e-4 for images in [-1, 1]); SiLU(s + _SILU_SHIFT) = s + _SILU_SHIFT to 1e-7.
+_CONSTANT = 100.0
+_SILU_SHIFT = 20.0
+# Scaled latent = _LATENT_GAIN x the block's mean value in [-1, 1]: roughly the unit spread the noise schedule expects.
+_LATENT_GAIN = 3.0
+
+
+def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
+  """Set `vae`'s weights (in place) to a fixed, not learned, autoencoder: latent channel c of a pixel block is
+  the block's mean of image channel c (times _LATENT_GAIN / scaling_factor; other latent channels 0), and the
+  decoder upsamples the block means bilinearly (x2 per level; zero padding darkens the outermost pixels).
+
+  The VAE of the demo and of tests without pretrained weights: a random VAE decodes anything into noise, so a
+  video generated through it cannot show what the UNet learned. Every resnet and attention adds zero (their
+  output layers are zero), which leaves linear down/up-sampling convs between conv_in and the final GroupNorm +
+  SiLU. Each signal s travels in its own norm group as (s, -s, K, -K): that group's mean is 0 and its spread is
+  fixed by K, so the norm's affine and a shifted SiLU pass s on.
+  """
+  config = vae.config
+  channels, groups = tuple(config.block_out_channels), config.norm_num_groups
+  image = config.in_channels
+  if config.out_channels != image or config.latent_channels < image or min(channels) // groups < 4 \
+     or groups < image:
+    raise ValueError(
+        f"block_mean_weights needs out_channels == in_channels <= latent_channels and, in every block, at least "
+        f"4 channels a norm group and in_channels groups; got {dict(config)}: use pretrained VAE weights instead")
+  scaling = config.scaling_factor
+  kernels = {}
+
+  def slot(width, signal, role):  # role 0: s, 1: -s, 2: +K, 3: -K in signal's norm group
+    return (width // groups) * signal + role
+
+  def mapping(width_in, width_out):  # a 1x1 kernel carrying every (signal, role) slot over
+    kernel = jnp.zeros((width_in, width_out))
+    for signal in range(image):
+      for role in range(4):
+        kernel = kernel.at[slot(width_in, signal, role), slot(width_out, signal, role)].set(1.0)
+    return kernel
+
+  def centre(kernel_1x1):  # a 3x3 kernel that only uses its centre tap
+    return jnp.zeros((3, 3, *kernel_1x1.shape)).at[1, 1].set(kernel_1x1)
+
+  def entry(inputs, width, weight):  # conv_in: signal -> (s, -s), bias -> (+K, -K)
+    kernel = jnp.zeros((inputs, width))
+    bias = jnp.zeros((width,))
+    for signal in range(image):
+      kernel = kernel.at[signal, slot(width, signal, 0)].set(weight).at[signal, slot(width, signal, 1)].set(-weight)
+      bias = bias.at[slot(width, signal, 2)].set(_CONSTANT).at[slot(width, signal, 3)].set(-_CONSTANT)
+    return centre(kernel), bias
+
+  def resampling(width, taps):  # per-slot spatial taps for the signals, identity for the constants
+    kernel = jnp.zeros((3, 3, width, width))
+    for signal in range(image):
+      for role in range(4):
+        index = slot(width, signal, role)
+        kernel = kernel.at[:, :, index, index].set(taps if role < 2 else jnp.zeros((3, 3)).at[1, 1].set(1.0))
+    return kernel
+
+  def norm_out(width):  # GroupNorm affine that undoes the constant spread on s and shifts it into SiLU's linear part
+    scale = jnp.zeros((width,))
+    bias = jnp.zeros((width,))
+    spread = _CONSTANT * (2.0 / (width // groups)) ** 0.5
+    for signal in range(image):
+      scale = scale.at[slot(width, signal, 0)].set(spread)
+      bias = bias.at[slot(width, signal, 0)].set(_SILU_SHIFT)
+    return scale, bias
+
+  def exit_(width, outputs, weight):  # conv_out: SiLU(s + shift) -> weight * s
+    kernel = jnp.zeros((width, outputs))
+    for signal in range(image):
+      kernel = kernel.at[slot(width, signal, 0), signal].set(weight)
+    return centre(kernel), kernel.sum(axis=0) * -_SILU_SHIFT
+
+  # 2x2 box mean on the stride-2 conv (taps 0 and 1: never the bottom/right padding); nearest x2 then
+  # [1, 2, 1] / 4 per axis is bilinear x2.
+  box = jnp.zeros((3, 3)).at[:2, :2].set(0.25)
+  tent = jnp.outer(jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 2.0, 1.0])) / 16.0
+  gain = _LATENT_GAIN / scaling
+  kernels["encoder.conv_in"] = entry(image, channels[0], 1.0)
+  kernels["decoder.conv_in"] = entry(config.latent_channels, channels[-1], 1.0 / gain)
+  kernels["encoder.conv_norm_out"] = norm_out(channels[-1])
+  kernels["decoder.conv_norm_out"] = norm_out(channels[0])
+  encoder_out, encoder_bias = exit_(channels[-1], 2 * config.latent_channels, gain)
+  kernels["encoder.conv_out"] = (encoder_out, encoder_bias.at[config.latent_channels:].set(-30.0))  # log-variance
+  kernels["decoder.conv_out"] = exit_(channels[0], image, 1.0)
+  kernels["quant_conv"] = (jnp.eye(2 * config.latent_channels)[None, None], None)
+  kernels["post_quant_conv"] = (jnp.eye(config.latent_channels)[None, None], None)
+  for i, block in enumerate(vae.encoder.down_blocks):
+    if block.downsamplers is not None:
+      kernels[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (resampling(channels[i], box), None)
+  for i, block in enumerate(vae.decoder.up_blocks):
+    if block.upsamplers is not None:
+      kernels[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (resampling(channels[::-1][i], tent), None)
+  for path, module in nnx.iter_graph(vae):
+    name = ".".join(str(p) for p in path)
+    if isinstance(module, ResnetBlock2D) and module.conv_shortcut is not None:
+      kernels[f"{name}.conv_shortcut"] = (mapping(*module.conv_shortcut.kernel.value.shape[2:])[None, None], None)
+
+  # Everything else is zero: resnets (conv2 = 0) and attention (to_out = 0) add nothing to their residuals.
+  for path, module in nnx.iter_graph(vae):
+    if isinstance(module, (nnx.Conv, nnx.Linear, nnx.GroupNorm)):
+      name = ".".join(str(p) for p in path)
+      weight, bias = kernels.get(name, (None, None))
+      scale = module.scale if isinstance(module, nnx.GroupNorm) else module.kernel
+      for variable, value in ((scale, weight), (module.bias, bias)):
+        variable.value = jnp.zeros_like(variable.value) if value is None else value.astype(variable.value.dtype)
+  return vae

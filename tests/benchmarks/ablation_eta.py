@@ -43,7 +43,10 @@ from handi_jax.hands import landmarks as hl  # noqa: E402
 
 
 def make_config(args):
-  config = common.get_config(2)  # the demo variant: tiny models, 16 frames of 64 x 64
+  config = common.get_config(2)  # the demo variant's tiny models, with the settings its figures were measured with
+  config.data.num_frames, config.data.demo.num_clips = 16, 8
+  config.diffusion.prediction_type = "epsilon"
+  config.sampling.guidance_scale = 9.0
   config.train.update(num_steps=args.steps, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                       log_every=1, checkpoint_every=args.steps, keep_checkpoints=1)
   config.sampling.height, config.sampling.width = config.data.height, config.data.width
