@@ -58,7 +58,7 @@ def tiny_train_config(stage=2, steps=2):
   config.data.update(num_frames=3, height=32, width=32)
   config.data.demo.num_clips = 8
   config.train.update(global_batch_size=8, num_steps=steps, checkpoint_every=1, warmup_steps=1,
-                      learning_rate=1e-3)
+                      learning_rate=1e-3, log_every=1)
   config.loss.eta_hand = 0.0  # the landmark network's cost is covered by tests/test_losses.py
   return config
 

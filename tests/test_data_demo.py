@@ -13,6 +13,7 @@ from tests.helpers import hull_mask
 
 def _config(**data):
   config = common.get_config(2)
+  config.data.demo.num_clips = 8
   for key, value in data.items():
     setattr(config.data, key, value)
   return config

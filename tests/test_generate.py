@@ -24,6 +24,7 @@ HEIGHT, WIDTH = 48, 88   # a 448 x 256 image at target area 64 * 64: scale 5.29 
 
 def _config(tmp_path, **generate_fields):
   config = common.get_config(stage=2)
+  config.data.num_frames = FRAMES
   config.sampling.num_inference_steps = 2
   config.sampling.target_area = 64 * 64
   # A one-level UNet (its mid block still has cross-attention and every temporal layer): it compiles in a

@@ -13,6 +13,7 @@ from handi_jax.data import input_pipeline, schema
 
 def _config(stage, data_dir, **overrides):
   config = common.get_config(stage)
+  config.data.demo.num_clips = 8
   config.data.dir = str(data_dir)
   config.train.global_batch_size = 8
   for key, value in overrides.items():
@@ -25,6 +26,7 @@ def _config(stage, data_dir, **overrides):
 def dataset(tmp_path_factory):
   """Demo data in 2 shards (4 clips each) and the stored clips by id, decoded through TFDS."""
   config = common.get_config(2)
+  config.data.demo.num_clips = 8
   config.data.build.frames_per_shard = 4 * config.data.num_frames
   path = demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo"), config)
   stored = tfds.builder_from_directory(str(path)).as_dataset(split="train").as_numpy_iterator()
