@@ -108,9 +108,11 @@ def load_frozen_components(config, tokenizer_dir: str | os.PathLike | None = Non
   logging.warning("config.model.pretrained is empty: the VAE is %s, the text encoder is randomly initialised "
                   "and the tokenizer is the demo tokenizer (outputs show the pipeline, not real videos)",
                   "random" if model.vae_without_weights == "random" else "a fixed block-mean autoencoder")
-  vae = vae_lib.AutoencoderKL(model.vae, rngs=nnx.Rngs(component_key(config, "vae")), **_dtypes(config))
+  build_vae = lambda: vae_lib.AutoencoderKL(model.vae, rngs=nnx.Rngs(component_key(config, "vae")), **_dtypes(config))
   if model.vae_without_weights == "block_mean":
-    vae = vae_lib.block_mean_weights(vae)
+    vae = vae_lib.block_mean_weights(nnx.eval_shape(build_vae))  # every weight is set: no random init to discard
+  else:
+    vae = build_vae()
   text_encoder = clip_text.CLIPTextModel(model.text_encoder, rngs=nnx.Rngs(component_key(config, "text_encoder")),
                                          **_dtypes(config))
   return vae, text_encoder, tokenizers.demo_tokenizer(tokenizer_dir)

@@ -193,7 +193,7 @@ def _bilinear_x2(image):
 def test_block_mean_weights_encode_block_means_and_decode_them_bilinearly(shared_data):
   frame = shared_data / "ek_frames" / "1.png"
   image = np.asarray(Image.open(frame).convert("RGB").resize((64, 48)), np.float32) / 127.5 - 1.0
-  vae = block_mean_weights(AutoencoderKL(TINY, rngs=nnx.Rngs(0)))
+  vae = block_mean_weights(nnx.eval_shape(lambda: AutoencoderKL(TINY, rngs=nnx.Rngs(0))))
   latents = np.asarray(encode_video(vae, jnp.asarray(image)[None, None]))[0, 0]
   block_means = image.reshape(6, 8, 8, 8, 3).mean(axis=(1, 3))
   assert latents.shape == (6, 8, 4)

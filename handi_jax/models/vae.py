@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from handi_jax import chunking
@@ -267,9 +268,10 @@ _LATENT_GAIN = 3.0
 
 
 def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
-  """Set `vae`'s weights (in place) to a fixed, not learned, autoencoder: latent channel c of a pixel block is
-  the block's mean of image channel c (times _LATENT_GAIN / scaling_factor; other latent channels 0), and the
-  decoder upsamples the block means bilinearly (x2 per level; zero padding darkens the outermost pixels).
+  """Set `vae`'s weights (in place; it may be abstract, from nnx.eval_shape) to a fixed, not learned,
+  autoencoder: latent channel c of a pixel block is the block's mean of image channel c (times _LATENT_GAIN /
+  scaling_factor; other latent channels 0), and the decoder upsamples the block means bilinearly (x2 per level;
+  zero padding darkens the outermost pixels).
 
   The VAE of the demo and of tests without pretrained weights: a random VAE decodes anything into noise, so a
   video generated through it cannot show what the UNet learned. Every resnet and attention adds zero (their
@@ -285,67 +287,68 @@ def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
     raise ValueError(
         f"block_mean_weights needs out_channels == in_channels <= latent_channels and, in every block, at least "
         f"4 channels a norm group and in_channels groups; got {dict(config)}: use pretrained VAE weights instead")
-  scaling = config.scaling_factor
-  kernels = {}
+  kernels = {}  # module path -> (kernel or norm scale, bias); built in numpy: eager jnp updates compile op by op
 
   def slot(width, signal, role):  # role 0: s, 1: -s, 2: +K, 3: -K in signal's norm group
     return (width // groups) * signal + role
 
   def mapping(width_in, width_out):  # a 1x1 kernel carrying every (signal, role) slot over
-    kernel = jnp.zeros((width_in, width_out))
+    kernel = np.zeros((1, 1, width_in, width_out), np.float32)
     for signal in range(image):
       for role in range(4):
-        kernel = kernel.at[slot(width_in, signal, role), slot(width_out, signal, role)].set(1.0)
+        kernel[0, 0, slot(width_in, signal, role), slot(width_out, signal, role)] = 1.0
     return kernel
 
-  def centre(kernel_1x1):  # a 3x3 kernel that only uses its centre tap
-    return jnp.zeros((3, 3, *kernel_1x1.shape)).at[1, 1].set(kernel_1x1)
-
-  def entry(inputs, width, weight):  # conv_in: signal -> (s, -s), bias -> (+K, -K)
-    kernel = jnp.zeros((inputs, width))
-    bias = jnp.zeros((width,))
+  def entry(inputs, width, weight):  # conv_in, centre tap: signal -> (s, -s); bias -> (+K, -K)
+    kernel = np.zeros((3, 3, inputs, width), np.float32)
+    bias = np.zeros((width,), np.float32)
     for signal in range(image):
-      kernel = kernel.at[signal, slot(width, signal, 0)].set(weight).at[signal, slot(width, signal, 1)].set(-weight)
-      bias = bias.at[slot(width, signal, 2)].set(_CONSTANT).at[slot(width, signal, 3)].set(-_CONSTANT)
-    return centre(kernel), bias
+      kernel[1, 1, signal, [slot(width, signal, 0), slot(width, signal, 1)]] = weight, -weight
+      bias[[slot(width, signal, 2), slot(width, signal, 3)]] = _CONSTANT, -_CONSTANT
+    return kernel, bias
 
   def resampling(width, taps):  # per-slot spatial taps for the signals, identity for the constants
-    kernel = jnp.zeros((3, 3, width, width))
+    kernel = np.zeros((3, 3, width, width), np.float32)
     for signal in range(image):
       for role in range(4):
         index = slot(width, signal, role)
-        kernel = kernel.at[:, :, index, index].set(taps if role < 2 else jnp.zeros((3, 3)).at[1, 1].set(1.0))
+        kernel[:, :, index, index] = taps if role < 2 else identity
     return kernel
 
   def norm_out(width):  # GroupNorm affine that undoes the constant spread on s and shifts it into SiLU's linear part
-    scale = jnp.zeros((width,))
-    bias = jnp.zeros((width,))
-    spread = _CONSTANT * (2.0 / (width // groups)) ** 0.5
+    scale = np.zeros((width,), np.float32)
+    bias = np.zeros((width,), np.float32)
     for signal in range(image):
-      scale = scale.at[slot(width, signal, 0)].set(spread)
-      bias = bias.at[slot(width, signal, 0)].set(_SILU_SHIFT)
+      scale[slot(width, signal, 0)] = _CONSTANT * (2.0 / (width // groups)) ** 0.5
+      bias[slot(width, signal, 0)] = _SILU_SHIFT
     return scale, bias
 
-  def exit_(width, outputs, weight):  # conv_out: SiLU(s + shift) -> weight * s
-    kernel = jnp.zeros((width, outputs))
+  def exit_(width, outputs, weight):  # conv_out, centre tap: SiLU(s + shift) -> weight * s
+    kernel = np.zeros((3, 3, width, outputs), np.float32)
+    bias = np.zeros((outputs,), np.float32)
     for signal in range(image):
-      kernel = kernel.at[slot(width, signal, 0), signal].set(weight)
-    return centre(kernel), kernel.sum(axis=0) * -_SILU_SHIFT
+      kernel[1, 1, slot(width, signal, 0), signal] = weight
+      bias[signal] = -weight * _SILU_SHIFT
+    return kernel, bias
 
   # 2x2 box mean on the stride-2 conv (taps 0 and 1: never the bottom/right padding); nearest x2 then
   # [1, 2, 1] / 4 per axis is bilinear x2.
-  box = jnp.zeros((3, 3)).at[:2, :2].set(0.25)
-  tent = jnp.outer(jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 2.0, 1.0])) / 16.0
-  gain = _LATENT_GAIN / scaling
+  identity = np.zeros((3, 3), np.float32)
+  identity[1, 1] = 1.0
+  box = np.zeros((3, 3), np.float32)
+  box[:2, :2] = 0.25
+  tent = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
+  gain = _LATENT_GAIN / config.scaling_factor
   kernels["encoder.conv_in"] = entry(image, channels[0], 1.0)
   kernels["decoder.conv_in"] = entry(config.latent_channels, channels[-1], 1.0 / gain)
   kernels["encoder.conv_norm_out"] = norm_out(channels[-1])
   kernels["decoder.conv_norm_out"] = norm_out(channels[0])
   encoder_out, encoder_bias = exit_(channels[-1], 2 * config.latent_channels, gain)
-  kernels["encoder.conv_out"] = (encoder_out, encoder_bias.at[config.latent_channels:].set(-30.0))  # log-variance
+  encoder_bias[config.latent_channels:] = -30.0  # log-variance: a posterior sample is the mean
+  kernels["encoder.conv_out"] = (encoder_out, encoder_bias)
   kernels["decoder.conv_out"] = exit_(channels[0], image, 1.0)
-  kernels["quant_conv"] = (jnp.eye(2 * config.latent_channels)[None, None], None)
-  kernels["post_quant_conv"] = (jnp.eye(config.latent_channels)[None, None], None)
+  kernels["quant_conv"] = (np.eye(2 * config.latent_channels, dtype=np.float32)[None, None], None)
+  kernels["post_quant_conv"] = (np.eye(config.latent_channels, dtype=np.float32)[None, None], None)
   for i, block in enumerate(vae.encoder.down_blocks):
     if block.downsamplers is not None:
       kernels[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (resampling(channels[i], box), None)
@@ -353,9 +356,9 @@ def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
     if block.upsamplers is not None:
       kernels[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (resampling(channels[::-1][i], tent), None)
   for path, module in nnx.iter_graph(vae):
-    name = ".".join(str(p) for p in path)
     if isinstance(module, ResnetBlock2D) and module.conv_shortcut is not None:
-      kernels[f"{name}.conv_shortcut"] = (mapping(*module.conv_shortcut.kernel.value.shape[2:])[None, None], None)
+      kernels[".".join(str(p) for p in path) + ".conv_shortcut"] = (
+          mapping(*module.conv_shortcut.kernel.value.shape[2:]), None)
 
   # Everything else is zero: resnets (conv2 = 0) and attention (to_out = 0) add nothing to their residuals.
   for path, module in nnx.iter_graph(vae):
@@ -364,5 +367,5 @@ def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
       weight, bias = kernels.get(name, (None, None))
       scale = module.scale if isinstance(module, nnx.GroupNorm) else module.kernel
       for variable, value in ((scale, weight), (module.bias, bias)):
-        variable.value = jnp.zeros_like(variable.value) if value is None else value.astype(variable.value.dtype)
+        variable.value = jnp.asarray(np.zeros(variable.value.shape) if value is None else value, variable.value.dtype)
   return vae
