@@ -11,7 +11,7 @@ per line; images at `image_dir/source`, or `image_dir/<file name>`; masks, if `m
 `mask_dir/<stem>_mask.png` or `<stem>.png`). A batch resumes: a sample whose `done.json` exists is skipped.
 
 Per sample, in `output_dir/<image stem>/` (default output_dir: `<workdir>/generate`):
-  video.mp4, video.gif   the 16 frames at config.generate.fps; frame 0 is the context image itself
+  video.mp4, video.gif   config.data.num_frames frames at config.generate.fps; frame 0 is the context image itself
   mask.png               the binary motion-area mask stage 2 used (stage 1's, cleaned; or the user's)
   mask_video.mp4         stage 1's decoded mask video (only when stage 1 ran)
   flow.png               motion-flow map: per pixel, the share of the L consecutive-frame pairs whose
