@@ -101,6 +101,7 @@ def test_mode_generate_writes_the_same_files_for_the_same_inputs(app, example, t
   # the progress callback: slow).
   config = small_config()
   config.seed = 3
+  config.sampling.guidance_scale = request(example).guidance_scale
   config.sampling.target_area = app_lib.SIZES[SMALL]
   config.generate.update(dict(image=image, prompt=prompt, mask=mask_path, output_dir=str(tmp_path / "cli")))
   (folder,) = generate.generate_from_config(config, tmp_path)

@@ -161,7 +161,8 @@ def test_command_line_generates_with_25_steps(tmp_path, shared_data):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "handi_jax.generate", f"--image={image}", "--prompt=wash the cucumber",
-       f"--output_dir={tmp_path / 'out'}", f"--workdir={tmp_path}", "--config.sampling.target_area=4096"],
+       f"--output_dir={tmp_path / 'out'}", f"--workdir={tmp_path}", "--config.sampling.target_area=4096",
+       f"--config.data.num_frames={FRAMES}"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((tmp_path / "out" / "kitchen" / "done.json").read_text())
