@@ -137,9 +137,9 @@ def build(config, captions, output_dir, *, split: str = "train", video_dir=None,
           progress: bool = True):
   """Build (or finish) one split; returns the writer's SplitSummary."""
   jobs = read_caption_index(captions, video_dir)  # before the heavy imports: a bad caption file fails fast
-  from data_prep import writer
   from data_prep.clips import BuildSettings, job_key, process_video
-  from data_prep.hands import HandDetector
+  from handi_jax.data import writer
+  from handi_jax.media.hand_detection import HandDetector
 
   settings = BuildSettings.from_config(config)
   HandDetector(settings.detector)  # a wrong detector setting fails here, not once per clip

@@ -16,7 +16,7 @@ run one at a time.
 Motion area: "predicted by stage 1" (no user mask: stage 1 and the clean-up run), "drawn on the image" (the
 brush layers of the image editor), "uploaded PNG" (same size as the image; non-zero = motion), or "prior"
 (config.generate.prior_mask, or all ones: the whole frame may move). Examples are config.generate's own inputs
-when it names any (image or prompts_file), else a few procedural demo images (data_prep.demo_data).
+when it names any (image or prompts_file), else a few procedural demo images (handi_jax.data.demo_clips).
 """
 
 import contextvars
@@ -31,9 +31,10 @@ import zipfile
 import numpy as np
 from absl import logging
 
-from data_prep import demo_data
-from data_prep import masks as masks_lib
-from handi_jax import fileio, generate, video_io
+from handi_jax import fileio, generate
+from handi_jax.data import demo_clips
+from handi_jax.media import files as media_files
+from handi_jax.media import hand_masks as masks_lib
 
 STAGE1, DRAWN, UPLOADED, PRIOR = "predicted by stage 1", "drawn on the image", "uploaded PNG", "prior"
 MASK_SOURCES = (STAGE1, DRAWN, UPLOADED, PRIOR)
@@ -139,7 +140,7 @@ class App:
       inputs = self._write_inputs(request, self.root / "inputs" / request_id)
       config = self.request_config(request, inputs)
       (sample,) = generate.samples_from_config(config)
-      size = video_io.model_size(*video_io.load_image(sample.image).size, int(config.sampling.target_area),
+      size = media_files.model_size(*media_files.load_image(sample.image).size, int(config.sampling.target_area),
                                  int(config.sampling.height), int(config.sampling.width))
     except (FileNotFoundError, ValueError) as e:   # AppError, or an input generate itself refuses
       logging.info("request %s: refused (%s)", request_id, e)
@@ -162,7 +163,7 @@ class App:
     self._compiled.add(compiled)
     page = self.root / "page" / request_id
     overlay = page / "mask_overlay.png"
-    video_io.write_png(overlay, mask_overlay(result.context, result.mask))
+    media_files.write_png(overlay, mask_overlay(result.context, result.mask))
     archive = page / f"handi-{request_id}.zip"
     with fileio.atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zipped:
       for path in sorted(out.iterdir()):
@@ -192,14 +193,14 @@ class App:
       image = np.asarray(request.image, np.uint8)[..., :3]
     else:
       try:
-        image = np.asarray(video_io.load_image(request.image))
+        image = np.asarray(media_files.load_image(request.image))
       except ValueError as e:
         raise AppError("The image is not an image file that can be read: upload a PNG or JPEG photo.") from e
     mask = self._mask(request, image.shape[:2])
-    video_io.write_png(folder / "image.png", image)
+    media_files.write_png(folder / "image.png", image)
     fields = dict(image=str(folder / "image.png"), prompt=request.prompt)
     if isinstance(mask, np.ndarray):
-      video_io.write_png(folder / "mask.png", mask.astype(np.uint8) * 255)
+      media_files.write_png(folder / "mask.png", mask.astype(np.uint8) * 255)
       fields["mask"] = str(folder / "mask.png")
     elif mask:
       fields["mask"] = mask
@@ -221,7 +222,7 @@ class App:
         raise AppError("No mask file: upload a PNG of the motion area (white = moves), or choose another motion "
                        "area.")
       try:
-        mask = np.asarray(video_io.load_image(request.mask_file, mode="L")) > 0
+        mask = np.asarray(media_files.load_image(request.mask_file, mode="L")) > 0
       except ValueError as e:
         raise AppError("The mask is not an image file that can be read: upload a PNG (white = moves).") from e
     if mask.shape != shape:
@@ -239,11 +240,11 @@ class App:
     demo.data.height, demo.data.width = 256, 448
     rows = []
     for index in range(NUM_DEMO_EXAMPLES):
-      clip = demo_data.synthesize_clip(index, demo)
+      clip = demo_clips.synthesize_clip(index, demo)
       _, union = masks_lib.clip_masks(clip["keypoints"], clip["presence"], 256, 448, demo.data.build.mask_rule)
       image, mask = self.root / "examples" / f"demo_{index}.png", self.root / "examples" / f"demo_{index}_mask.png"
-      video_io.write_png(image, clip["frames"][0])
-      video_io.write_png(mask, union)
+      media_files.write_png(image, clip["frames"][0])
+      media_files.write_png(mask, union)
       rows.append((str(image), clip["caption"], str(mask)))
     return rows
 

@@ -59,8 +59,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from handi_jax import checkpoints, chips, fileio, generate, losses, sharding, train, train_state, xla_stats
 from handi_jax.data import input_pipeline
-from handi_jax.diffusion import video as video_sampling
-from handi_jax.hands import landmarks as landmarks_lib
+from handi_jax.diffusion import guided_sampling as video_sampling
+from handi_jax.hand_landmarks import network as landmarks_lib
 from handi_jax.models import vae as vae_lib
 
 PROGRAMS = ("train_step", "sampler")

@@ -1,7 +1,7 @@
 """`make demo`: the whole job on the embedded default, on CPU in minutes, with no weights and no dataset.
 
 It does what a user would, in order:
-1. writes the procedural demo dataset (data_prep.demo_data) through the real TFRecord writer, unless
+1. writes the procedural demo dataset (handi_jax.data.demo_clips) through the real TFRecord writer, unless
    config.data.dir names a dataset;
 2. trains the tiny stage-2 UNet on it for config.train.num_steps steps (the `demo` variant's settings), with
    checkpoints;
@@ -20,13 +20,15 @@ import time
 import numpy as np
 from PIL import Image
 
-from data_prep import demo_data, masks
-from handi_jax import export, fileio, generate, train, video_io
+from handi_jax import export, fileio, generate, train
+from handi_jax.data import demo_clips
+from handi_jax.media import files as media_files
+from handi_jax.media import hand_masks as masks
 
 
 def _demo_sample(config, workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict, np.ndarray]:
   """First frame and motion-area mask of demo clip 0 as files generation reads, the clip and its (H, W) mask."""
-  clip = demo_data.synthesize_clip(0, config)
+  clip = demo_clips.synthesize_clip(0, config)
   _, union = masks.clip_masks(clip["keypoints"], clip["presence"].astype(bool), config.data.height,
                               config.data.width, config.data.build.mask_rule)
   folder = workdir / "demo_sample"
@@ -54,7 +56,7 @@ def run_demo(config, workdir: str) -> dict:
   started = time.perf_counter()
   if not config.data.dir:
     with config.unlocked():
-      config.data.dir = str(demo_data.write_demo_dataset(workdir / "demo_data", config, progress=True))
+      config.data.dir = str(demo_clips.write_demo_dataset(workdir / "demo_data", config, progress=True))
   seconds["data"] = time.perf_counter() - started
 
   started = time.perf_counter()
@@ -70,7 +72,7 @@ def run_demo(config, workdir: str) -> dict:
     config.sampling.height, config.sampling.width = config.data.height, config.data.width
   (sample_dir,) = generate.generate_from_config(config, str(workdir))
   # The mp4 as a viewer decodes it: its compression adds about 2 levels everywhere.
-  distance = distance_inside_mask(video_io.read_video(sample_dir / "video.mp4"), clip["frames"], inside)
+  distance = distance_inside_mask(media_files.read_video(sample_dir / "video.mp4"), clip["frames"], inside)
   seconds["generate"] = time.perf_counter() - started
 
   started = time.perf_counter()

@@ -47,13 +47,14 @@ import cv2
 import numpy as np
 from absl import logging
 
-from data_prep import hands as hand_detection
-from data_prep import masks as mask_rules
-from data_prep.video import sample_indices
-from handi_jax import command_line, fileio, generate, video_io
+from handi_jax import command_line, fileio, generate
 from handi_jax.data import schema
 from handi_jax.evaluation import extractors as extractors_lib
 from handi_jax.evaluation import metrics, report
+from handi_jax.media import files as media_files
+from handi_jax.media import hand_detection
+from handi_jax.media import hand_masks as mask_rules
+from handi_jax.media.clip_frames import sample_indices
 
 VIDEO_NAMES = ("video.mp4", "video.gif")
 
@@ -68,7 +69,7 @@ class Clip:
 
   def frames(self) -> np.ndarray:
     """The ground-truth frames; a video file is read on use, so a long test set is never all in memory."""
-    return video_io.read_video(self.gt) if isinstance(self.gt, pathlib.Path) else self.gt
+    return media_files.read_video(self.gt) if isinstance(self.gt, pathlib.Path) else self.gt
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def clips_from_prompts_file(e) -> list[Clip]:
     video = generate.find_input(e.gt_dir, row["target"], f"{where}: ground-truth video", "config.evaluate.gt_dir")
     mask = None
     if e.mask_dir:
-      mask = np.asarray(video_io.load_image(generate.find_mask(e.mask_dir, image.stem, "config.evaluate.mask_dir"),
+      mask = np.asarray(media_files.load_image(generate.find_mask(e.mask_dir, image.stem, "config.evaluate.mask_dir"),
                                             mode="L")) > 127
     clips.append(Clip(image.stem, row["prompt"], video, mask, image))
   return clips
@@ -145,7 +146,7 @@ def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
   candidates = [folder / name / v for v in VIDEO_NAMES] + [folder / f"{name}{s}" for s in (".mp4", ".gif")]
   for candidate in candidates:
     if candidate.is_file():
-      return video_io.read_video(candidate)
+      return media_files.read_video(candidate)
   raise FileNotFoundError(f"no generated video for clip {name!r} in {folder}: expected one of "
                           f"{', '.join(str(c.relative_to(folder)) for c in candidates)}")
 
@@ -162,7 +163,7 @@ def generate_run(config, workdir, clips: list[Clip], out_dir: pathlib.Path) -> p
       if image is None:  # a TFRecord clip: its context frame becomes the source image
         image = out_dir / "sources" / f"{clip.name}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
-        video_io.write_png(image, clip.frames()[0])
+        media_files.write_png(image, clip.frames()[0])
       generator.run(generate.Sample(index, clip.name, image, clip.prompt, None), out_dir / clip.name)
   return out_dir
 
@@ -276,7 +277,7 @@ def evaluate_clip(clip: Clip, generated: np.ndarray, detector, ex, truth: Ground
     mask = mask_rules.clip_masks(gt_full["keypoints"], gt_full["presence"], height, width,
                                  config.data.build.mask_rule)[1] > 0
   full.values["mask_area"] = float(mask.mean())
-  flow = video_io.motion_flow_map(generated, float(config.generate.flow_threshold))
+  flow = media_files.motion_flow_map(generated, float(config.generate.flow_threshold))
   full.values["flow_inside"] = metrics.flow_inside_share(flow, mask)
   box = square_box(mask)
   ma = None

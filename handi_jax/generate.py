@@ -26,7 +26,7 @@ samples the RGB video conditioned on that mask (conv_in2), decodes it and, with
 config.sampling.replace_background (the paper's rule; off reproduces the release), replaces every pixel
 outside the mask by the context image. Sampling: DPM-Solver++ 2M (or DDIM), config.sampling.num_inference_steps
 steps, classifier-free guidance config.sampling.guidance_scale, all steps in one compiled loop
-(handi_jax.diffusion.video).
+(handi_jax.diffusion.guided_sampling).
 
 Models: VAE, text encoder, tokenizer and scheduler config from config.model.pretrained (a diffusers pipeline
 directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
@@ -53,9 +53,10 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from handi_jax import checkpoints, command_line, conditioning, fileio, mask_cleanup, tokenizers, video_io
+from handi_jax import checkpoints, command_line, conditioning, fileio, mask_cleanup, tokenizers
+from handi_jax.diffusion import guided_sampling as video_sampling
 from handi_jax.diffusion import samplers, schedules
-from handi_jax.diffusion import video as video_sampling
+from handi_jax.media import files as media_files
 from handi_jax.models import unet3d
 from handi_jax.models import vae as vae_lib
 
@@ -228,7 +229,7 @@ def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, 
   frames[0] = context
   if replace_background:
     frames = np.where(mask[None, :, :, None], frames, context[None])
-  return video_io.to_uint8(frames)
+  return media_files.to_uint8(frames)
 
 
 class Generator:
@@ -293,10 +294,10 @@ class Generator:
     out_dir.mkdir(parents=True, exist_ok=True)
     key = jax.random.fold_in(jax.random.key(config.seed), sample.index)
     stage1_key, stage2_key = jax.random.split(key)
-    image = video_io.load_image(sample.image)
-    height, width = video_io.model_size(image.width, image.height, int(config.sampling.target_area),
+    image = media_files.load_image(sample.image)
+    height, width = media_files.model_size(image.width, image.height, int(config.sampling.target_area),
                                         int(config.sampling.height), int(config.sampling.width))
-    pixels = video_io.image_to_model_input(image, height, width)
+    pixels = media_files.image_to_model_input(image, height, width)
     context_latent = _encode_image(self.vae[0], self.vae[1], jnp.asarray(pixels))
     text = self._text(sample.prompt)
     record = dict(prompt=sample.prompt, image=str(sample.image), height=height, width=width,
@@ -304,19 +305,19 @@ class Generator:
                   guidance_scale=float(config.sampling.guidance_scale))
 
     if sample.mask is not None:
-      mask = video_io.load_mask(sample.mask, height, width, binary=True) > 0
+      mask = media_files.load_mask(sample.mask, height, width, binary=True) > 0
       record["mask_source"] = str(sample.mask)
     else:
-      prior = (video_io.load_mask(config.generate.prior_mask, height, width, binary=False)
+      prior = (media_files.load_mask(config.generate.prior_mask, height, width, binary=False)
                if config.generate.prior_mask else np.ones((height, width), np.float32))
       mask_frames = self._sample(1, context_latent, text, self._latent_mask(prior), stage1_key, progress)
       report("clean-up", 0, 1)
       mask = mask_cleanup.clean_mask_video_from_config(mask_frames[1:], config.mask_cleanup)
-      video_io.write_mp4(out_dir / "mask_video.mp4", video_io.to_uint8(mask_frames), config.generate.fps)
+      media_files.write_mp4(out_dir / "mask_video.mp4", media_files.to_uint8(mask_frames), config.generate.fps)
       record["mask_source"] = "stage 1"
       if not mask.any():
         logging.warning("sample %s: the stage-1 mask is empty after clean-up", sample.name)
-    video_io.write_png(out_dir / "mask.png", mask.astype(np.uint8) * 255)
+    media_files.write_png(out_dir / "mask.png", mask.astype(np.uint8) * 255)
     record["mask_fraction"] = float(mask.mean())
 
     frames = None
@@ -325,15 +326,15 @@ class Generator:
                                progress)
       report("writing files", 0, 1)
       frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background))
-      video_io.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
-      video_io.write_gif(out_dir / "video.gif", frames, config.generate.fps)
-      flow = video_io.motion_flow_map(frames, float(config.generate.flow_threshold))
-      video_io.write_png(out_dir / "flow.png", video_io.flow_heatmap(frames[0], flow))
+      media_files.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
+      media_files.write_gif(out_dir / "video.gif", frames, config.generate.fps)
+      flow = media_files.motion_flow_map(frames, float(config.generate.flow_threshold))
+      media_files.write_png(out_dir / "flow.png", media_files.flow_heatmap(frames[0], flow))
       record["mean_flow"] = float(flow.mean())
     record["seconds"] = round(time.time() - start, 2)
     done = out_dir / DONE_FILE[mode]
     fileio.write_text(done, json.dumps(record, indent=2) + "\n")
-    return Result(frames=frames, mask=mask, context=video_io.to_uint8(pixels), record=record)
+    return Result(frames=frames, mask=mask, context=media_files.to_uint8(pixels), record=record)
 
   @staticmethod
   def _latent_mask(pixel_mask: np.ndarray) -> jax.Array:

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from handi_jax import chunking
-from handi_jax.hands import crops as hand_crops
-from handi_jax.hands import landmarks as hl
+from handi_jax.hand_landmarks import crops as hand_crops
+from handi_jax.hand_landmarks import network as hl
 
 DecodeFn = Callable[[jax.Array], jax.Array]  # scaled latents (B, F, h, w, 4) -> pixels (B, F, H, W, 3) in [-1, 1]
 

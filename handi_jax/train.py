@@ -36,12 +36,12 @@ from handi_jax import (
   sharding,
   tokenizers,
   train_state,
-  video_io,
   xla_stats,
 )
 from handi_jax.data import input_pipeline
 from handi_jax.diffusion import schedules
-from handi_jax.hands import landmarks as landmarks_lib
+from handi_jax.hand_landmarks import network as landmarks_lib
+from handi_jax.media import files as media_files
 from handi_jax.models import clip_text
 from handi_jax.models import vae as vae_lib
 
@@ -57,7 +57,6 @@ class FrozenModels:
   text_encoder: nnx.State
   landmarks: Any          # hand landmark params (stage 2, eta > 0) or None
   uncond_ids: jax.Array   # (1, 77) token ids of the empty prompt
-
 
 def create_train_state(config, mesh) -> tuple[train_state.TrainState, Any, nnx.State, train_state.TrainState]:
   """Sharded train state, the UNet graphdef, its RNG state, and the state's shardings.
@@ -75,10 +74,8 @@ def create_train_state(config, mesh) -> tuple[train_state.TrainState, Any, nnx.S
   rng_state = jax.device_put(rng_state, NamedSharding(mesh, PartitionSpec()))  # placed: no implicit transfer
   return state, graphdef, rng_state, state_sh
 
-
 def _state_shardings(config, mesh, shapes: train_state.TrainState) -> train_state.TrainState:
   return train_state.state_shardings(shapes, mesh, config.sharding_rules, config.sharding_min_size)
-
 
 def restore_train_state(config, mesh, manager: ocp.CheckpointManager, step: int) -> train_state.TrainState:
   """Checkpoint `step`'s train state on `mesh`, without initialising any model (the UNet is built abstractly)."""
@@ -87,7 +84,6 @@ def restore_train_state(config, mesh, manager: ocp.CheckpointManager, step: int)
   shapes = jax.eval_shape(functools.partial(train_state.initial_state, config), params, frozen_params)
   target = train_state.abstract_state(shapes, _state_shardings(config, mesh, shapes))
   return train_state.restore_checkpoint(manager, step, target)[0]
-
 
 def _weights_in_compute_dtype(model: nnx.Module) -> nnx.Module:
   """Store the kernels and embeddings of Linear, Conv and Embed layers in the layer's compute dtype: the layer
@@ -100,20 +96,17 @@ def _weights_in_compute_dtype(model: nnx.Module) -> nnx.Module:
           variable.value = variable.value.astype(node.dtype)
   return model
 
-
 def _frozen_models(config, vae, text_encoder, uncond_ids) -> FrozenModels:
   vae_graphdef, vae_state = nnx.split(_weights_in_compute_dtype(vae))
   text_graphdef, text_state = nnx.split(_weights_in_compute_dtype(text_encoder))
   landmarks = landmarks_lib.load_hand_landmark_params() if config.stage == 2 and config.loss.eta_hand else None
   return FrozenModels(vae_graphdef, text_graphdef, vae_state, text_state, landmarks, uncond_ids)
 
-
 def load_frozen_models(config) -> tuple[FrozenModels, Any]:
   """VAE, text encoder and (stage 2, eta > 0) the landmark network on the default device, and the tokenizer."""
   vae, text_encoder, tokenizer = checkpoints.load_frozen_components(config)
   uncond_ids = jnp.asarray(tokenizers.tokenize(tokenizer, [config.sampling.negative_prompt]))
   return _frozen_models(config, vae, text_encoder, uncond_ids), tokenizer
-
 
 def abstract_frozen_models(config) -> FrozenModels:
   """load_frozen_models(config)'s pytree as shapes and dtypes, without reading or initialising any weight."""
@@ -125,7 +118,6 @@ def abstract_frozen_models(config) -> FrozenModels:
     return _frozen_models(config, vae, text_encoder, jnp.zeros((1, tokenizers.CONTEXT_LENGTH), jnp.int32))
 
   return jax.eval_shape(build)
-
 
 def frozen_shardings(frozen: FrozenModels, mesh, config) -> FrozenModels:
   """NamedShardings of the (abstract) frozen models: the text encoder by the UNet's logical-axis rules and
@@ -139,13 +131,11 @@ def frozen_shardings(frozen: FrozenModels, mesh, config) -> FrozenModels:
   replicated = NamedSharding(mesh, PartitionSpec())
   return shardings.replace(vae=jax.tree.map(lambda _: replicated, shardings.vae))
 
-
 def place_frozen_models(config, mesh) -> tuple[FrozenModels, FrozenModels, Any]:
   """(frozen models on the mesh, their shardings, the tokenizer)."""
   frozen, tokenizer = load_frozen_models(config)
   frozen_sh = frozen_shardings(frozen, mesh, config)
   return jax.device_put(frozen, frozen_sh), frozen_sh, tokenizer
-
 
 def make_train_step(config, unet_graphdef):
   """The pure step function (state, rng_state, frozen models, batch, key) -> (state, metrics); jit_train_step
@@ -206,7 +196,6 @@ def make_train_step(config, unet_graphdef):
 
   return train_step
 
-
 def jit_train_step(config, mesh, unet_graphdef, state_sh: train_state.TrainState, frozen_sh: FrozenModels):
   """make_train_step jitted with the training layout: state and frozen models sharded as given, the batch split
   over the mesh's batch axes, RNG state and key replicated; the state is donated."""
@@ -214,7 +203,6 @@ def jit_train_step(config, mesh, unet_graphdef, state_sh: train_state.TrainState
   return jax.jit(make_train_step(config, unet_graphdef),
                  in_shardings=(state_sh, replicated, frozen_sh, sharding.batch_sharding(mesh, 1), replicated),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
-
 
 def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   """Train config.train.num_steps steps, resuming from the latest checkpoint in workdir."""
@@ -296,7 +284,6 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                       step, num_steps, manager.directory / str(step))
   return state
 
-
 def evaluate_during_training(config, workdir: pathlib.Path, step: int, writer) -> None:
   """config.train.eval_every: generate config.evaluate's clips with the checkpoint of `step`, evaluate them into
   <workdir>/eval/step_<step>/ (videos, metrics, report) and log the metrics and contact sheets (TensorBoard)."""
@@ -304,8 +291,7 @@ def evaluate_during_training(config, workdir: pathlib.Path, step: int, writer) -
     return
   writer.write_scalars(step, evaluate.evaluate_checkpoint(config, workdir, step))
   sheets = sorted((workdir / "eval" / f"step_{step}").glob("contact_*.png"))
-  writer.write_images(step, {f"eval/{p.stem}": np.asarray(video_io.load_image(p))[None] for p in sheets})
-
+  writer.write_images(step, {f"eval/{p.stem}": np.asarray(media_files.load_image(p))[None] for p in sheets})
 
 @contextlib.contextmanager
 def preemption_notice(manager: ocp.CheckpointManager):
@@ -328,7 +314,6 @@ def preemption_notice(manager: ocp.CheckpointManager):
   finally:
     signal.signal(signal.SIGTERM, previous)
 
-
 def step_flops(compiled) -> float:
   """Per-device FLOPs of one train step: XLA's cost analysis with loop bodies (the chunked pixel losses) counted
   at their trip counts."""
@@ -336,13 +321,11 @@ def step_flops(compiled) -> float:
   logging.info("train step: %.4g GFLOP per device (XLA cost analysis, loops at their trip counts)", flops / 1e9)
   return flops
 
-
 def compiler_options(config, device: jax.Device) -> dict:
   """XLA options for the train step: on CPU with config.cpu_fast_compile, LLVM's expensive passes are skipped."""
   if config.cpu_fast_compile and device.platform == "cpu":
     return {"xla_llvm_disable_expensive_passes": True}
   return {}
-
 
 def peak_flops(device: jax.Device) -> float | None:
   """The chip's peak dense bf16 FLOP/s from handi_jax.chips; None (and no MFU) where the table has no entry."""
@@ -353,12 +336,10 @@ def peak_flops(device: jax.Device) -> float | None:
     return None
   return chip.peak_bf16_flops
 
-
 def steps_to_checkpoint(step: int, train_config) -> int:
   """Steps from `step` to the next checkpoint: one every checkpoint_every steps, at each evaluation, at the end."""
   intervals = [train_config.checkpoint_every] + ([train_config.eval_every] if train_config.eval_every else [])
   return min([train_config.num_steps] + [(step // n + 1) * n for n in intervals]) - step
-
 
 def throughput_scalars(steps_per_sec: float, examples_per_step: int, flops_per_device: float,
                        peak_flops_per_device: float | None, steps_left_to_checkpoint: int) -> dict[str, float]:
@@ -370,7 +351,6 @@ def throughput_scalars(steps_per_sec: float, examples_per_step: int, flops_per_d
   if peak_flops_per_device:
     scalars["mfu"] = flops_per_sec / peak_flops_per_device
   return scalars
-
 
 class ProgressReport(periodic_actions.ReportProgress):
   """clu's ReportProgress every config.train.log_every steps (steps_per_sec and uptime to the writer, progress and
@@ -392,7 +372,6 @@ class ProgressReport(periodic_actions.ReportProgress):
     self._writer.write_scalars(step, throughput_scalars(
         steps_per_sec, self._examples_per_step, self._flops_per_device, self._peak_flops,
         steps_to_checkpoint(step, self._train_config)))
-
 
 class ProfileWindow:
   """config.train.profile_start_step > 0: a jax.profiler trace of the profile_num_steps steps after that step in
@@ -422,7 +401,6 @@ class ProfileWindow:
     jax.profiler.stop_trace()
     self.tracing = False
     logging.info("profile of steps %d to %s written to %s", self.start + 1, step or "the end", self.directory)
-
 
 def _flatten(tree, prefix=""):
   out = {}

@@ -26,7 +26,8 @@ from PIL import Image, ImageFilter
 
 from configs import common
 from handi_jax import app as app_lib
-from handi_jax import generate, video_io
+from handi_jax import generate
+from handi_jax.media import files as media_files
 from tests.conftest import REPO_ROOT
 
 FRAMES, STEPS = 8, 2
@@ -72,8 +73,8 @@ def request(example, **fields):
 
 
 def context_at_model_size(image_path) -> np.ndarray:
-  image = video_io.load_image(image_path)
-  return video_io.to_uint8(video_io.image_to_model_input(image, HEIGHT, WIDTH))
+  image = media_files.load_image(image_path)
+  return media_files.to_uint8(media_files.image_to_model_input(image, HEIGHT, WIDTH))
 
 
 def test_handler_writes_what_generate_writes(app, example):
@@ -82,9 +83,9 @@ def test_handler_writes_what_generate_writes(app, example):
   response = app.handle(request(example), lambda *event: events.append(event))   # as the page calls it
   assert [phase for phase, _, _ in events][-1] == "writing files"
   assert sorted(p.name for p in response.folder.iterdir()) == GENERATE_FILES
-  assert video_io.read_video(response.folder / "video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
+  assert media_files.read_video(response.folder / "video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
   result = response.result
-  np.testing.assert_array_equal(result.mask, video_io.load_mask(mask_path, HEIGHT, WIDTH) > 0)
+  np.testing.assert_array_equal(result.mask, media_files.load_mask(mask_path, HEIGHT, WIDTH) > 0)
   assert 0.05 < result.mask.mean() < 0.5
   np.testing.assert_array_equal(result.context, context_at_model_size(image))
   assert (result.frames[:, ~result.mask] == result.context[~result.mask]).all()   # the background is the image
@@ -109,7 +110,7 @@ def test_mode_generate_writes_the_same_files_for_the_same_inputs(app, example, t
   for name in ("mask.png", "flow.png"):
     np.testing.assert_array_equal(np.asarray(Image.open(folder / name)), np.asarray(Image.open(response.folder / name)))
   for name in ("video.gif", "video.mp4"):
-    np.testing.assert_array_equal(video_io.read_video(folder / name), video_io.read_video(response.folder / name))
+    np.testing.assert_array_equal(media_files.read_video(folder / name), media_files.read_video(response.folder / name))
   ours, theirs = (json.loads((f / "done.json").read_text()) for f in (response.folder, folder))
   assert {k: v for k, v in ours.items() if k not in ("image", "mask_source", "seconds")} == {
       k: v for k, v in theirs.items() if k not in ("image", "mask_source", "seconds")}
@@ -128,7 +129,7 @@ def test_drawn_and_prior_masks(app, example):
   drawn = np.zeros((256, 448), bool)
   drawn[100:200, 150:300] = True
   response = app.handle(request(example, mask_source=app_lib.DRAWN, drawn=drawn, mask_file=None))
-  np.testing.assert_array_equal(response.result.mask, video_io.load_mask(
+  np.testing.assert_array_equal(response.result.mask, media_files.load_mask(
       response.result.record["image"].replace("image.png", "mask.png"), HEIGHT, WIDTH) > 0)
   assert response.result.mask[HEIGHT // 2, WIDTH // 2] and not response.result.mask[0, 0]
   prior = app.handle(request(example, mask_source=app_lib.PRIOR, mask_file=None))
@@ -175,7 +176,7 @@ def test_two_clients_at_once_queue_one_after_the_other(app, example, server, cap
   assert {f.name for f in folders} == {first, second}
   for name in ("mask.png", "flow.png", "video.gif"):
     assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
-  np.testing.assert_array_equal(*(video_io.read_video(result[0]) for result in results))   # the served mp4s
+  np.testing.assert_array_equal(*(media_files.read_video(result[0]) for result in results))   # the served mp4s
   assert generate._sample_video_reporting._cache_size() - compiled_before <= 1   # one size: one compilation
 
 
@@ -214,7 +215,7 @@ def test_command_line_explains_its_flags_and_serves_the_page(example, tmp_path):
     video, *_, summary = Client(url, verbose=False).predict(
         {"background": handle_file(image), "layers": [], "composite": None}, prompt, app_lib.UPLOADED,
         handle_file(mask), 3.0, STEPS, 9.0, 0, SMALL, api_name="/generate_video")
-    assert video_io.read_video(video).shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert media_files.read_video(video).shape == (FRAMES, HEIGHT, WIDTH, 3)
     assert str(tmp_path / "app") in summary
   finally:
     server.terminate()
@@ -277,11 +278,11 @@ def test_browser_generates_then_refuses_an_empty_prompt_then_generates_again(bro
     wait.until(lambda b: b.execute_script("return arguments[0].readyState >= 1 && arguments[0].duration > 0", video))
     mp4 = tmp_path / "served.mp4"
     mp4.write_bytes(urllib.request.urlopen(video.get_attribute("src"), timeout=60).read())
-    return video_io.read_video(mp4), pathlib.Path(folder)
+    return media_files.read_video(mp4), pathlib.Path(folder)
 
   frames, folder = generate_and_wait(None)
   assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
-  mask = video_io.load_mask(folder / "mask.png", HEIGHT, WIDTH) > 0
+  mask = media_files.load_mask(folder / "mask.png", HEIGHT, WIDTH) > 0
   assert 0.01 < mask.mean() < 0.5, mask.mean()   # the brush stroke, not the whole frame
   # Outside the mask the decoded mp4 is the image up to H.264 (yuv420p, quality 8) loss, measured away from the
   # mask's edge where chroma blocks mix both sides; inside, the random model paints something else.

@@ -14,10 +14,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from data_prep import build, masks, video
+from data_prep import build
 from data_prep.clips import BuildSettings, ClipJob, process_video
-from data_prep.hands import DetectorSettings, Hand, HandDetector, assign_slots, write_bundled_task_file
 from handi_jax.data import schema
+from handi_jax.media import clip_frames as video
+from handi_jax.media import hand_masks as masks
+from handi_jax.media.hand_detection import DetectorSettings, Hand, HandDetector, assign_slots, write_bundled_task_file
 from tests.conftest import REPO_ROOT
 from tests.helpers import hull_mask
 

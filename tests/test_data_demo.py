@@ -6,8 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from data_prep import demo_data
-from handi_jax.data import schema
+from handi_jax.data import demo_clips, schema
 from tests.helpers import hull_mask
 
 
@@ -22,7 +21,7 @@ def _config(**data):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
   config = _config()
-  return config, demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo"), config)
+  return config, demo_clips.write_demo_dataset(tmp_path_factory.mktemp("demo"), config)
 
 
 def test_demo_reads_back_bit_exact_through_tfds(demo):
@@ -33,7 +32,7 @@ def test_demo_reads_back_bit_exact_through_tfds(demo):
   assert [e["clip_id"].decode() for e in examples] == [f"demo-{i:04d}" for i in range(config.data.demo.num_clips)]
   f, h, w = config.data.num_frames, config.data.height, config.data.width
   for index, example in enumerate(examples):
-    clip = demo_data.synthesize_clip(index, config)
+    clip = demo_clips.synthesize_clip(index, config)
     assert example["frames"].shape == (f, h, w, 3) and example["frames"].dtype == np.uint8
     np.testing.assert_array_equal(example["frames"], clip["frames"])
     np.testing.assert_array_equal(example["keypoints"], clip["keypoints"])
@@ -56,7 +55,7 @@ def test_demo_reads_back_bit_exact_through_tfds(demo):
 def test_demo_hands_move_inside_the_mask_and_the_background_is_still(demo):
   config, _ = demo
   for index in range(3):
-    clip = demo_data.synthesize_clip(index, config)
+    clip = demo_clips.synthesize_clip(index, config)
     union = np.zeros(clip["frames"].shape[1:3], np.uint8)
     for frame in range(config.data.num_frames):
       for hand in range(2):
@@ -71,12 +70,12 @@ def test_demo_hands_move_inside_the_mask_and_the_background_is_still(demo):
 
 def test_demo_is_deterministic_and_rerun_reuses_shards(demo, tmp_path):
   config, path = demo
-  again = demo_data.write_demo_dataset(tmp_path / "again", config)
+  again = demo_clips.write_demo_dataset(tmp_path / "again", config)
   for first, second in zip(schema.split_files(path, "train"), schema.split_files(again, "train"), strict=True):
     assert first.name == second.name and first.read_bytes() == second.read_bytes()
   shard = schema.split_files(again, "train")[0]
   before = shard.stat().st_mtime_ns
-  demo_data.write_demo_dataset(again, config)
+  demo_clips.write_demo_dataset(again, config)
   assert shard.stat().st_mtime_ns == before
   for name in (schema.PRIOR_MASK_NPY, schema.MOTION_INTENSIVE, schema.REPORT):
     assert (path / "train" / name).read_bytes() == (again / "train" / name).read_bytes()
@@ -86,23 +85,23 @@ def test_crashed_write_resumes_to_the_same_bytes_without_duplicates(demo, tmp_pa
   config, clean = demo
   config = _config()
   config.data.build.frames_per_shard = 2 * config.data.num_frames  # 4 shards of 2 clips
-  intact = demo_data._demo_record
+  intact = demo_clips._demo_record
 
   def crash_on_clip_5(index, config):
     if index == 5:
       raise RuntimeError("simulated crash")
     return intact(index, config)
 
-  monkeypatch.setattr(demo_data, "_demo_record", crash_on_clip_5)
+  monkeypatch.setattr(demo_clips, "_demo_record", crash_on_clip_5)
   with pytest.raises(RuntimeError, match="simulated crash"):
-    demo_data.write_demo_dataset(tmp_path / "a", config)
+    demo_clips.write_demo_dataset(tmp_path / "a", config)
   shards = schema.split_files(tmp_path / "a", "train")
   assert [p.name[-14:] for p in shards] == ["00000-of-00004", "00001-of-00004"]
   before = [p.stat().st_mtime_ns for p in shards]
-  monkeypatch.setattr(demo_data, "_demo_record", intact)
-  demo_data.write_demo_dataset(tmp_path / "a", config)
+  monkeypatch.setattr(demo_clips, "_demo_record", intact)
+  demo_clips.write_demo_dataset(tmp_path / "a", config)
   assert [p.stat().st_mtime_ns for p in shards] == before  # finished shards were not redone
-  fresh = demo_data.write_demo_dataset(tmp_path / "b", config)
+  fresh = demo_clips.write_demo_dataset(tmp_path / "b", config)
   resumed = schema.split_files(tmp_path / "a", "train")
   assert len(resumed) == 4
   for a, b in zip(resumed, schema.split_files(fresh, "train"), strict=True):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import common
-from handi_jax import evaluate, tokenizers, video_io
+from handi_jax import evaluate, tokenizers
 from handi_jax.convert import clip as convert_clip
 from handi_jax.evaluation import extractors, metrics
+from handi_jax.media import files as media_files
 
 TOLERANCE = 1e-5
 
@@ -110,11 +111,11 @@ def evaluation(shared_data, clip_pair, tmp_path_factory):
       json.dumps(dict(source=f"source/{name}.png", target=f"target/{name}.gif", prompt=prompt)) + "\n"
       for name, prompt in CLIPS.items()))
   for name in CLIPS:
-    gt = video_io.read_video(clips / f"{name}.gif")
+    gt = media_files.read_video(clips / f"{name}.gif")
     gt = gt[np.round(np.linspace(0, len(gt) - 1, 6)).astype(int)]  # 6 frames (L = 5) keep MediaPipe's share small
     for run, video in (("same", gt), ("shifted", np.roll(gt, 12, axis=2))):
       (root / run / name).mkdir(parents=True)
-      video_io.write_gif(root / run / name / "video.gif", video, 8)
+      media_files.write_gif(root / run / name / "video.gif", video, 8)
   config = common.get_config(2)
   config.evaluate.update(prompts_file=str(root / "prompt.json"), image_dir=str(clips), gt_dir=str(clips),
                          runs=f"same={root / 'same'},shifted={root / 'shifted'}", clip=clip_pair[3],
@@ -153,9 +154,9 @@ def test_evaluation_generates_with_the_configured_models_when_no_run_is_given(sh
   frames = shared_data / "ek_frames"
   (tmp_path / "prompt.json").write_text(json.dumps(dict(source="source/1.png", target="target/1.gif",
                                                         prompt="julienne the carrot")) + "\n")
-  image = np.asarray(video_io.load_image(frames / "1.png"))
+  image = np.asarray(media_files.load_image(frames / "1.png"))
   gt = np.stack([np.roll(image, 4 * i, axis=1) for i in range(6)])  # distinct frames: GIF merges repeats
-  video_io.write_gif(tmp_path / "1.gif", gt, 8)
+  media_files.write_gif(tmp_path / "1.gif", gt, 8)
   config = common.get_config(2)
   config.data.num_frames = 4
   config.sampling.update(height=32, width=56, num_inference_steps=2)
@@ -208,12 +209,12 @@ def test_training_scalars_keep_only_numbers():
 @pytest.mark.slow
 def test_the_training_hook_evaluates_the_latest_checkpoint_on_a_tfrecord_split(tmp_path):
   """Train stage 2 one step on the demo data, then evaluate_checkpoint on two clips of that TFRecord split."""
-  from data_prep import demo_data
   from handi_jax import train
+  from handi_jax.data import demo_clips
   from tests.helpers import tiny_train_config
 
   config = tiny_train_config(stage=2, steps=1)
-  config.data.dir = str(demo_data.write_demo_dataset(tmp_path / "data", config))
+  config.data.dir = str(demo_clips.write_demo_dataset(tmp_path / "data", config))
   train.train_and_evaluate(config, str(tmp_path / "run"))
   config.sampling.update(height=32, width=32, num_inference_steps=2)
   config.evaluate.update(data_dir=config.data.dir, split=config.data.split, max_clips=2)

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from configs import common
-from handi_jax import generate, tokenizers, video_io
+from handi_jax import generate, tokenizers
 from handi_jax.convert import core
-from handi_jax.diffusion import video as video_sampling
+from handi_jax.diffusion import guided_sampling as video_sampling
+from handi_jax.media import files as media_files
 from handi_jax.models import unet3d
 from tests.conftest import REPO_ROOT
 
@@ -42,11 +43,11 @@ def _prompts(shared_data):
 
 
 def test_model_size_follows_the_release_rule():
-  assert video_io.model_size(448, 256, 512 * 512) == (384, 680)   # reference_spec.md section 5: latents 85 x 48
-  assert video_io.model_size(448, 256, 64 * 64) == (HEIGHT, WIDTH)
-  assert video_io.model_size(448, 256, 512 * 512, 256, 256) == (256, 256)
+  assert media_files.model_size(448, 256, 512 * 512) == (384, 680)   # reference_spec.md section 5: latents 85 x 48
+  assert media_files.model_size(448, 256, 64 * 64) == (HEIGHT, WIDTH)
+  assert media_files.model_size(448, 256, 512 * 512, 256, 256) == (256, 256)
   with pytest.raises(ValueError, match="multiples of 8"):
-    video_io.model_size(448, 256, 512 * 512, 250, 256)
+    media_files.model_size(448, 256, 512 * 512, 250, 256)
 
 
 def test_demo_tokenizer_is_byte_level_clip():
@@ -64,7 +65,7 @@ def test_stage1_cleanup_stage2_writes_all_outputs(tmp_path, shared_data):
   result = generator.run(generate.samples_from_config(config)[0], tmp_path / "out" / "1")
   out = tmp_path / "out" / "1"
   for name in ("video.mp4", "video.gif", "mask_video.mp4"):
-    decoded = video_io.read_video(out / name)
+    decoded = media_files.read_video(out / name)
     assert decoded.shape == (FRAMES, HEIGHT, WIDTH, 3), name
   mask = np.asarray(Image.open(out / "mask.png"))
   assert mask.shape == (HEIGHT, WIDTH) and set(np.unique(mask)) <= {0, 255}
@@ -108,12 +109,12 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   assert [r.record["image"] for r in results] == [str(frames_dir / f"{i}.png") for i in (3, 4, 5)]
   assert {name: (out / name / "done.json").stat().st_mtime_ns for name in ("1", "2")} == finished
   for result in results:
-    user_mask = video_io.load_mask(result.record["mask_source"], HEIGHT, WIDTH) > 0
+    user_mask = media_files.load_mask(result.record["mask_source"], HEIGHT, WIDTH) > 0
     np.testing.assert_array_equal(result.mask, user_mask)
     assert 0 < user_mask.mean() < 0.5
     assert (result.frames[:, ~user_mask] == result.context[~user_mask]).all()
     assert not (out / pathlib.Path(result.record["image"]).stem / "mask_video.mp4").exists()  # no stage 1 ran
-  assert video_io.read_video(out / "5" / "video.gif").shape == (FRAMES, HEIGHT, WIDTH, 3)
+  assert media_files.read_video(out / "5" / "video.gif").shape == (FRAMES, HEIGHT, WIDTH, 3)
   # A finished batch is all skipped: no models are even loaded.
   monkeypatch.setattr(generate, "Generator", None)
   assert len(generate.generate_from_config(config, tmp_path)) == 5
@@ -123,14 +124,14 @@ def test_predict_masks_mode_runs_stage1_only(tmp_path, shared_data):
   config = _config(tmp_path, image=str(shared_data / "ek_frames" / "4.png"), prompt="wash the sink")
   (folder,) = generate.predict_masks_from_config(config, tmp_path)
   assert sorted(p.name for p in folder.iterdir()) == ["mask.png", "mask_done.json", "mask_video.mp4"]
-  assert video_io.read_video(folder / "mask_video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
+  assert media_files.read_video(folder / "mask_video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
 
 
 def test_bad_inputs_name_the_problem(tmp_path, shared_data):
   broken = tmp_path / "broken.png"
   broken.write_bytes(b"not a png")
   with pytest.raises(ValueError, match="broken.png as an image"):
-    video_io.load_image(broken)
+    media_files.load_image(broken)
   config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt="  ")
   with pytest.raises(ValueError, match="empty prompt"):
     generate.samples_from_config(config)
@@ -167,4 +168,4 @@ def test_command_line_generates_with_25_steps(tmp_path, shared_data):
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((tmp_path / "out" / "kitchen" / "done.json").read_text())
   assert record["steps"] == 25 and record["mask_source"] == "stage 1"
-  assert video_io.read_video(tmp_path / "out" / "kitchen" / "video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
+  assert media_files.read_video(tmp_path / "out" / "kitchen" / "video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)

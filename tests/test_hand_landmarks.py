@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handi_jax.hands import crops as hand_crops
-from handi_jax.hands import landmarks as hl
+from handi_jax.hand_landmarks import crops as hand_crops
+from handi_jax.hand_landmarks import network as hl
 from tests.helpers import keypoints_of, mediapipe_hands
 
 GIF_FRAMES = {"31": (0, 13), "816": (0, 10)}  # clip -> frames used (frame 13 of clip 31 has two hands)

@@ -6,9 +6,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from data_prep import demo_data
 from handi_jax import sharding, tokenizers
-from handi_jax.data import input_pipeline, schema
+from handi_jax.data import demo_clips, input_pipeline, schema
 
 
 def _config(stage, data_dir, **overrides):
@@ -28,7 +27,7 @@ def dataset(tmp_path_factory):
   config = common.get_config(2)
   config.data.demo.num_clips = 8
   config.data.build.frames_per_shard = 4 * config.data.num_frames
-  path = demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo"), config)
+  path = demo_clips.write_demo_dataset(tmp_path_factory.mktemp("demo"), config)
   stored = tfds.builder_from_directory(str(path)).as_dataset(split="train").as_numpy_iterator()
   return path, {e["clip_id"].decode(): e for e in stored}
 

@@ -1,14 +1,19 @@
-"""The import graph is layered: no cycle, and no module imports from a layer above its own.
+"""The import graph is layered: no cycle, no module imports from a layer above its own, no job imports another
+job, and the two packages are tied one way only (data_prep imports handi_jax, never the reverse).
 
 Imports inside functions count too (a lazy import is still a dependency). Layers, bottom to top:
   0 configs
-  1 pure pieces: models (NNX modules only), diffusion math, hands, data, sharding, tokenizers, file and video IO
-  2 conversion of weights (convert/, the only place that knows PyTorch names), losses, conditioning, train state,
-    evaluation (metric math, feature extractors loaded through convert/, reports)
-  3 checkpoints: where every model comes from (random init, pipeline directories, training workdirs)
-  4 the jobs: train, generate, evaluate, export, the convert command line, the offline data_prep tool
-  5 demo (data, then train / generate / export like a user)
-  6 main (dispatches by name)
+  1 pure pieces: models (NNX modules only), diffusion math, the hand landmark network, media (image/video files,
+    clip decoding, MediaPipe hand detection, mask rules), data (schema, records, shard writer, reader),
+    sharding, tokenizers, file IO, the command-line scaffold
+  2 conversion of weights (convert/, the only place that knows PyTorch names), losses, conditioning
+  3 components: where every model and the train state come from (build, load, restore, abstract, place); the
+    pure train step
+  4 what jobs share: the generation pipeline and its inputs (prompts files, samples), evaluation (clips, scores,
+    extractors, reports, the evaluator that training is given)
+  5 the jobs: train, generate, evaluate, export, app, compile_report, the convert command line, data_prep
+  6 demo (data, then train / generate / export like a user)
+  7 main (dispatches by name)
 """
 
 import ast
@@ -19,18 +24,19 @@ from tests.conftest import REPO_ROOT
 LAYERS = {
     0: ("configs",),
     1: ("handi_jax", "handi_jax.chips", "handi_jax.xla_stats", "handi_jax.fileio", "handi_jax.chunking",
-        "handi_jax.command_line",
-        "handi_jax.sharding", "handi_jax.tokenizers", "handi_jax.video_io", "handi_jax.mask_cleanup",
-        "handi_jax.diffusion", "handi_jax.models", "handi_jax.hands", "handi_jax.data"),
-    2: ("handi_jax.convert", "handi_jax.losses", "handi_jax.conditioning", "handi_jax.train_state",
-        "handi_jax.evaluation"),
-    3: ("handi_jax.checkpoints",),
-    4: ("handi_jax.train", "handi_jax.generate", "handi_jax.evaluate", "handi_jax.export", "handi_jax.convert.cli",
-        "handi_jax.convert.__main__", "handi_jax.app", "data_prep",
-        "handi_jax.compile_report"),
-    5: ("handi_jax.demo",),
-    6: ("handi_jax.main",),
+        "handi_jax.command_line", "handi_jax.sharding", "handi_jax.tokenizers", "handi_jax.mask_cleanup",
+        "handi_jax.media", "handi_jax.diffusion", "handi_jax.models", "handi_jax.hand_landmarks", "handi_jax.data"),
+    2: ("handi_jax.convert", "handi_jax.losses", "handi_jax.conditioning"),
+    3: ("handi_jax.components", "handi_jax.train_step"),
+    4: ("handi_jax.pipeline", "handi_jax.prompts", "handi_jax.evaluation"),
+    5: ("handi_jax.train", "handi_jax.generate", "handi_jax.evaluate", "handi_jax.export", "handi_jax.convert.cli",
+        "handi_jax.convert.__main__", "handi_jax.app", "handi_jax.compile_report", "data_prep"),
+    6: ("handi_jax.demo",),
+    7: ("handi_jax.main",),
 }
+# Each job is a command of its own; what two jobs share lives below them (layer 4 or lower).
+JOBS = ("handi_jax.train", "handi_jax.generate", "handi_jax.evaluate", "handi_jax.export", "handi_jax.app",
+        "handi_jax.compile_report", "handi_jax.convert.cli", "data_prep")
 PACKAGES = ("configs", "handi_jax", "data_prep")
 
 
@@ -56,6 +62,28 @@ def _imports(path: pathlib.Path, modules) -> set[str]:
       continue
     found.update(name for name in names if name.split(".")[0] in PACKAGES)
   return found
+
+
+def _prefix_of(module: str, prefixes) -> str | None:
+  """The longest of `prefixes` that `module` is or lies under."""
+  found = [p for p in prefixes if module == p or module.startswith(p + ".")]
+  return max(found, key=len, default=None)
+
+
+def job_of(module: str) -> str | None:
+  return _prefix_of(module, JOBS)
+
+
+def jobs_importing_jobs(graph: dict[str, set[str]]) -> list[str]:
+  return [f"{module} (job {job_of(module)}) imports {target} (job {job_of(target)})"
+          for module, targets in graph.items() for target in sorted(targets)
+          if job_of(module) and job_of(target) and job_of(module) != job_of(target)]
+
+
+def imports_against_the_package_direction(graph: dict[str, set[str]]) -> list[str]:
+  """handi_jax never imports data_prep: the offline tool builds on the library, not the other way round."""
+  return [f"{module} imports {target}" for module, targets in graph.items() for target in sorted(targets)
+          if module.split(".")[0] == "handi_jax" and target.split(".")[0] == "data_prep"]
 
 
 def layer_of(module: str) -> int:
@@ -115,3 +143,22 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
   assert layer_of("handi_jax.convert.cli") > layer_of("handi_jax.convert.core")
   assert layer_of("handi_jax.models.clip_vision") < layer_of("handi_jax.convert.clip") <= layer_of(
       "handi_jax.evaluation.extractors") < layer_of("handi_jax.evaluate")
+
+
+def test_no_job_imports_another_job():
+  assert not (found := jobs_importing_jobs(import_graph())), "\n".join(found)
+
+
+def test_handi_jax_never_imports_data_prep():
+  assert not (found := imports_against_the_package_direction(import_graph())), "\n".join(found)
+
+
+def test_the_checks_catch_a_job_importing_a_job_and_a_two_way_package_tie():
+  graph = {"handi_jax.train": {"handi_jax.evaluate", "handi_jax.evaluation.runs"},
+           "handi_jax.main": {"handi_jax.train"}, "handi_jax.demo": {"handi_jax.generate"},
+           "handi_jax.evaluate": {"data_prep.clips"}, "data_prep.build": {"handi_jax.data.writer"}}
+  assert jobs_importing_jobs(graph) == [
+      "handi_jax.train (job handi_jax.train) imports handi_jax.evaluate (job handi_jax.evaluate)"]
+  assert imports_against_the_package_direction(graph) == ["handi_jax.evaluate imports data_prep.clips"]
+  assert job_of("handi_jax.compile_report.programs") == "handi_jax.compile_report"
+  assert job_of("handi_jax.components.frozen") is None

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from handi_jax import losses
-from handi_jax.hands import landmarks as hl
+from handi_jax.hand_landmarks import network as hl
 from tests.helpers import keypoints_of, mediapipe_hands
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from data_prep import demo_data
 from handi_jax import checkpoints, sharding, train, train_state
+from handi_jax.data import demo_clips
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_train_config
 
@@ -124,7 +124,7 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
   """The demo dataset at the tiny training size (as tests/test_train.py writes it)."""
-  return str(demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo_data"), tiny_train_config()))
+  return str(demo_clips.write_demo_dataset(tmp_path_factory.mktemp("demo_data"), tiny_train_config()))
 
 
 def _train_config(demo_dir):

@@ -11,10 +11,11 @@ from flax import nnx
 from PIL import Image
 
 from configs import common
-from data_prep import demo_data, masks
 from handi_jax import checkpoints, conditioning, train, train_state
+from handi_jax.data import demo_clips
 from handi_jax.diffusion import schedules
-from handi_jax.hands import crops as hand_crops
+from handi_jax.hand_landmarks import crops as hand_crops
+from handi_jax.media import hand_masks as masks
 from handi_jax.models import vae as vae_lib
 from tests.helpers import tiny_train_config
 
@@ -34,7 +35,7 @@ def test_release_trainable_subset_matches_the_release_rule():
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
   """The demo dataset at the tiny training size, written once (the same for both stages)."""
-  return str(demo_data.write_demo_dataset(tmp_path_factory.mktemp("demo_data"), tiny_train_config()))
+  return str(demo_clips.write_demo_dataset(tmp_path_factory.mktemp("demo_data"), tiny_train_config()))
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
@@ -133,7 +134,7 @@ def _step_config(stage, **loss):
 
 def _batch(config, batch_size=2):
   """Demo clips as the input pipeline delivers them (frames in [-1, 1], masks in {0, 1})."""
-  clips = [demo_data.synthesize_clip(i, config) for i in range(batch_size)]
+  clips = [demo_clips.synthesize_clip(i, config) for i in range(batch_size)]
   height, width = config.data.height, config.data.width
   per_frame = [masks.clip_masks(c["keypoints"], c["presence"].astype(bool), height, width,
                                 config.data.build.mask_rule) for c in clips]

@@ -43,7 +43,7 @@ class TextConvDenoiser(nnx.Module):
 def tiny_landmark_graph():
   """A TFLite program with the landmark network's input and outputs (one stride-8 conv, a mean, dense heads):
   MediaPipe's network takes minutes to compile and run differentiated on 8 simulated devices here."""
-  from handi_jax.hands import tflite_graph as tg
+  from handi_jax.hand_landmarks import tflite_graph as tg
 
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[-2]))
@@ -62,9 +62,10 @@ def tiny_landmark_graph():
 
 def _batch(config):
   """Demo clips as the input pipeline delivers them (frames in [-1, 1], masks in {0, 1}), as numpy."""
-  from data_prep import demo_data, masks
+  from handi_jax.data import demo_clips
+  from handi_jax.media import hand_masks as masks
 
-  clips = [demo_data.synthesize_clip(i, config) for i in range(config.train.global_batch_size)]
+  clips = [demo_clips.synthesize_clip(i, config) for i in range(config.train.global_batch_size)]
   per_frame = [masks.clip_masks(c["keypoints"], c["presence"].astype(bool), config.data.height, config.data.width,
                                 config.data.build.mask_rule) for c in clips]
   return dict(

@@ -111,7 +111,7 @@ class InputPipeline:
     data_dir = pathlib.Path(data_dir or config.data.dir)
     if not str(data_dir) or str(data_dir) == ".":
       raise ValueError("config.data.dir is empty: point it at a dataset built by `python -m data_prep.build` "
-                       "or by data_prep.demo_data.write_demo_dataset")
+                       "or by handi_jax.data.demo_clips.write_demo_dataset")
     split = split or config.data.split
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

@@ -119,5 +119,5 @@ def load_features(data_dir: str | os.PathLike):
   path = pathlib.Path(data_dir)
   if not (path / "features.json").is_file():
     raise FileNotFoundError(f"{path} is not a handi dataset: no features.json there. Build one with "
-                            "`python -m data_prep.build` (or write the demo data with data_prep.demo_data).")
+                            "`python -m data_prep.build` (or write the demo data with handi_jax.data.demo_clips).")
   return tfds.features.FeatureConnector.from_config(str(path))

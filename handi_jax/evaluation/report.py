@@ -14,7 +14,8 @@ import pathlib
 import cv2
 import numpy as np
 
-from handi_jax import fileio, video_io
+from handi_jax import fileio
+from handi_jax.media import files as media_files
 
 # (key, column title, higher is better): the paper's Table 2 / 3 columns, then handi-jax's diagnostics.
 COLUMNS = (
@@ -146,4 +147,4 @@ def contact_sheet(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], fr
 
 
 def write_contact_sheet(path: pathlib.Path, rows) -> None:
-  video_io.write_png(path, contact_sheet(rows))
+  media_files.write_png(path, contact_sheet(rows))

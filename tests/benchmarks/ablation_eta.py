@@ -1,6 +1,6 @@
 """Ablation of the Hand Refinement Loss weight on the procedural demo data: eta 0 against eta 0.1, one table.
 
-1. Writes the demo dataset once (data_prep.demo_data): config.data.demo.num_clips training clips (split "train")
+1. Writes the demo dataset once (handi_jax.data.demo_clips): config.data.demo.num_clips training clips (split "train")
    and --test_clips held-out clips (split "test") drawn with demo seed + 1, so other backgrounds, hand paths and
    hand sizes from the same generator.
 2. Trains the tiny stage-2 model of configs/stage2.py twice with handi_jax.train.train_and_evaluate: the same
@@ -8,8 +8,8 @@
 3. Generates every held-out clip from each run's last checkpoint, the same seed per clip, conditioned on the
    clip's ground-truth motion-area mask as the demo does (stage 1 is not trained here), and evaluates both runs
    with handi_jax.evaluate.evaluate_runs (HS-Err, hands found, CLIP scores when --clip is given, flow share).
-4. Whether MediaPipe (data_prep/hands.py, config.data.build's settings) finds the drawn hands in the held-out
-   ground-truth frames, and how far its joints land from the drawn ones. Then the landmark network's keypoint
+4. Whether MediaPipe (handi_jax/media/hand_detection.py, config.data.build's settings) finds the drawn hands in
+   the held-out ground-truth frames, and how far its joints land from the drawn ones. Then the landmark network's keypoint
    error on the ground-truth ROI: handi_jax.losses.hand_errors (the L_HR quantity: MediaPipe's landmark network
    in JAX on the crop that the ground-truth keypoints place) on each run's generated frames and, as the floor,
    on the ground-truth frames.
@@ -34,12 +34,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from data_prep import demo_data  # noqa: E402
-from data_prep import hands as hand_detection  # noqa: E402
-from handi_jax import evaluate, generate, losses, train, video_io  # noqa: E402
+from handi_jax import evaluate, generate, losses, train  # noqa: E402
 from handi_jax import main as handi_main  # noqa: E402
+from handi_jax.data import demo_clips  # noqa: E402
 from handi_jax.evaluation import extractors  # noqa: E402
-from handi_jax.hands import landmarks as hl  # noqa: E402
+from handi_jax.hand_landmarks import network as hl  # noqa: E402
+from handi_jax.media import files as media_files  # noqa: E402
+from handi_jax.media import hand_detection as hand_detection  # noqa: E402
 
 
 def make_config(args):
@@ -57,10 +58,10 @@ def make_config(args):
 def write_data(config, args):
   """Training clips as the demo writes them and held-out clips of the next demo seed, in one dataset folder
   that config.data.dir and config.evaluate.data_dir then name; returns the held-out clips' config."""
-  data_dir = demo_data.write_demo_dataset(args.workdir / "demo_data", config)
+  data_dir = demo_clips.write_demo_dataset(args.workdir / "demo_data", config)
   held_out = config.copy_and_resolve_references()
   held_out.data.demo.update(seed=config.data.demo.seed + 1, num_clips=args.test_clips)
-  demo_data.write_demo_dataset(data_dir, held_out, split="test")
+  demo_clips.write_demo_dataset(data_dir, held_out, split="test")
   config.data.dir = config.evaluate.data_dir = str(data_dir)
   return held_out
 
@@ -100,8 +101,8 @@ def generate_run(config, eta: float, workdir: pathlib.Path, clips, out_dir: path
   generator = generate.Generator(run, workdir)
   for index, clip in todo:
     image, mask = inputs / f"{clip.name}.png", inputs / f"{clip.name}_mask.png"
-    video_io.write_png(image, clip.frames()[0])
-    video_io.write_png(mask, clip.mask.astype(np.uint8) * 255)
+    media_files.write_png(image, clip.frames()[0])
+    media_files.write_png(mask, clip.mask.astype(np.uint8) * 255)
     generator.run(generate.Sample(index, clip.name, image, clip.prompt, mask), out_dir / clip.name)
   print(f"eta {eta}: generated {len(todo)} clips in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -113,7 +114,7 @@ def mediapipe_on_ground_truth(config, held_out, clips) -> dict:
   drawn_slots = found = invented = 0
   distances = []
   for index, clip in enumerate(clips):
-    truth = demo_data.synthesize_clip(index, held_out)
+    truth = demo_clips.synthesize_clip(index, held_out)
     keypoints, presence = evaluate.detect_keypoints(detector, clip.frames()[1:])
     drawn = truth["presence"][1:].any(-1)
     detected = presence.any(-1) > 0
@@ -176,7 +177,7 @@ def main():
   summary = evaluate.evaluate_runs(config, clips, runs, pathlib.Path(config.evaluate.output_dir))
 
   seen = mediapipe_on_ground_truth(config, held_out, clips)
-  truths = [demo_data.synthesize_clip(i, held_out) for i in range(len(clips))]
+  truths = [demo_clips.synthesize_clip(i, held_out) for i in range(len(clips))]
   keypoints = np.stack([t["keypoints"][1:] for t in truths])
   presence = np.stack([t["presence"][1:] for t in truths])
   params = hl.load_hand_landmark_params()

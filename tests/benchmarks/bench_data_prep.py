@@ -63,7 +63,7 @@ def make_videos(root: pathlib.Path, copies: int, length: int) -> pathlib.Path:
 def _release_style_mask(job):
   """One video, every frame: Tasks HandLandmarker, landmark polygon + joint hull, OR over frames, PNG."""
   video, task, out_path = job
-  from data_prep.hands import block_tensorflow_import
+  from handi_jax.media.hand_detection import block_tensorflow_import
 
   block_tensorflow_import()
   import mediapipe as mp
@@ -112,7 +112,7 @@ class Timer:
 
 
 def run_per_frame_baseline(captions: pathlib.Path, out: pathlib.Path, workers: int) -> Timer:
-  from data_prep.hands import write_bundled_task_file
+  from handi_jax.media.hand_detection import write_bundled_task_file
 
   task = str(write_bundled_task_file(out / "hand_landmarker.task"))
   entries = json.loads(captions.read_text())
@@ -134,7 +134,7 @@ def _config():
 def run_data_prep(captions: pathlib.Path, out: pathlib.Path, workers: int) -> tuple[Timer, str]:
   """The build's times and the sha256 of its shards in order (to compare outputs across versions). Its modules
   are imported first, as the per-frame side's are; its worker processes start inside the timing."""
-  from data_prep import build, writer  # noqa: F401 - imported before the timing
+  from data_prep import build  # noqa: F401 - imported before the timing
   from handi_jax.data import schema
 
   with Timer() as timer:

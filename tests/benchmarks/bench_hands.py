@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 from configs import common  # noqa: E402
 from handi_jax import losses  # noqa: E402
 from handi_jax.diffusion import schedules  # noqa: E402
-from handi_jax.hands import landmarks as hl  # noqa: E402
+from handi_jax.hand_landmarks import network as hl  # noqa: E402
 from handi_jax.models import unet3d  # noqa: E402
 from handi_jax.models import vae as vae_lib  # noqa: E402
 from tests.helpers import synthetic_hand  # noqa: E402

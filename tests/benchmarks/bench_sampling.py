@@ -1,6 +1,6 @@
 """25-step classifier-free-guided DPM-Solver++ 2M sampling of a small HANDI UNet: JAX against PyTorch, one run.
 
-JAX: handi_jax.diffusion.video.sample_video_jit, all steps in one compiled lax.scan (compile timed apart).
+JAX: handi_jax.diffusion.guided_sampling.sample_video_jit, all steps in one compiled lax.scan (compile timed apart).
 PyTorch: the same UNet weights in diffusers' UNet3DConditionModel with the release's forward around it
 (tests/test_unet.py HandiReference: context frame prepended, [mask, latents] -> conv_in2, motion -> cond_proj)
 and diffusers' DPMSolverMultistepScheduler, stepped in a Python loop as the release's pipeline does.
@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 
 from configs import common  # noqa: E402
+from handi_jax.diffusion import guided_sampling as video_sampling  # noqa: E402
 from handi_jax.diffusion import samplers, schedules  # noqa: E402
-from handi_jax.diffusion import video as video_sampling  # noqa: E402
 from tests.helpers import jax_unet  # noqa: E402
 from tests.reference_torch import HandiReference, torch_unet  # noqa: E402
 

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import report as report_lib
-from data_prep.clips import ClipRecord, Rejection
 from handi_jax import fileio
 from handi_jax.data import schema
+from handi_jax.data import split_report as report_lib
+from handi_jax.data.records import ClipRecord, Rejection
 
 PROGRESS_DIR = "_progress"
 

@@ -19,7 +19,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from handi_jax.hands import tflite_graph
+from handi_jax.hand_landmarks import tflite_graph
 
 INPUT_SIZE = 224           # the model's square input (ImageToTensorCalculator output_tensor_width/height)
 INPUT_RANGE = (0.0, 1.0)   # ImageToTensorCalculator output_tensor_float_range of HandLandmarkCpu
@@ -63,7 +63,7 @@ def hand_landmarks(params: tflite_graph.TFLiteGraph, images: jax.Array) -> dict[
   """
   if images.ndim != 4 or images.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
     raise ValueError(f"hand_landmarks: images must be (N, {INPUT_SIZE}, {INPUT_SIZE}, 3) in [0, 1], got "
-                     f"{images.shape}; crop the hands first (handi_jax.hands.crops.crop_hands)")
+                     f"{images.shape}; crop the hands first (handi_jax.hand_landmarks.crops.crop_hands)")
   landmarks, presence, handedness, _ = tflite_graph.run_tflite(params, [images])
   return dict(landmarks=landmarks.reshape(-1, NUM_LANDMARKS, 3), presence=presence.reshape(-1),
               handedness=handedness.reshape(-1))

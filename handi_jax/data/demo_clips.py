@@ -12,8 +12,8 @@ import pathlib
 import cv2
 import numpy as np
 
-from data_prep import writer
-from data_prep.clips import ClipRecord, make_record
+from handi_jax.data import writer
+from handi_jax.data.records import ClipRecord, make_record
 from handi_jax.data.schema import LEFT, NO_HAND, NUM_HANDS, NUM_JOINTS, RIGHT
 
 _SUPERSAMPLE = 4

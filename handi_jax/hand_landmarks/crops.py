@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from handi_jax.hands.landmarks import INPUT_SIZE, normalized_landmarks
+from handi_jax.hand_landmarks.network import INPUT_SIZE, normalized_landmarks
 
 # The 12 joints HandLandmarksToRectCalculator uses (its "partial landmarks").
 ROI_JOINTS = (0, 1, 2, 3, 5, 6, 9, 10, 13, 14, 17, 18)
