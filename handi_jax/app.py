@@ -31,7 +31,7 @@ import zipfile
 import numpy as np
 from absl import logging
 
-from handi_jax import fileio, generate
+from handi_jax import fileio, generate, prompts
 from handi_jax.data import demo_clips
 from handi_jax.media import files as media_files
 from handi_jax.media import hand_masks as masks_lib
@@ -139,7 +139,7 @@ class App:
     try:
       inputs = self._write_inputs(request, self.root / "inputs" / request_id)
       config = self.request_config(request, inputs)
-      (sample,) = generate.samples_from_config(config)
+      (sample,) = prompts.samples_from_config(config)
       size = media_files.model_size(*media_files.load_image(sample.image).size, int(config.sampling.target_area),
                                  int(config.sampling.height), int(config.sampling.width))
     except (FileNotFoundError, ValueError) as e:   # AppError, or an input generate itself refuses
@@ -235,7 +235,7 @@ class App:
     generate_fields = self.config.generate
     if generate_fields.image or generate_fields.prompts_file:
       return [(str(s.image), s.prompt, str(s.mask) if s.mask else None)
-              for s in generate.samples_from_config(self.config)]
+              for s in prompts.samples_from_config(self.config)]
     demo = copy.deepcopy(self.config)
     demo.data.height, demo.data.width = 256, 448
     rows = []

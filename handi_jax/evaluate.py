@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from absl import logging
 
-from handi_jax import command_line, fileio, generate
+from handi_jax import command_line, fileio, generate, prompts
 from handi_jax.data import schema
 from handi_jax.evaluation import extractors as extractors_lib
 from handi_jax.evaluation import metrics, report
@@ -78,13 +78,13 @@ class Clip:
 
 def clips_from_prompts_file(e) -> list[Clip]:
   clips = []
-  for where, row in generate.prompt_rows(pathlib.Path(e.prompts_file), ("source", "target", "prompt"),
+  for where, row in prompts.prompt_rows(pathlib.Path(e.prompts_file), ("source", "target", "prompt"),
                                          "config.evaluate.prompts_file"):
-    image = generate.find_input(e.image_dir, row["source"], f"{where}: source image", "config.evaluate.image_dir")
-    video = generate.find_input(e.gt_dir, row["target"], f"{where}: ground-truth video", "config.evaluate.gt_dir")
+    image = prompts.find_input(e.image_dir, row["source"], f"{where}: source image", "config.evaluate.image_dir")
+    video = prompts.find_input(e.gt_dir, row["target"], f"{where}: ground-truth video", "config.evaluate.gt_dir")
     mask = None
     if e.mask_dir:
-      mask = np.asarray(media_files.load_image(generate.find_mask(e.mask_dir, image.stem, "config.evaluate.mask_dir"),
+      mask = np.asarray(media_files.load_image(prompts.find_mask(e.mask_dir, image.stem, "config.evaluate.mask_dir"),
                                             mode="L")) > 127
     clips.append(Clip(image.stem, row["prompt"], video, mask, image))
   return clips
@@ -153,7 +153,7 @@ def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
 
 def generate_run(config, workdir, clips: list[Clip], out_dir: pathlib.Path) -> pathlib.Path:
   """Generate every clip not yet done with the configured models (stage 1 predicts the mask)."""
-  todo = [c for c in clips if not (out_dir / c.name / generate.DONE_FILE["generate"]).is_file()]
+  todo = [c for c in clips if not (out_dir / c.name / prompts.DONE_FILE["generate"]).is_file()]
   if todo:
     generator = generate.Generator(config, workdir)
     for index, clip in enumerate(clips):
@@ -164,7 +164,7 @@ def generate_run(config, workdir, clips: list[Clip], out_dir: pathlib.Path) -> p
         image = out_dir / "sources" / f"{clip.name}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
         media_files.write_png(image, clip.frames()[0])
-      generator.run(generate.Sample(index, clip.name, image, clip.prompt, None), out_dir / clip.name)
+      generator.run(prompts.Sample(index, clip.name, image, clip.prompt, None), out_dir / clip.name)
   return out_dir
 
 

@@ -53,90 +53,12 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from handi_jax import checkpoints, command_line, conditioning, fileio, mask_cleanup, tokenizers
+from handi_jax import checkpoints, command_line, conditioning, fileio, mask_cleanup, prompts, tokenizers
 from handi_jax.diffusion import guided_sampling as video_sampling
 from handi_jax.diffusion import samplers, schedules
 from handi_jax.media import files as media_files
 from handi_jax.models import unet3d
 from handi_jax.models import vae as vae_lib
-
-DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  index: int                       # position in the input list: seeds the sample's random key
-  name: str                        # output folder name (the image stem)
-  image: pathlib.Path
-  prompt: str
-  mask: pathlib.Path | None        # a user mask skips stage 1
-
-
-def find_mask(mask_dir: str, stem: str, field: str) -> pathlib.Path:
-  """The mask of image `stem` in `mask_dir` (config field `field`): <stem>_mask.png or <stem>.png."""
-  candidates = [pathlib.Path(mask_dir) / f"{stem}_mask.png", pathlib.Path(mask_dir) / f"{stem}.png"]
-  for candidate in candidates:
-    if candidate.is_file():
-      return candidate
-  raise FileNotFoundError(f"no mask for {stem!r} in {field}={mask_dir!r}: expected {stem}.png or {stem}_mask.png "
-                          "(or leave it empty)")
-
-
-def prompt_rows(path: pathlib.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
-  """(where, row) for each line of a prompts file in the release's format (one JSON object per line, with
-  `keys`); `field` is the config field that names the file."""
-  if not path.is_file():
-    raise FileNotFoundError(f"{field} {path} does not exist")
-  rows = []
-  for number, line in enumerate(path.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
-    where = f"{path} line {number}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where} is not JSON ({e}); expected one {{{', '.join(keys)}}} object per line") from e
-    if not isinstance(row, dict) or not set(keys) <= set(row):
-      raise ValueError(f"{where}: expected keys {', '.join(map(repr, keys))}, found {row!r}")
-    rows.append((where, row))
-  return rows
-
-
-def find_input(root: str, relative: str, what: str, field: str) -> pathlib.Path:
-  """`root/relative`, else `root/<its file name>` (the release's prompt.json names files in sub-folders); `what`
-  says where the name came from, `field` is the config field that sets `root`."""
-  candidates = [pathlib.Path(root) / relative, pathlib.Path(root) / pathlib.Path(relative).name]
-  for candidate in candidates:
-    if candidate.is_file():
-      return candidate
-  raise FileNotFoundError(f"{what} {relative!r} not found; looked for {' and '.join(map(str, candidates))} "
-                          f"(set {field})")
-
-
-def samples_from_config(config) -> list[Sample]:
-  """The samples config.generate asks for: a prompts file (JSON lines) or one image + prompt."""
-  g = config.generate
-  if g.prompts_file:
-    samples = []
-    for where, row in prompt_rows(pathlib.Path(g.prompts_file), ("source", "prompt"), "config.generate.prompts_file"):
-      image = find_input(g.image_dir, row["source"], f"{where}: image", "config.generate.image_dir")
-      mask = find_mask(g.mask_dir, image.stem, "config.generate.mask_dir") if g.mask_dir else None
-      samples.append(Sample(len(samples), image.stem, image, row["prompt"], mask))
-  elif g.image:
-    image = pathlib.Path(g.image)
-    samples = [Sample(0, image.stem, image, g.prompt, pathlib.Path(g.mask) if g.mask else None)]
-  else:
-    raise ValueError("nothing to generate: set config.generate.image and config.generate.prompt, or "
-                     "config.generate.prompts_file (JSON lines with 'source' and 'prompt')")
-  for sample in samples:
-    if not sample.prompt or not sample.prompt.strip():
-      raise ValueError(f"sample {sample.name!r} ({sample.image}) has an empty prompt; give the action text "
-                       "(config.generate.prompt or the 'prompt' field of the prompts file)")
-  names = [s.name for s in samples]
-  if len(set(names)) != len(names):
-    raise ValueError(f"two samples share an output folder name: {sorted({n for n in names if names.count(n) > 1})}; "
-                     "give the images distinct file names")
-  return samples
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -283,7 +205,7 @@ class Generator:
     frames = _decode(self.vae[0], self.vae[1], latents, int(config.model.frame_chunk))
     return np.asarray(frames[0], np.float32)
 
-  def run(self, sample: Sample, out_dir: pathlib.Path, mode: str = "generate", progress=None) -> "Result":
+  def run(self, sample: prompts.Sample, out_dir: pathlib.Path, mode: str = "generate", progress=None) -> "Result":
     """All outputs of one sample into out_dir (`mode` "predict_masks" stops after the mask). `progress`, if
     given, is called as progress(phase, done, total): "encoding", "stage 1" / "stage 2" per sampling step,
     "clean-up", "writing files"."""
@@ -332,7 +254,7 @@ class Generator:
       media_files.write_png(out_dir / "flow.png", media_files.flow_heatmap(frames[0], flow))
       record["mean_flow"] = float(flow.mean())
     record["seconds"] = round(time.time() - start, 2)
-    done = out_dir / DONE_FILE[mode]
+    done = out_dir / prompts.DONE_FILE[mode]
     fileio.write_text(done, json.dumps(record, indent=2) + "\n")
     return Result(frames=frames, mask=mask, context=media_files.to_uint8(pixels), record=record)
 
@@ -343,10 +265,10 @@ class Generator:
 
 
 def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
-  samples = samples_from_config(config)
+  samples = prompts.samples_from_config(config)
   default_dir = "generate" if mode == "generate" else "masks"
   out_root = pathlib.Path(config.generate.output_dir or pathlib.Path(workdir) / default_dir)
-  todo = [s for s in samples if not (out_root / s.name / DONE_FILE[mode]).is_file()]
+  todo = [s for s in samples if not (out_root / s.name / prompts.DONE_FILE[mode]).is_file()]
   if len(todo) < len(samples):
     logging.info("resuming: %d of %d samples already done in %s", len(samples) - len(todo), len(samples), out_root)
   if todo:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import common
-from handi_jax import generate, tokenizers
+from handi_jax import generate, prompts, tokenizers
 from handi_jax.convert import core
 from handi_jax.diffusion import guided_sampling as video_sampling
 from handi_jax.media import files as media_files
@@ -62,7 +62,7 @@ def test_stage1_cleanup_stage2_writes_all_outputs(tmp_path, shared_data):
   config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt=prompt)
   generator = generate.Generator(config, tmp_path)
   compiled_before = video_sampling.sample_video_jit._cache_size()
-  result = generator.run(generate.samples_from_config(config)[0], tmp_path / "out" / "1")
+  result = generator.run(prompts.samples_from_config(config)[0], tmp_path / "out" / "1")
   out = tmp_path / "out" / "1"
   for name in ("video.mp4", "video.gif", "mask_video.mp4"):
     decoded = media_files.read_video(out / name)
@@ -134,13 +134,13 @@ def test_bad_inputs_name_the_problem(tmp_path, shared_data):
     media_files.load_image(broken)
   config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt="  ")
   with pytest.raises(ValueError, match="empty prompt"):
-    generate.samples_from_config(config)
+    prompts.samples_from_config(config)
   with pytest.raises(ValueError, match="nothing to generate"):
-    generate.samples_from_config(_config(tmp_path))
+    prompts.samples_from_config(_config(tmp_path))
   lines = tmp_path / "prompts.json"
   lines.write_text(json.dumps({"source": "source/9.png", "prompt": "cut"}) + "\n")
   with pytest.raises(FileNotFoundError, match="line 1: image 'source/9.png' not found"):
-    generate.samples_from_config(_config(tmp_path, prompts_file=str(lines), image_dir=str(tmp_path)))
+    prompts.samples_from_config(_config(tmp_path, prompts_file=str(lines), image_dir=str(tmp_path)))
 
 
 def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, shared_data):

@@ -9,8 +9,8 @@
    clip's ground-truth motion-area mask as the demo does (stage 1 is not trained here), and evaluates both runs
    with handi_jax.evaluate.evaluate_runs (HS-Err, hands found, CLIP scores when --clip is given, flow share).
 4. Whether MediaPipe (handi_jax/media/hand_detection.py, config.data.build's settings) finds the drawn hands in
-   the held-out ground-truth frames, and how far its joints land from the drawn ones. Then the landmark network's keypoint
-   error on the ground-truth ROI: handi_jax.losses.hand_errors (the L_HR quantity: MediaPipe's landmark network
+   the held-out ground-truth frames, and how far its joints land from the drawn ones. Then the landmark network's
+   keypoint error on the ground-truth ROI: handi_jax.losses.hand_errors (the L_HR quantity: MediaPipe's landmark network
    in JAX on the crop that the ground-truth keypoints place) on each run's generated frames and, as the floor,
    on the ground-truth frames.
 
@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from handi_jax import evaluate, generate, losses, train  # noqa: E402
+from handi_jax import evaluate, generate, losses, prompts, train  # noqa: E402
 from handi_jax import main as handi_main  # noqa: E402
 from handi_jax.data import demo_clips  # noqa: E402
 from handi_jax.evaluation import extractors  # noqa: E402
@@ -94,7 +94,7 @@ def generate_run(config, eta: float, workdir: pathlib.Path, clips, out_dir: path
   run = config.copy_and_resolve_references()
   run.generate.stage2_pretrained = str(workdir)
   inputs = out_dir.parent / "inputs"
-  todo = [(i, c) for i, c in enumerate(clips) if not (out_dir / c.name / generate.DONE_FILE["generate"]).is_file()]
+  todo = [(i, c) for i, c in enumerate(clips) if not (out_dir / c.name / prompts.DONE_FILE["generate"]).is_file()]
   if not todo:
     return
   started = time.perf_counter()
@@ -103,7 +103,7 @@ def generate_run(config, eta: float, workdir: pathlib.Path, clips, out_dir: path
     image, mask = inputs / f"{clip.name}.png", inputs / f"{clip.name}_mask.png"
     media_files.write_png(image, clip.frames()[0])
     media_files.write_png(mask, clip.mask.astype(np.uint8) * 255)
-    generator.run(generate.Sample(index, clip.name, image, clip.prompt, mask), out_dir / clip.name)
+    generator.run(prompts.Sample(index, clip.name, image, clip.prompt, mask), out_dir / clip.name)
   print(f"eta {eta}: generated {len(todo)} clips in {time.perf_counter() - started:.0f} s", flush=True)
 
 
