@@ -57,6 +57,23 @@ def text_encoder_config(full_size: bool) -> ml_collections.ConfigDict:
 
 def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  _add_run_settings(config, stage)
+  _add_device_settings(config)
+  config.model = _model_config()
+  config.diffusion = _diffusion_config()
+  config.sampling = _sampling_config()
+  config.mask_cleanup = _mask_cleanup_config()
+  config.generate = _generate_config()
+  config.evaluate = _evaluate_config()
+  config.data = _data_config()
+  config.train = _train_config()
+  config.loss = _loss_config()
+  config.compile_report = _compile_report_config()
+  apply_variants(config, arg)
+  return config
+
+
+def _add_run_settings(config: ml_collections.ConfigDict, stage: int) -> None:
   config.stage = stage
   config.seed = 0
   # XLA's persistent compilation cache (a second run of the same graphs skips compiling); empty = off.
@@ -65,7 +82,9 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   # instead of 149 s, the same step time). Ignored on GPUs and TPUs.
   config.cpu_fast_compile = True
 
-  # Devices. Axis sizes of the (data, fsdp, tensor) mesh; one of them may be -1 = all remaining devices.
+
+def _add_device_settings(config: ml_collections.ConfigDict) -> None:
+  # Axis sizes of the (data, fsdp, tensor) mesh; one of them may be -1 = all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Logical axis name -> mesh axes (None = replicated). Models annotate parameters with logical names.
   config.sharding_rules = (
@@ -86,31 +105,38 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   config.multihost = ml_collections.config_dict.placeholder(bool)
   config.num_devices_expected = 0  # 0 = whatever exists; variants that target hardware set it
 
-  # Models. `pretrained` is a diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/,
-  # scheduler/); empty = random init from the configs below (tests, demo).
-  config.model = ml_collections.ConfigDict()
-  config.model.pretrained = ""
-  config.model.unet = unet_config(full_size=False)
-  config.model.vae = vae_config(full_size=False)
-  config.model.text_encoder = text_encoder_config(full_size=False)
+
+def _model_config() -> ml_collections.ConfigDict:
+  """`pretrained` is a diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/); empty =
+  random init from the configs below (tests, demo)."""
+  model = ml_collections.ConfigDict()
+  model.pretrained = ""
+  model.unet = unet_config(full_size=False)
+  model.vae = vae_config(full_size=False)
+  model.text_encoder = text_encoder_config(full_size=False)
   # The VAE when `pretrained` is empty: block_mean (fixed weights: latents are 8 x 8 block means of the image,
   # decoded bilinearly, so generated videos can be looked at) | random.
-  config.model.vae_without_weights = "block_mean"
-  config.model.param_dtype = "float32"
-  config.model.dtype = "float32"      # compute dtype; bf16 on accelerators
-  config.model.attention = "xla"      # xla | cudnn | tpu_flash (spatial attention only)
-  config.model.remat = "none"         # none | full | dots_saveable (per UNet block)
-  config.model.frame_chunk = 4        # frames per VAE call: decoding in generation, decode + loss in training
+  model.vae_without_weights = "block_mean"
+  model.param_dtype = "float32"
+  model.dtype = "float32"      # compute dtype; bf16 on accelerators
+  model.attention = "xla"      # xla | cudnn | tpu_flash (spatial attention only)
+  model.remat = "none"         # none | full | dots_saveable (per UNet block)
+  model.frame_chunk = 4        # frames per VAE call: decoding in generation, decode + loss in training
+  return model
 
-  # Diffusion (training schedule; the release's DDPMScheduler config).
-  config.diffusion = ml_collections.ConfigDict(dict(
+
+def _diffusion_config() -> ml_collections.ConfigDict:
+  """The training schedule: the release's DDPMScheduler config."""
+  return ml_collections.ConfigDict(dict(
       num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
       prediction_type="epsilon",
       # The release sets rescale_schedule but it is a silent no-op there; off = what it trained with.
       rescale_zero_terminal_snr=False))
 
-  # Sampling (DPM-Solver++ 2M, classifier-free guidance).
-  config.sampling = ml_collections.ConfigDict(dict(
+
+def _sampling_config() -> ml_collections.ConfigDict:
+  """DPM-Solver++ 2M (or DDIM), classifier-free guidance."""
+  return ml_collections.ConfigDict(dict(
       sampler="dpmsolver++", num_inference_steps=25, guidance_scale=9.0,
       timestep_spacing="linspace", steps_offset=0, lower_order_final=True,
       # DPM-Solver++: "sigma_min" ends at sigma(t=0) as the release's diffusers 0.24 did; "zero" is the
@@ -126,53 +152,62 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       target_area=512 * 512,          # aspect-preserving resize to this area, sides multiples of 8
       height=0, width=0))             # > 0: fixed size instead of target_area
 
-  # Stage-1 mask clean-up.
-  config.mask_cleanup = ml_collections.ConfigDict(dict(
-      threshold=0.5, min_component_fraction=0.002, closing_kernel=7))
 
-  # Generation (--mode=generate, python -m handi_jax.generate): one image + prompt, or a JSON-lines file of
-  # {"source", "target", "prompt"} rows (the release's format). A mask (file or mask_dir/<stem>[_mask].png)
-  # skips stage 1. Pretrained stage dirs: a diffusers unet/ dir or a training workdir; empty = random init.
-  config.generate = ml_collections.ConfigDict(dict(
+def _mask_cleanup_config() -> ml_collections.ConfigDict:
+  """Stage 1's mask video -> the motion-area mask."""
+  return ml_collections.ConfigDict(dict(threshold=0.5, min_component_fraction=0.002, closing_kernel=7))
+
+
+def _generate_config() -> ml_collections.ConfigDict:
+  """--mode=generate, python -m handi_jax.generate: one image + prompt, or a JSON-lines file of
+  {"source", "target", "prompt"} rows (the release's format). A mask (file or mask_dir/<stem>[_mask].png) skips
+  stage 1. Pretrained stage dirs: a diffusers unet/ dir or a training workdir; empty = random init."""
+  return ml_collections.ConfigDict(dict(
       image="", prompt="", mask="", prompts_file="", image_dir="", mask_dir="", output_dir="",
       stage1_pretrained="", stage2_pretrained="",
       prior_mask="",                  # stage-1 conditioning mask PNG; empty = all ones (the release's rule)
       flow_threshold=1.0,             # motion-flow map: optical-flow magnitude (pixels) that counts as motion
       fps=8))
 
-  # Evaluation (--mode=evaluate, python -m handi_jax.evaluate; handi_jax/evaluate.py documents inputs/outputs).
-  # Clips: the release's prompts file + source images + ground-truth videos, or a TFRecord split. Runs:
-  # "name=folder,..." of generated videos; empty = generate them with the checkpoint (config.generate's models).
-  # Extractor weights: empty = "not configured" in the report (never a made-up number).
-  config.evaluate = ml_collections.ConfigDict(dict(
+
+def _evaluate_config() -> ml_collections.ConfigDict:
+  """--mode=evaluate, python -m handi_jax.evaluate; handi_jax/evaluate.py documents inputs/outputs.
+
+  Clips: the release's prompts file + source images + ground-truth videos, or a TFRecord split. Runs:
+  "name=folder,..." of generated videos; empty = generate them with the checkpoint (config.generate's models).
+  Extractor weights: empty = "not configured" in the report (never a made-up number)."""
+  return ml_collections.ConfigDict(dict(
       prompts_file="", image_dir="", gt_dir="", mask_dir="",  # release layout: {"source","target","prompt"} rows
       data_dir="", split="test",                               # or a TFRecord split (used when prompts_file is empty)
       runs="", output_dir="", max_clips=0,                     # output_dir empty = <workdir>/evaluate
       clip="", inception="", i3d="", egovlp="", blip="",      # transformers CLIPModel dir, pytorch-fid / I3D weights
       batch_size=16, motion_intensive_fraction=0.1, contact_sheet_clips=4))
 
-  # Data.
-  config.data = ml_collections.ConfigDict()
-  config.data.dir = ""                # TFRecord dataset directory (--mode=demo writes demo data when empty)
-  config.data.split = "train"
-  config.data.num_frames = 16         # frame 0 = context image, L = num_frames - 1 targets
-  config.data.height = 64
-  config.data.width = 64
-  config.data.shuffle_buffer = 64
-  config.data.conditioning_mask = "union"   # stage 2: union (paper M_gen target) | prior
-  config.data.build = ml_collections.ConfigDict(dict(
+
+def _data_config() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  data.dir = ""                # TFRecord dataset directory (--mode=demo writes demo data when empty)
+  data.split = "train"
+  data.num_frames = 16         # frame 0 = context image, L = num_frames - 1 targets
+  data.height = 64
+  data.width = 64
+  data.shuffle_buffer = 64
+  data.conditioning_mask = "union"   # stage 2: union (paper M_gen target) | prior
+  data.build = ml_collections.ConfigDict(dict(  # python -m data_prep.build
       detector="solutions",           # solutions (bundled mediapipe models) | a path to a .task file
       max_num_hands=2, model_complexity=1, min_detection_confidence=0.1,
       min_tracking_confidence=0.1, static_image_mode=True,
       mask_rule="per_hand_hull",      # per_hand_hull (paper) | joint_hull (the release)
       keep_handless_clips=False, frames_per_shard=256, motion_intensive_fraction=0.1))
-  config.data.demo = ml_collections.ConfigDict(dict(num_clips=2, seed=0))  # procedural clips (--mode=demo)
+  data.demo = ml_collections.ConfigDict(dict(num_clips=2, seed=0))  # procedural clips (--mode=demo)
+  return data
 
-  # Training.
-  # Batch: per_device_batch_size > 0 (the hardware variants) makes the global batch per_device_batch_size x the
-  # devices of the mesh's batch axes (data x fsdp) and global_batch_size is then not used; 0 = global_batch_size,
-  # which must split evenly over those devices and the hosts.
-  config.train = ml_collections.ConfigDict(dict(
+
+def _train_config() -> ml_collections.ConfigDict:
+  """Batch: per_device_batch_size > 0 (the hardware variants) makes the global batch per_device_batch_size x the
+  devices of the mesh's batch axes (data x fsdp) and global_batch_size is then not used; 0 = global_batch_size,
+  which must split evenly over those devices and the hosts."""
+  return ml_collections.ConfigDict(dict(
       global_batch_size=2, per_device_batch_size=0, learning_rate=5e-5, warmup_steps=20, weight_decay=0.0,
       adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip_norm=1.0, num_steps=4,
       uncond_prob=0.15, log_every=1, checkpoint_every=2, keep_checkpoints=2,
@@ -183,20 +218,25 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       trainable="all",             # all | release (the release's module subset: 643.8M of 1.41B)
       freeze_background=True))     # outside the mask every target frame = the context latent (release)
 
-  # Losses. Pixel losses decode x0 in-graph model.frame_chunk frames at a time (lax.map); remat_* recompute the
-  # decoder / landmark network activations in the backward pass; decode_fn should compute in decode_dtype.
-  # miou_frames / hand_frames: k random generated frames per clip and step are decoded and scored (uniform without
-  # replacement, sums scaled by L / k: unbiased); 0 = all L frames, the exact loss. Cost grows linearly with k; the
-  # estimate's standard deviation per clip as sqrt((L - k) / (k (L - 1))), and it averages down over the batch's
-  # clips. The demo scores 2 frames without remat: the landmark network dominates a tiny step on a CPU (3 frames
-  # with remat took 7 s a step, 2 without 3 s); the full-size variants recompute (`paper`).
-  config.loss = ml_collections.ConfigDict(dict(
+
+def _loss_config() -> ml_collections.ConfigDict:
+  """Pixel losses decode x0 in-graph model.frame_chunk frames at a time (lax.map); remat_* recompute the decoder /
+  landmark network activations in the backward pass; decode_fn should compute in decode_dtype.
+
+  miou_frames / hand_frames: k random generated frames per clip and step are decoded and scored (uniform without
+  replacement, sums scaled by L / k: unbiased); 0 = all L frames, the exact loss. Cost grows linearly with k; the
+  estimate's standard deviation per clip as sqrt((L - k) / (k (L - 1))), and it averages down over the batch's
+  clips. The demo scores 2 frames without remat: the landmark network dominates a tiny step on a CPU (3 frames
+  with remat took 7 s a step, 2 without 3 s); the full-size variants recompute (`paper`)."""
+  return ml_collections.ConfigDict(dict(
       alpha_miou=0.1, eta_hand=0.1, miou_frames=2, hand_frames=2, decode_dtype="float32",
       remat_decoder=False, remat_landmarks=False, hand_presence_weight=0.0))
 
-  # Compile report (--mode=compile_report, handi_jax/compile_report.py): lower and compile the train step and the
-  # sampler for a target without running them -> per-device memory, FLOPs, collectives, step-time bounds.
-  config.compile_report = ml_collections.ConfigDict(dict(
+
+def _compile_report_config() -> ml_collections.ConfigDict:
+  """--mode=compile_report, handi_jax/compile_report.py: lower and compile the train step and the sampler for a
+  target without running them -> per-device memory, FLOPs, collectives, step-time bounds."""
+  return ml_collections.ConfigDict(dict(
       target="devices",               # devices | cpu:N (simulated) | tpu:<topology>, e.g. tpu:v5p:2x4x4
       chip="",                        # handi_jax.chips name for the bounds (e.g. h100); empty = the target's kind
       programs="train_step,sampler",  # comma-separated: train_step, sampler
@@ -206,9 +246,6 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
       # the same text for the same target takes their figures. The workdir's own report always counts (a stopped
       # report resumes where it stopped).
       reuse=""))
-
-  apply_variants(config, arg)
-  return config
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:

@@ -88,94 +88,122 @@ def _enum_names(enum_class) -> dict[int, str]:
   return {v: k for k, v in vars(enum_class).items() if not k.startswith("_")}
 
 
-def load_tflite(path: str | os.PathLike) -> TFLiteGraph:
-  """Parse a .tflite file into a `TFLiteGraph` (float32 params in JAX layouts: conv kernels HWIO)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"TFLite model {path} does not exist")
-  s = _schema()
-  buffer = path.read_bytes()
-  if not s.Model.ModelBufferHasIdentifier(buffer, 0):
-    raise ValueError(f"{path} is not a TFLite flatbuffer (file identifier 'TFL3' missing)")
-  model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(buffer, 0))
-  if len(model.subgraphs) != 1:
-    raise ValueError(f"{path}: expected one subgraph, found {len(model.subgraphs)}")
-  graph = model.subgraphs[0]
-  op_names = _enum_names(s.BuiltinOperator)
-  type_names = _enum_names(s.TensorType)
-  act_names = _enum_names(s.ActivationFunctionType)
-  pad_names = _enum_names(s.Padding)
-  codes = [op_names[max(c.builtinCode, c.deprecatedBuiltinCode)] for c in model.operatorCodes]
+_NUMPY_TYPES = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT32": np.int32, "INT64": np.int64}
 
-  numpy_types = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT32": np.int32, "INT64": np.int64}
 
-  def constant(index: int) -> np.ndarray | None:
-    tensor = graph.tensors[index]
-    data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
+class _FlatbufferReader:
+  """The single subgraph of a .tflite file, read into the pieces `load_tflite` assembles: constants (float16 ones
+  folded through DEQUANTIZE), operators with their params, the program's inputs and outputs."""
+
+  def __init__(self, path: pathlib.Path):
+    if not path.is_file():
+      raise FileNotFoundError(f"TFLite model {path} does not exist")
+    s = _schema()
+    buffer = path.read_bytes()
+    if not s.Model.ModelBufferHasIdentifier(buffer, 0):
+      raise ValueError(f"{path} is not a TFLite flatbuffer (file identifier 'TFL3' missing)")
+    self.model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(buffer, 0))
+    if len(self.model.subgraphs) != 1:
+      raise ValueError(f"{path}: expected one subgraph, found {len(self.model.subgraphs)}")
+    self.path = path
+    self.graph = self.model.subgraphs[0]
+    op_names = _enum_names(s.BuiltinOperator)
+    self.codes = [op_names[max(c.builtinCode, c.deprecatedBuiltinCode)] for c in self.model.operatorCodes]
+    self.type_names = _enum_names(s.TensorType)
+    self.activation_names = _enum_names(s.ActivationFunctionType)
+    self.padding_names = _enum_names(s.Padding)
+    self.constants: dict[int, np.ndarray] = {}  # tensor id -> value, filled as operators use them
+
+  def kind(self, op) -> str:
+    kind = self.codes[op.opcodeIndex]
+    if kind not in SUPPORTED_OPS:
+      raise NotImplementedError(f"{self.path}: operator {kind} is not supported "
+                                f"(supported: {', '.join(SUPPORTED_OPS)})")
+    return kind
+
+  def constant(self, index: int) -> np.ndarray | None:
+    """The value of tensor `index`, or None for an activation (a tensor without data)."""
+    if index < 0 or index in self.constants:
+      return self.constants.get(index)
+    tensor = self.graph.tensors[index]
+    data = self.model.buffers[tensor.buffer].data if tensor.buffer < len(self.model.buffers) else None
     if data is None or len(data) == 0:
       return None
-    dtype = numpy_types.get(type_names[tensor.type])
+    dtype = _NUMPY_TYPES.get(self.type_names[tensor.type])
     if dtype is None:
-      raise ValueError(f"{path}: constant tensor {tensor.name!r} has unsupported type {type_names[tensor.type]}")
-    return np.frombuffer(np.asarray(data, np.uint8).tobytes(), dtype=dtype).reshape(tensor.shape)
+      raise ValueError(f"{self.path}: constant tensor {tensor.name!r} has unsupported type "
+                       f"{self.type_names[tensor.type]}")
+    self.constants[index] = np.frombuffer(np.asarray(data, np.uint8).tobytes(), dtype=dtype).reshape(tensor.shape)
+    return self.constants[index]
 
-  constants: dict[int, np.ndarray] = {}
-  ops, params, counts = [], {}, {}
-  for op in graph.operators:
-    kind = codes[op.opcodeIndex]
-    if kind not in SUPPORTED_OPS:
-      raise NotImplementedError(f"{path}: operator {kind} is not supported (supported: {', '.join(SUPPORTED_OPS)})")
+  def fold_dequantize(self, source: int, output: int) -> None:
+    """DEQUANTIZE of a float16 constant becomes a float32 constant (exact); nothing is left to run."""
+    value = self.constant(source)
+    quant = self.graph.tensors[source].quantization
+    if value is None or value.dtype != np.float16 or (quant is not None and quant.scale is not None):
+      raise NotImplementedError(f"{self.path}: only DEQUANTIZE of float16 constants is supported "
+                                f"(tensor {self.graph.tensors[source].name!r})")
+    self.constants[output] = value.astype(np.float32)
+
+  def operator(self, op, kind: str, name: str) -> tuple[Op, dict]:
+    """The Op and its params (constants in JAX layouts; empty for an operator without constants)."""
     inputs = [int(i) for i in op.inputs]
-    for i in inputs:
-      if i >= 0 and i not in constants and (value := constant(i)) is not None:
-        constants[i] = value
-    if kind == "DEQUANTIZE":
-      source = constants.get(inputs[0])
-      quant = graph.tensors[inputs[0]].quantization
-      if source is None or source.dtype != np.float16 or (quant is not None and quant.scale is not None):
-        raise NotImplementedError(f"{path}: only DEQUANTIZE of float16 constants is supported "
-                                  f"(tensor {graph.tensors[inputs[0]].name!r})")
-      constants[int(op.outputs[0])] = source.astype(np.float32)
-      continue
-    name = f"{kind.lower()}_{counts.get(kind, 0)}"
-    counts[kind] = counts.get(kind, 0) + 1
     options = op.builtinOptions
     fields = dict(name=name, kind=kind, output=int(op.outputs[0]))
     if options is not None and hasattr(options, "fusedActivationFunction"):
-      fields["activation"] = act_names[options.fusedActivationFunction]
+      fields["activation"] = self.activation_names[options.fusedActivationFunction]
       if fields["activation"] not in _ACTIVATIONS:
-        raise NotImplementedError(f"{path}: fused activation {fields['activation']} of {name} is not supported")
+        raise NotImplementedError(f"{self.path}: fused activation {fields['activation']} of {name} is not supported")
+    params = {}
     if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
       x, kernel, bias = inputs
-      fields.update(strides=(options.strideH, options.strideW), padding=pad_names[options.padding],
+      fields.update(strides=(options.strideH, options.strideW), padding=self.padding_names[options.padding],
                     dilation=(options.dilationHFactor, options.dilationWFactor), inputs=(x,))
       # TFLite kernels: conv (O, H, W, I), depthwise (1, H, W, C * multiplier); both -> HWIO.
       layout = (1, 2, 3, 0) if kind == "CONV_2D" else (1, 2, 0, 3)
-      params[name] = {"kernel": np.transpose(constants[kernel], layout)}
-      if bias >= 0:
-        params[name]["bias"] = constants[bias]
+      params = self._kernel_and_bias(np.transpose(self.constant(kernel), layout), bias)
     elif kind == "FULLY_CONNECTED":
       x, kernel, bias = (inputs + [-1])[:3]
       fields.update(inputs=(x,), keep_dims=bool(options.keepNumDims))
-      params[name] = {"kernel": constants[kernel].T}  # (out, in) -> (in, out)
-      if bias >= 0:
-        params[name]["bias"] = constants[bias]
+      params = self._kernel_and_bias(self.constant(kernel).T, bias)  # (out, in) -> (in, out)
     elif kind == "MEAN":
-      fields.update(inputs=(inputs[0],), axes=tuple(int(a) for a in constants[inputs[1]].reshape(-1)),
+      fields.update(inputs=(inputs[0],), axes=tuple(int(a) for a in self.constant(inputs[1]).reshape(-1)),
                     keep_dims=bool(options.keepDims))
     else:  # ADD, LOGISTIC
-      if any(i in constants for i in inputs):
-        raise NotImplementedError(f"{path}: {kind} with a constant operand is not supported")
+      if any(self.constant(i) is not None for i in inputs):
+        raise NotImplementedError(f"{self.path}: {kind} with a constant operand is not supported")
       fields["inputs"] = tuple(inputs)
-    ops.append(Op(**fields))
+    return Op(**fields), params
 
-  program = Program(
-      ops=tuple(ops), inputs=tuple(int(i) for i in graph.inputs),
-      input_shapes=tuple(tuple(int(d) for d in graph.tensors[i].shape) for i in graph.inputs),
-      outputs=tuple(int(i) for i in graph.outputs),
-      output_names=tuple(graph.tensors[i].name.decode() for i in graph.outputs))
+  def _kernel_and_bias(self, kernel: np.ndarray, bias: int) -> dict:
+    return {"kernel": kernel} if bias < 0 else {"kernel": kernel, "bias": self.constant(bias)}
+
+  def program(self, ops: list[Op]) -> Program:
+    graph = self.graph
+    return Program(
+        ops=tuple(ops), inputs=tuple(int(i) for i in graph.inputs),
+        input_shapes=tuple(tuple(int(d) for d in graph.tensors[i].shape) for i in graph.inputs),
+        outputs=tuple(int(i) for i in graph.outputs),
+        output_names=tuple(graph.tensors[i].name.decode() for i in graph.outputs))
+
+
+def load_tflite(path: str | os.PathLike) -> TFLiteGraph:
+  """Parse a .tflite file into a `TFLiteGraph` (float32 params in JAX layouts: conv kernels HWIO)."""
+  reader = _FlatbufferReader(pathlib.Path(path))
+  ops, params, counts = [], {}, {}
+  for op in reader.graph.operators:
+    kind = reader.kind(op)
+    if kind == "DEQUANTIZE":
+      reader.fold_dequantize(int(op.inputs[0]), int(op.outputs[0]))
+      continue
+    name = f"{kind.lower()}_{counts.get(kind, 0)}"  # the n-th operator of its kind in the file
+    counts[kind] = counts.get(kind, 0) + 1
+    operator, operator_params = reader.operator(op, kind, name)
+    ops.append(operator)
+    if operator_params:
+      params[name] = operator_params
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-  return TFLiteGraph(params=params, program=program)
+  return TFLiteGraph(params=params, program=reader.program(ops))
 
 
 def _apply(op: Op, params: dict, args: list[jax.Array]) -> jax.Array:
