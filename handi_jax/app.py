@@ -6,7 +6,7 @@
 
 The page is a thin layer over `App.handle` (plain Python, tested without a browser): it writes the request's
 image and mask to <workdir>/app/inputs/<request id>/, sets config.generate.image / .prompt / .mask as
---mode=generate would be given them, and runs the same generate.Generator into <workdir>/app/<request id>/, so
+--mode=generate would be given them, and runs the same pipeline.Generator into <workdir>/app/<request id>/, so
 that folder holds exactly the files generate writes (video.mp4, video.gif, mask.png, flow.png, done.json and,
 when stage 1 ran, mask_video.mp4); the page offers it as a zip. The page's seed is config.seed, so the same
 inputs and seed give the same files as --mode=generate. The models load once (random ones again for a new seed,
@@ -31,7 +31,7 @@ import zipfile
 import numpy as np
 from absl import logging
 
-from handi_jax import fileio, generate, prompts
+from handi_jax import fileio, pipeline, prompts
 from handi_jax.data import demo_clips
 from handi_jax.media import files as media_files
 from handi_jax.media import hand_masks as masks_lib
@@ -71,12 +71,12 @@ class Response:
   folder: pathlib.Path         # exactly the files --mode=generate writes
   archive: pathlib.Path        # the folder as a zip, for the download
   mask_overlay: pathlib.Path   # the motion-area mask over the image, at the model size
-  result: generate.Result
+  result: pipeline.Result
   summary: str
 
 
 def random_components(config) -> list[str]:
-  """The models the config leaves randomly initialised (generate.load_stage_unet's fallback rule)."""
+  """The models the config leaves randomly initialised (pipeline.load_stage_unet's fallback rule)."""
   pretrained = config.model.pretrained
   release_unet = bool(pretrained) and (pathlib.Path(pretrained) / "unet").is_dir()
   named = {"VAE and text encoder": not pretrained, "stage-1 UNet": not config.generate.stage1_pretrained,
@@ -109,12 +109,12 @@ class App:
     # Random models show the machinery only: the smallest size answers soonest.
     self.default_size = next(iter(SIZES)) if self.random else own_size
     self.default_mask_source = STAGE1 if config.generate.stage1_pretrained else DRAWN
-    self.generator = generate.Generator(config, workdir)
+    self.generator = pipeline.Generator.from_config(config, workdir)
     self._ids = itertools.count(1)
     self._compiled = set()
 
-  def request_config(self, request: Request, inputs: dict):
-    """The config --mode=generate would run this request with."""
+  def request_config(self, request: Request):
+    """The sampling settings --mode=generate would run this request with (its inputs come as a Sample)."""
     config = copy.deepcopy(self.config)
     config.seed = int(request.seed)
     sampling = config.sampling
@@ -125,21 +125,18 @@ class App:
     sampling.target_area = area or sampling.target_area
     if area:
       sampling.height = sampling.width = 0
-    config.generate.update({"prompts_file": "", "image_dir": "", "mask_dir": "", "output_dir": "", "mask": "",
-                            **inputs})
     return config
 
   def handle(self, request: Request, progress=None) -> Response:
     """Run one request into <workdir>/app/<request id>/; AppError for a bad one. `progress(phase, done, total)`
-    as in generate.Generator.run."""
+    as in pipeline.Generator.run."""
     request_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._ids):04d}"
     start = time.time()
     logging.info("request %s: start (%r, mask %s, %d steps, seed %d)", request_id, request.prompt,
                  request.mask_source, request.steps, request.seed)
     try:
-      inputs = self._write_inputs(request, self.root / "inputs" / request_id)
-      config = self.request_config(request, inputs)
-      (sample,) = prompts.samples_from_config(config)
+      sample = self._write_inputs(request, self.root / "inputs" / request_id)
+      config = self.request_config(request)
       size = media_files.model_size(*media_files.load_image(sample.image).size, int(config.sampling.target_area),
                                  int(config.sampling.height), int(config.sampling.width))
     except (FileNotFoundError, ValueError) as e:   # AppError, or an input generate itself refuses
@@ -157,7 +154,7 @@ class App:
     if self.random and config.seed != self.generator.config.seed:
       # --mode=generate initialises random models from config.seed too: same seed, same files. The compiled
       # loops stay (one structure, one compilation).
-      self.generator = generate.Generator(config, self.workdir)
+      self.generator = pipeline.Generator.from_config(config, self.workdir)
     out = self.root / request_id
     result = self.generator.with_config(config).run(sample, out, "generate", report)
     self._compiled.add(compiled)
@@ -177,8 +174,9 @@ class App:
     logging.info("request %s: done in %.1f s", request_id, seconds)
     return Response(request_id, out, archive, overlay, result, summary)
 
-  def _write_inputs(self, request: Request, folder: pathlib.Path) -> dict:
-    """The request's image (and mask) as PNG files -> config.generate fields; AppError for a bad input."""
+  def _write_inputs(self, request: Request, folder: pathlib.Path) -> prompts.Sample:
+    """The request's image (and mask) as PNG files, kept with the outputs, and the sample that reads them (as
+    --mode=generate would with --image, --prompt, --mask); AppError for a bad input."""
     if request.image is None:
       raise AppError("No image: upload a photo or pick one of the examples.")
     if not request.prompt or not request.prompt.strip():
@@ -198,13 +196,10 @@ class App:
         raise AppError("The image is not an image file that can be read: upload a PNG or JPEG photo.") from e
     mask = self._mask(request, image.shape[:2])
     media_files.write_png(folder / "image.png", image)
-    fields = dict(image=str(folder / "image.png"), prompt=request.prompt)
     if isinstance(mask, np.ndarray):
       media_files.write_png(folder / "mask.png", mask.astype(np.uint8) * 255)
-      fields["mask"] = str(folder / "mask.png")
-    elif mask:
-      fields["mask"] = mask
-    return fields
+      mask = folder / "mask.png"
+    return prompts.Sample(0, "image", folder / "image.png", request.prompt, pathlib.Path(mask) if mask else None)
 
   def _mask(self, request: Request, shape: tuple[int, int]) -> np.ndarray | str | None:
     """The user's (H, W) bool mask, the prior mask's file, or None (stage 1 predicts it)."""
@@ -331,29 +326,18 @@ def launch(app: App, host: str, port: int, block: bool = True):
 
 
 def _main():
-  """`python -m handi_jax.app`: flags are defined here, not at import (handi_jax.main owns --config there)."""
-  from absl import app as absl_app
-  from absl import flags
-  from ml_collections import config_flags
+  """`python -m handi_jax.app`: serve the page until stopped."""
+  from handi_jax import command_line
 
-  config_flag = config_flags.DEFINE_config_file(
-      "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py"),
-      "Config file with optional variants (configs/stage2.py:paper); override fields with --config.<field>=..., "
-      "e.g. --config.model.pretrained=DIR (VAE, text encoder, tokenizer, scheduler, stage-2 UNet) and "
-      "--config.generate.stage1_pretrained=DIR. Without weights the models are random and the page says so.",
-      lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", "runs/app", "Outputs go to <workdir>/app/<request id>/.")
-  port_flag = flags.DEFINE_integer("port", 7860, "Port to serve the page on.")
-  host_flag = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 serves other machines too).")
+  def serve(config, workdir, port, host):
+    app = App(config, workdir)
+    print(f"starting the page at http://{host}:{port}/")  # the console shows no INFO lines
+    launch(app, host, port)
 
-  def main(argv):
-    if len(argv) > 1:
-      raise absl_app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    app = App(config_flag.value, workdir_flag.value)
-    logging.info("starting the page at http://%s:%d/", host_flag.value, port_flag.value)
-    launch(app, host_flag.value, port_flag.value)
-
-  absl_app.run(main)
+  command_line.run(
+      "app", (), "runs/app", "Outputs go to <workdir>/app/<request id>/.", serve,
+      options=(command_line.Option("port", 7860, "Port to serve the page on."),
+               command_line.Option("host", "127.0.0.1", "Address to listen on (0.0.0.0 serves other machines too).")))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from handi_jax import export, fileio, generate, train
+from handi_jax import export, fileio, generate, prompts, train
 from handi_jax.data import demo_clips
+from handi_jax.evaluation import during_training
 from handi_jax.media import files as media_files
 from handi_jax.media import hand_masks as masks
 
@@ -54,23 +55,25 @@ def run_demo(config, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   seconds = {}
   started = time.perf_counter()
-  if not config.data.dir:
-    with config.unlocked():
-      config.data.dir = str(demo_clips.write_demo_dataset(workdir / "demo_data", config, progress=True))
+  data_dir = config.data.dir or str(demo_clips.write_demo_dataset(workdir / "demo_data", config, progress=True))
+  # What a user would pass as flags, set once before any job runs: the data, and generation from this run's
+  # checkpoint at the size it trained at.
+  config = config.copy_and_resolve_references()
+  config.data.dir = data_dir
+  config.generate.stage2_pretrained = str(workdir)
+  config.sampling.height, config.sampling.width = config.data.height, config.data.width
   seconds["data"] = time.perf_counter() - started
 
   started = time.perf_counter()
-  train.train_and_evaluate(config, str(workdir))  # compiling the step is part of this phase
+  evaluators = during_training.evaluators_from_config(config, workdir)
+  train.train_and_evaluate(config, str(workdir), evaluators)  # compiling the step is part of this phase
   seconds["train"] = time.perf_counter() - started
 
   started = time.perf_counter()
   image, mask, clip, inside = _demo_sample(config, workdir)
   caption = clip["caption"]
-  with config.unlocked():
-    config.generate.update(image=str(image), mask=str(mask), prompt=caption, stage2_pretrained=str(workdir),
-                           output_dir=str(workdir / "generate"))
-    config.sampling.height, config.sampling.width = config.data.height, config.data.width
-  (sample_dir,) = generate.generate_from_config(config, str(workdir))
+  sample = prompts.Sample(0, image.stem, image, caption, mask)
+  (sample_dir,) = generate.generate_samples(config, str(workdir), [sample], workdir / "generate")
   # The mp4 as a viewer decodes it: its compression adds about 2 levels everywhere.
   distance = distance_inside_mask(media_files.read_video(sample_dir / "video.mp4"), clip["frames"], inside)
   seconds["generate"] = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """`--mode=export`: a run's models -> a diffusers pipeline directory `<workdir>/export/` that PyTorch loads.
 
 UNet: the latest training checkpoint in the workdir, else config.model.pretrained's, else the random
-initialisation training starts from (handi_jax.checkpoints decides, as for training and generation). VAE and
+initialisation training starts from (handi_jax.components decides, as for training and generation). VAE and
 text encoder: config.model.pretrained's, else the random ones training used. Tokenizer and scheduler: copied
 from config.model.pretrained, else the demo tokenizer and the config's DPM-Solver++ settings. The UNet is
 written in the release's keys when it is a HANDI UNet (conv_in2 + motion), else in stock diffusers keys.
@@ -13,7 +13,9 @@ import pathlib
 
 from absl import logging
 
-from handi_jax import checkpoints, tokenizers
+from handi_jax import tokenizers
+from handi_jax.components import frozen
+from handi_jax.components import unet as unet_lib
 from handi_jax.convert import pipeline
 
 
@@ -36,8 +38,8 @@ def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
   if pretrained is not None:
     pipeline.check_pipeline_dir(pretrained, "config.model.pretrained pipeline")
   source = workdir if (workdir / "checkpoints").is_dir() else pretrained
-  unet = checkpoints.load_unet(config, source, "the UNet to export")
-  vae, text_encoder, _ = checkpoints.load_frozen_components(config)
+  unet = unet_lib.load_unet(config, source, "the UNet to export")
+  vae, text_encoder, _ = frozen.load_vae_and_text_encoder(config)
 
   def demo_files(tmp: pathlib.Path):
     if not (tmp / "tokenizer").is_dir():

@@ -18,264 +18,34 @@ Per sample, in `output_dir/<image stem>/` (default output_dir: `<workdir>/genera
                          Farneback flow exceeds config.generate.flow_threshold px, as a heat map on the image
   done.json              written last: prompt, sizes, mask source, seconds
 
-Pipeline: the image is resized to about config.sampling.target_area pixels keeping its aspect ratio (sides
-multiples of 8, Lanczos; or config.sampling.height x width) and encoded to the context latent. Stage 1 samples
-the mask video conditioned on the prior mask (config.generate.prior_mask; all ones when empty, the release's
-no-mask rule), which is decoded and cleaned up (handi_jax.mask_cleanup) into the motion-area mask. Stage 2
-samples the RGB video conditioned on that mask (conv_in2), decodes it and, with
-config.sampling.replace_background (the paper's rule; off reproduces the release), replaces every pixel
-outside the mask by the context image. Sampling: DPM-Solver++ 2M (or DDIM), config.sampling.num_inference_steps
-steps, classifier-free guidance config.sampling.guidance_scale, all steps in one compiled loop
-(handi_jax.diffusion.guided_sampling).
-
-Models: VAE, text encoder, tokenizer and scheduler config from config.model.pretrained (a diffusers pipeline
-directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
-directory or a training workdir with checkpoints/; stage 2 falls back to <pretrained>/unet). Anything not
-given is randomly initialised from the (tiny) config, and a log line says so; without a pretrained directory
-the tokenizer is handi_jax.tokenizers.demo_tokenizer(), written into <workdir>/demo_tokenizer. All models
-come through handi_jax.checkpoints, as in training and export.
+The pipeline itself (sizes, stages, sampling, where the models come from) is handi_jax.pipeline.
 """
 
-import contextlib
-import copy
-import dataclasses
-import functools
-import itertools
-import json
 import pathlib
-import time
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import tqdm
 from absl import logging
-from flax import nnx
 
-from handi_jax import checkpoints, command_line, conditioning, fileio, mask_cleanup, prompts, tokenizers
-from handi_jax.diffusion import guided_sampling as video_sampling
-from handi_jax.diffusion import samplers, schedules
-from handi_jax.media import files as media_files
-from handi_jax.models import unet3d
-from handi_jax.models import vae as vae_lib
+from handi_jax import command_line, pipeline, prompts
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_text(graphdef, state, input_ids):
-  return nnx.merge(graphdef, state)(input_ids)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode_image(graphdef, state, image):
-  return vae_lib.encode_video(nnx.merge(graphdef, state), image[None, None])
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _decode(graphdef, state, latents, chunk_size):
-  return vae_lib.decode_video(nnx.merge(graphdef, state), latents, chunk_size)
-
-
-# The listener of the per-step host callback compiled into `_sample_video_reporting`: a callback cannot carry a
-# Python object, so the loop reports to whoever listens now (runs that report progress are sequential).
-_step_listeners = []
-
-
-def _step_done(_):
-  for listener in _step_listeners:
-    listener()
-
-
-@contextlib.contextmanager
-def _listening(report, total: int):
-  """Calls report(done, total) after each sampling step while the block runs."""
-  count = itertools.count(1)
-  listener = lambda: report(next(count), total)
-  _step_listeners.append(listener)
-  try:
-    yield
-  finally:
-    _step_listeners.remove(listener)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_frames", "init"))
-def _sample_video_reporting(graphdef, state, plan, context_latent, text, uncond_text, mask, motion, guidance_scale,
-                            key, num_frames: int, init: str):
-  """video.sample_video_jit with a host callback after each step's UNet call (one per step), so that a caller
-  of Generator.run sees the steps go by; the loop is still one compiled scan."""
-  unet = nnx.merge(graphdef, state)
-
-  def reporting_unet(*args, **kwargs):
-    out = unet(*args, **kwargs)
-    jax.debug.callback(_step_done, out[(0,) * out.ndim])  # depends on the output: runs after the step
-    return out
-
-  return video_sampling.sample_video(reporting_unet, plan, context_latent, text, uncond_text, mask, motion,
-                                     guidance_scale, key, num_frames, init)
-
-
-def sampling_plan(config):
-  """(settings, plan) of config.sampling, with the scheduler config of config.model.pretrained if it has one."""
-  root = pathlib.Path(config.model.pretrained) if config.model.pretrained else None
-  scheduler_file = config.sampling.scheduler_config or (
-      root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
-  scheduler_json = samplers.read_scheduler_config(scheduler_file) if scheduler_file else None
-  settings, diffusion = samplers.settings_from_config(config, scheduler_json)
-  plan = samplers.make_plan(settings, schedules.make_schedule(ml_collections.ConfigDict(diffusion)))
-  logging.info("sampler %s, %d steps, timesteps %s", settings.sampler, plan.num_steps,
-               np.asarray(plan.timesteps).tolist())
-  return settings, plan
-
-
-def load_stage_unet(config, stage: int) -> unet3d.UNet3DConditionModel:
-  """The stage-1 or stage-2 UNet config.generate names (see the module docstring), or a random one."""
-  source = config.generate.stage1_pretrained if stage == 1 else config.generate.stage2_pretrained
-  release_unet = pathlib.Path(config.model.pretrained) / "unet" if config.model.pretrained else None
-  if not source and stage == 2 and release_unet is not None and release_unet.is_dir():
-    source = str(release_unet)
-  return checkpoints.load_unet(config, source, f"the stage-{stage} UNet")
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-  frames: np.ndarray | None   # (F, H, W, 3) uint8 as written (None in predict_masks mode)
-  mask: np.ndarray            # (H, W) bool motion-area mask
-  context: np.ndarray         # (H, W, 3) uint8 context image at the model size
-  record: dict                # what done.json holds
-
-
-def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, replace_background: bool):
-  """Decoded frames (F, H, W, 3) in [-1, 1] -> uint8 video: frame 0 is the context image itself (the slot the
-  model reconstructs), and with `replace_background` every pixel outside the (H, W) mask is the context's."""
-  frames = np.array(generated, np.float32)
-  frames[0] = context
-  if replace_background:
-    frames = np.where(mask[None, :, :, None], frames, context[None])
-  return media_files.to_uint8(frames)
-
-
-class Generator:
-  """The models and the sampling plan, loaded once; `run` produces one sample's outputs."""
-
-  def __init__(self, config, workdir: str | pathlib.Path):
-    self.config = config
-    self.workdir = pathlib.Path(workdir)
-    vae, text_encoder, self.tokenizer = checkpoints.load_frozen_components(config, self.workdir / "demo_tokenizer")
-    self.vae = video_sampling.canonical_split(vae)
-    self.text_encoder = video_sampling.canonical_split(text_encoder)
-
-    self.settings, self.plan = sampling_plan(config)
-    self.uncond = self._text(config.sampling.negative_prompt)
-    self._unets = {}
-
-  def with_config(self, config) -> "Generator":
-    """These loaded models under another config's sampling and generate fields (steps, guidance, motion strength,
-    seed, size): the app changes those per request without loading or compiling the models again. Randomly
-    initialised models and the negative prompt stay those of the config this generator was made with."""
-    other = copy.copy(self)
-    other.config = config
-    other.settings, other.plan = sampling_plan(config)
-    other.unet = self.unet  # UNets load lazily, once, from this generator's config
-    return other
-
-  def unet(self, stage: int):
-    """(graphdef, state) of a stage's UNet, loaded on first use."""
-    if stage not in self._unets:
-      self._unets[stage] = video_sampling.canonical_split(load_stage_unet(self.config, stage))
-    return self._unets[stage]
-
-  def _text(self, prompt: str) -> jax.Array:
-    ids = jnp.asarray(tokenizers.tokenize(self.tokenizer, [prompt]))
-    return _encode_text(self.text_encoder[0], self.text_encoder[1], ids)
-
-  def _sample(self, stage: int, context_latent, text, latent_mask, key, progress=None) -> np.ndarray:
-    """One stage: sample the latent video and decode it -> (F, H, W, 3) float32 in about [-1, 1]."""
-    config = self.config
-    motion = jnp.array([config.sampling.motion_strength], jnp.float32) if config.model.unet.motion_strength else None
-    graphdef, state = self.unet(stage)
-    args = (graphdef, state, self.plan, context_latent, text, self.uncond, latent_mask, motion,
-            jnp.float32(config.sampling.guidance_scale), key)
-    options = dict(num_frames=int(config.data.num_frames), init=config.sampling.init)
-    if progress is None:
-      latents = video_sampling.sample_video_jit(*args, **options)
-    else:
-      progress(f"stage {stage}", 0, self.plan.num_steps)
-      with _listening(functools.partial(progress, f"stage {stage}"), self.plan.num_steps):
-        latents = _sample_video_reporting(*args, **options).block_until_ready()
-    frames = _decode(self.vae[0], self.vae[1], latents, int(config.model.frame_chunk))
-    return np.asarray(frames[0], np.float32)
-
-  def run(self, sample: prompts.Sample, out_dir: pathlib.Path, mode: str = "generate", progress=None) -> "Result":
-    """All outputs of one sample into out_dir (`mode` "predict_masks" stops after the mask). `progress`, if
-    given, is called as progress(phase, done, total): "encoding", "stage 1" / "stage 2" per sampling step,
-    "clean-up", "writing files"."""
-    config = self.config
-    report = progress or (lambda phase, done, total: None)
-    report("encoding", 0, 1)
-    start = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = jax.random.fold_in(jax.random.key(config.seed), sample.index)
-    stage1_key, stage2_key = jax.random.split(key)
-    image = media_files.load_image(sample.image)
-    height, width = media_files.model_size(image.width, image.height, int(config.sampling.target_area),
-                                        int(config.sampling.height), int(config.sampling.width))
-    pixels = media_files.image_to_model_input(image, height, width)
-    context_latent = _encode_image(self.vae[0], self.vae[1], jnp.asarray(pixels))
-    text = self._text(sample.prompt)
-    record = dict(prompt=sample.prompt, image=str(sample.image), height=height, width=width,
-                  sampler=self.settings.sampler, steps=self.plan.num_steps,
-                  guidance_scale=float(config.sampling.guidance_scale))
-
-    if sample.mask is not None:
-      mask = media_files.load_mask(sample.mask, height, width, binary=True) > 0
-      record["mask_source"] = str(sample.mask)
-    else:
-      prior = (media_files.load_mask(config.generate.prior_mask, height, width, binary=False)
-               if config.generate.prior_mask else np.ones((height, width), np.float32))
-      mask_frames = self._sample(1, context_latent, text, self._latent_mask(prior), stage1_key, progress)
-      report("clean-up", 0, 1)
-      mask = mask_cleanup.clean_mask_video_from_config(mask_frames[1:], config.mask_cleanup)
-      media_files.write_mp4(out_dir / "mask_video.mp4", media_files.to_uint8(mask_frames), config.generate.fps)
-      record["mask_source"] = "stage 1"
-      if not mask.any():
-        logging.warning("sample %s: the stage-1 mask is empty after clean-up", sample.name)
-    media_files.write_png(out_dir / "mask.png", mask.astype(np.uint8) * 255)
-    record["mask_fraction"] = float(mask.mean())
-
-    frames = None
-    if mode == "generate":
-      generated = self._sample(2, context_latent, text, self._latent_mask(mask.astype(np.float32)), stage2_key,
-                               progress)
-      report("writing files", 0, 1)
-      frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background))
-      media_files.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
-      media_files.write_gif(out_dir / "video.gif", frames, config.generate.fps)
-      flow = media_files.motion_flow_map(frames, float(config.generate.flow_threshold))
-      media_files.write_png(out_dir / "flow.png", media_files.flow_heatmap(frames[0], flow))
-      record["mean_flow"] = float(flow.mean())
-    record["seconds"] = round(time.time() - start, 2)
-    done = out_dir / prompts.DONE_FILE[mode]
-    fileio.write_text(done, json.dumps(record, indent=2) + "\n")
-    return Result(frames=frames, mask=mask, context=media_files.to_uint8(pixels), record=record)
-
-  @staticmethod
-  def _latent_mask(pixel_mask: np.ndarray) -> jax.Array:
-    """(H, W) pixel mask -> (1, h, w, 1) latent-grid mask, soft edges kept as in the release's inference."""
-    return conditioning.latent_mask(jnp.asarray(pixel_mask, jnp.float32)[None, :, :, None], threshold=None)
-
-
-def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
-  samples = prompts.samples_from_config(config)
-  default_dir = "generate" if mode == "generate" else "masks"
-  out_root = pathlib.Path(config.generate.output_dir or pathlib.Path(workdir) / default_dir)
+def generate_samples(config, workdir, samples: list[prompts.Sample], out_root: pathlib.Path,
+                     mode: str = "generate") -> list[pathlib.Path]:
+  """Every sample not yet done into out_root/<sample name>/ with config's models; returns the output folders."""
   todo = [s for s in samples if not (out_root / s.name / prompts.DONE_FILE[mode]).is_file()]
   if len(todo) < len(samples):
     logging.info("resuming: %d of %d samples already done in %s", len(samples) - len(todo), len(samples), out_root)
   if todo:
-    generator = Generator(config, workdir)
+    generator = pipeline.Generator.from_config(config, workdir)
     for sample in tqdm.tqdm(todo, desc=mode, unit="sample"):
       generator.run(sample, out_root / sample.name, mode)
   return [out_root / s.name for s in samples]
+
+
+def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
+  default_dir = "generate" if mode == "generate" else "masks"
+  out_root = pathlib.Path(config.generate.output_dir or pathlib.Path(workdir) / default_dir)
+  return generate_samples(config, workdir, prompts.samples_from_config(config), out_root, mode)
 
 
 def generate_from_config(config, workdir) -> list[pathlib.Path]:

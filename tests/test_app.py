@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 
 from configs import common
 from handi_jax import app as app_lib
-from handi_jax import generate
+from handi_jax import generate, pipeline
 from handi_jax.media import files as media_files
 from tests.conftest import REPO_ROOT
 
@@ -162,7 +162,7 @@ def test_two_clients_at_once_queue_one_after_the_other(app, example, server, cap
 
   image, prompt, mask = example
   client = Client(server, verbose=False)
-  compiled_before = generate._sample_video_reporting._cache_size()
+  compiled_before = pipeline._sample_video_reporting._cache_size()
   with caplog.at_level(logging.INFO):
     jobs = [client.submit({"background": handle_file(image), "layers": [], "composite": None}, prompt,
                           app_lib.UPLOADED, handle_file(mask), 3.0, STEPS, 9.0, 7, SMALL, api_name="/generate_video")
@@ -177,7 +177,7 @@ def test_two_clients_at_once_queue_one_after_the_other(app, example, server, cap
   for name in ("mask.png", "flow.png", "video.gif"):
     assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
   np.testing.assert_array_equal(*(media_files.read_video(result[0]) for result in results))   # the served mp4s
-  assert generate._sample_video_reporting._cache_size() - compiled_before <= 1   # one size: one compilation
+  assert pipeline._sample_video_reporting._cache_size() - compiled_before <= 1   # one size: one compilation
 
 
 def _free_port() -> int:

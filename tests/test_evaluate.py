@@ -10,7 +10,7 @@ import pytest
 from configs import common
 from handi_jax import evaluate, tokenizers
 from handi_jax.convert import clip as convert_clip
-from handi_jax.evaluation import extractors, metrics
+from handi_jax.evaluation import extractors, metrics, scoring
 from handi_jax.media import files as media_files
 
 TOLERANCE = 1e-5
@@ -179,7 +179,7 @@ class _StandIn:
 
 
 def _scope_result(gen, gt):
-  return evaluate.ScopeResult(dict(hs_err=0.0), None, None,
+  return scoring.ScopeResult(dict(hs_err=0.0), None, None,
                               dict(inception=_mean_colour(gen), i3d=_mean_colour(gen.reshape(1, -1, 1, 3))),
                               dict(inception=_mean_colour(gt), i3d=_mean_colour(gt.reshape(1, -1, 1, 3))))
 
@@ -189,37 +189,44 @@ def test_fid_and_fvd_use_the_configured_extractors():
   clips = {name: rng.integers(0, 256, (4, 8, 8, 3), np.uint8) for name in "abc"}
   results = {name: {"full": _scope_result(gt, gt), "ma": None} for name, gt in clips.items()}
   configured = extractors.Extractors(inception=_StandIn(), i3d=_StandIn())
-  summary = evaluate.aggregate(results, list("abc"), configured)
+  summary = scoring.aggregate(results, list("abc"), configured)
   assert summary["full"]["fid"] == pytest.approx(0.0, abs=1e-9)
   assert summary["full"]["fvd"] == pytest.approx(0.0, abs=1e-9)
   assert summary["full"]["clip_gt"] == "not configured" and summary["ma"]["clips"] == 0
   assert np.isnan(summary["ma"]["fid"])
   results["a"]["full"] = _scope_result(clips["a"] // 2, clips["a"])
-  assert evaluate.aggregate(results, list("abc"), configured)["full"]["fid"] > 1
+  assert scoring.aggregate(results, list("abc"), configured)["full"]["fid"] > 1
 
 
 def test_training_scalars_keep_only_numbers():
   summary = {"all": {"full": dict(clips=3, hs_err=0.01, fid="not configured", clip_gt=float("nan"))},
              "motion_intensive": {"ma": dict(clips=1, hs_err=0.02)}}
-  assert evaluate.training_scalars(summary) == {
+  assert scoring.training_scalars(summary) == {
       "eval/all/full/clips": 3.0, "eval/all/full/hs_err": 0.01,
       "eval/motion_intensive/ma/clips": 1.0, "eval/motion_intensive/ma/hs_err": 0.02}
 
 
 @pytest.mark.slow
-def test_the_training_hook_evaluates_the_latest_checkpoint_on_a_tfrecord_split(tmp_path):
-  """Train stage 2 one step on the demo data, then evaluate_checkpoint on two clips of that TFRecord split."""
+def test_the_training_evaluator_scores_the_trained_unet_on_a_tfrecord_split(tmp_path):
+  """Train stage 2 one step on the demo data with the config's evaluator: it generates two clips of that TFRecord
+  split with the UNet in memory and scores them."""
   from handi_jax import train
   from handi_jax.data import demo_clips
+  from handi_jax.evaluation import during_training
   from tests.helpers import tiny_train_config
 
   config = tiny_train_config(stage=2, steps=1)
   config.data.dir = str(demo_clips.write_demo_dataset(tmp_path / "data", config))
-  train.train_and_evaluate(config, str(tmp_path / "run"))
   config.sampling.update(height=32, width=32, num_inference_steps=2)
   config.evaluate.update(data_dir=config.data.dir, split=config.data.split, max_clips=2)
-  scalars = evaluate.evaluate_checkpoint(config, str(tmp_path / "run"), step=1)
+  config.train.eval_every = 1
+  (evaluator,) = during_training.evaluators_from_config(config, tmp_path / "run")
+  results = []
+  recording = lambda *args: results.append(evaluator(*args)) or results[-1]
+  train.train_and_evaluate(config, str(tmp_path / "run"), [recording])
+  ((scalars, images),) = results
   assert scalars["eval/all/full/clips"] == 2.0 and "eval/all/full/hs_err" in scalars
+  assert images["eval/contact_generated"].ndim == 4
   assert (tmp_path / "run" / "eval" / "step_1" / "report.md").is_file()
 
 
@@ -233,8 +240,8 @@ class ConstantScorer:
 def test_egovlp_and_blip_plug_in_by_module_and_factory():
   config = common.get_config(2)
   config.evaluate.egovlp = "tests.test_evaluate:ConstantScorer"
-  found = evaluate.extractors_from_config(config)
+  found = scoring.extractors_from_config(config)
   assert found.egovlp.score(None, None) == 0.5 and found.blip is None and found.clip is None
   config.evaluate.blip = "blip_without_a_factory"
   with pytest.raises(ValueError, match="package.module:factory"):
-    evaluate.extractors_from_config(config)
+    scoring.extractors_from_config(config)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import common
-from handi_jax import generate, prompts, tokenizers
+from handi_jax import generate, pipeline, prompts, tokenizers
 from handi_jax.convert import core
 from handi_jax.diffusion import guided_sampling as video_sampling
 from handi_jax.media import files as media_files
@@ -60,7 +60,7 @@ def test_demo_tokenizer_is_byte_level_clip():
 def test_stage1_cleanup_stage2_writes_all_outputs(tmp_path, shared_data):
   prompt = _prompts(shared_data)[0]["prompt"]
   config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt=prompt)
-  generator = generate.Generator(config, tmp_path)
+  generator = pipeline.Generator.from_config(config, tmp_path)
   compiled_before = video_sampling.sample_video_jit._cache_size()
   result = generator.run(prompts.samples_from_config(config)[0], tmp_path / "out" / "1")
   out = tmp_path / "out" / "1"
@@ -84,7 +84,7 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   frames_dir = shared_data / "ek_frames"
   config = _config(tmp_path, prompts_file=str(frames_dir / "prompt.json"), image_dir=str(frames_dir),
                    mask_dir=str(frames_dir))
-  real_run = generate.Generator.run
+  real_run = pipeline.Generator.run
   calls = []
 
   def interrupted_run(self, sample, out_dir, mode="generate"):
@@ -93,7 +93,7 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
     calls.append(sample.name)
     return real_run(self, sample, out_dir, mode)
 
-  monkeypatch.setattr(generate.Generator, "run", interrupted_run)
+  monkeypatch.setattr(pipeline.Generator, "run", interrupted_run)
   with pytest.raises(KeyboardInterrupt):
     generate.generate_from_config(config, tmp_path)
   out = tmp_path / "out"
@@ -101,7 +101,7 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   finished = {name: (out / name / "done.json").stat().st_mtime_ns for name in ("1", "2")}
 
   results = []
-  monkeypatch.setattr(generate.Generator, "run",
+  monkeypatch.setattr(pipeline.Generator, "run",
                       lambda self, sample, out_dir, mode="generate": results.append(
                           real_run(self, sample, out_dir, mode)) or results[-1])
   folders = generate.generate_from_config(config, tmp_path)
@@ -116,7 +116,7 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
     assert not (out / pathlib.Path(result.record["image"]).stem / "mask_video.mp4").exists()  # no stage 1 ran
   assert media_files.read_video(out / "5" / "video.gif").shape == (FRAMES, HEIGHT, WIDTH, 3)
   # A finished batch is all skipped: no models are even loaded.
-  monkeypatch.setattr(generate, "Generator", None)
+  monkeypatch.setattr(pipeline, "Generator", None)
   assert len(generate.generate_from_config(config, tmp_path)) == 5
 
 
@@ -152,7 +152,7 @@ def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, shared_d
   config = _config(tmp_path, image=str(shared_data / "ek_frames" / "1.png"), prompt="cut",
                    stage1_pretrained=str(tmp_path / "unet"))
   with pytest.raises(core.CheckpointMismatchError, match="(?s)stage-1 UNet .* block_out_channels"):
-    generate.load_stage_unet(config, 1)
+    pipeline.load_stage_unet(config, 1)
 
 
 @pytest.mark.slow

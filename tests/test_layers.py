@@ -156,9 +156,9 @@ def test_handi_jax_never_imports_data_prep():
 def test_the_checks_catch_a_job_importing_a_job_and_a_two_way_package_tie():
   graph = {"handi_jax.train": {"handi_jax.evaluate", "handi_jax.evaluation.runs"},
            "handi_jax.main": {"handi_jax.train"}, "handi_jax.demo": {"handi_jax.generate"},
-           "handi_jax.evaluate": {"data_prep.clips"}, "data_prep.build": {"handi_jax.data.writer"}}
+           "handi_jax.pipeline": {"data_prep.clips"}, "data_prep.build": {"handi_jax.data.writer"}}
   assert jobs_importing_jobs(graph) == [
       "handi_jax.train (job handi_jax.train) imports handi_jax.evaluate (job handi_jax.evaluate)"]
-  assert imports_against_the_package_direction(graph) == ["handi_jax.evaluate imports data_prep.clips"]
+  assert imports_against_the_package_direction(graph) == ["handi_jax.pipeline imports data_prep.clips"]
   assert job_of("handi_jax.compile_report.programs") == "handi_jax.compile_report"
   assert job_of("handi_jax.components.frozen") is None

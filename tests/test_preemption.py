@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from handi_jax import checkpoints, sharding, train, train_state
+from handi_jax import sharding, train
+from handi_jax.components import train_state
+from handi_jax.components import unet as unet_lib
 from handi_jax.data import demo_clips
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_train_config
@@ -235,7 +237,7 @@ _RESTORE_ON_4 = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from handi_jax import checkpoints, sharding, train_state
+    from handi_jax import sharding
     from tests.helpers import tiny_train_config
 
     workdir, out = sys.argv[1:3]
@@ -243,11 +245,11 @@ _RESTORE_ON_4 = textwrap.dedent("""
     config.mesh.update(data=2, fsdp=2, tensor=1)
     config.sharding_min_size = 0
     mesh = sharding.make_mesh(config)
-    unet = nnx.eval_shape(lambda: checkpoints.build_unet(config))
+    unet = nnx.eval_shape(lambda: unet_lib.build_unet(config))
     _, params, frozen_params, _ = train_state.split_unet(unet, config)
     shapes = jax.eval_shape(lambda p, f: train_state.initial_state(config, p, f), params, frozen_params)
     shardings = train_state.state_shardings(shapes, mesh, config.sharding_rules, config.sharding_min_size)
-    target = train_state.abstract_state(shapes, shardings)
+    target = components_common.with_shardings(shapes, shardings)
     state, data = train_state.restore_checkpoint(train_state.checkpoint_manager(config, workdir), 3, target)
     leaves, targets = jax.tree.leaves(state), jax.tree.leaves(target)
     np.savez(out + "/restored.npz", *[np.asarray(x) for x in leaves])
@@ -265,7 +267,7 @@ def test_checkpoint_of_8_devices_restores_onto_4_with_another_mesh(tmp_path):
   config.mesh.update(data=1, fsdp=8, tensor=1)
   config.sharding_min_size = 0  # shard the tiny model's arrays too
   mesh = sharding.make_mesh(config)
-  _, params, frozen_params, _ = train_state.split_unet(checkpoints.build_unet(config), config)
+  _, params, frozen_params, _ = train_state.split_unet(unet_lib.build_unet(config), config)
   shapes = jax.eval_shape(lambda p, f: train_state.initial_state(config, p, f), params, frozen_params)
   optimizer = train_state.make_optimizer(config)
 

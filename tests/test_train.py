@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
 from configs import common
-from handi_jax import checkpoints, conditioning, train, train_state
+from handi_jax import conditioning, train, train_step
+from handi_jax.components import frozen as frozen_lib
+from handi_jax.components import train_state
+from handi_jax.components import unet as unet_lib
 from handi_jax.data import demo_clips
 from handi_jax.diffusion import schedules
 from handi_jax.hand_landmarks import crops as hand_crops
@@ -24,7 +26,7 @@ def test_release_trainable_subset_matches_the_release_rule():
   config = common.get_config(2, "paper")
   config.train.trainable = "release"
   config.model.unet.in_channels = 5  # as the release's checkpoints are saved
-  unet = nnx.eval_shape(lambda: checkpoints.build_unet(config))
+  unet = nnx.eval_shape(lambda: unet_lib.build_unet(config))
   _, trainable, frozen, _ = train_state.split_unet(unet, config)
   count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
   # reference_spec.md 3.3: 643,846,976 of 1,413,404,420 parameters are trainable.
@@ -43,26 +45,30 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
   caplog.set_level(logging.INFO)
   config = tiny_train_config(stage=stage, steps=2)
   config.data.dir = demo_dir
-  # Evaluation during training (its metrics are tested in test_evaluate.py): called at step 2 with the
-  # checkpoint of step 2 already on disk; its scalars and contact sheets reach the metric writer.
+  # Evaluation during training (its metrics are tested in test_evaluate.py): the evaluator training is given runs
+  # at step 2 with the UNet being trained (eval mode, the train state's weights) and the checkpoint of step 2 on
+  # disk; its scalars and images reach the metric writer.
   config.train.eval_every = 2
   evaluated = []
 
-  def fake_evaluate_checkpoint(config, workdir, step):
-    evaluated.append((step, train_state.checkpoint_manager(config, workdir).latest_step()))
-    (workdir / "eval" / f"step_{step}").mkdir(parents=True)
-    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(workdir / "eval" / f"step_{step}" / "contact_generated.png")
-    return {"eval/all/full/hs_err": 0.5}
+  def evaluator(step, unet, frozen, tokenizer):
+    params = jax.tree.leaves(nnx.state(unet, nnx.Param))
+    dropouts = [m for _, m in nnx.iter_graph(unet) if isinstance(m, nnx.Dropout)]
+    eval_mode = bool(dropouts) and all(d.deterministic for d in dropouts)
+    evaluated.append((step, train_state.checkpoint_manager(config, tmp_path).latest_step(), eval_mode, params))
+    return {"eval/all/full/hs_err": 0.5}, {"eval/contact_generated": np.zeros((1, 4, 6, 3), np.uint8)}
 
   writers = []
   create_writer = train.metric_writers.create_default_writer
-  monkeypatch.setattr(train.evaluate, "evaluate_checkpoint", fake_evaluate_checkpoint)
   monkeypatch.setattr(train.metric_writers, "create_default_writer",
                       lambda *a, **k: writers.append(mock.MagicMock(wraps=create_writer(*a, **k))) or writers[-1])
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train_and_evaluate(config, str(tmp_path), [evaluator])
   assert int(state.step) == 2
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
-  assert evaluated == [(2, 2)]
+  ((step, on_disk, eval_mode, params),) = evaluated
+  assert (step, on_disk, eval_mode) == (2, 2, True)
+  for a, b in zip(params, jax.tree.leaves(state.params), strict=True):  # the step's weights, not a copy from disk
+    assert a is b or np.array_equal(a, b)
   writers[0].write_scalars.assert_any_call(2, {"eval/all/full/hs_err": 0.5})
   ((step, images), _), = writers[0].write_images.call_args_list
   assert step == 2 and list(images) == ["eval/contact_generated"] and images["eval/contact_generated"].shape == (
@@ -93,15 +99,15 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
   # Run again when already finished (a second `make demo`): the checkpoint's state, and no model initialised.
-  for name in ("create_train_state", "load_frozen_models"):
-    monkeypatch.setattr(train, name, lambda *args, name=name: pytest.fail(f"{name} with nothing to train"))
+  for module, name in ((train_state, "create_train_state"), (frozen_lib, "load_frozen_models")):
+    monkeypatch.setattr(module, name, lambda *args, name=name, **kw: pytest.fail(f"{name} with nothing to train"))
   again = train.train_and_evaluate(config, str(tmp_path))
   assert int(again.step) == 4 and "nothing to train" in caplog.text
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   # The checkpointed UNet loads for generation and export with exactly the trained parameters.
-  unet = checkpoints.restore_unet(config, str(tmp_path))
+  unet = unet_lib.restore_unet(config, str(tmp_path))
   restored = nnx.state(unet, nnx.Param)
   assert not jax.tree.leaves(resumed.frozen_params)  # trainable = "all"
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(resumed.params)), strict=True):
@@ -109,7 +115,7 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
 
 
 # ---------------------------------------------------------------------------------------------------
-# The real train step (train.make_train_step) with its pixel losses, on a one-conv stand-in for the UNet so
+# The real train step (train_step.make_train_step) with its pixel losses, on a one-conv stand-in for the UNet so
 # that it compiles in seconds: the VAE, text encoder and MediaPipe landmark network are the real ones.
 
 class ConvDenoiser(nnx.Module):
@@ -153,8 +159,8 @@ def _run_step(config, batches):
   (The first step's learning rate is 0 during warm-up: the gradient shows in metrics["grad_norm"].)"""
   graphdef, params, frozen_params, rng_state = train_state.split_unet(ConvDenoiser(nnx.Rngs(0)), config)
   state = train_state.initial_state(config, params, frozen_params)
-  frozen, _ = train.load_frozen_models(config)
-  step = jax.jit(train.make_train_step(config, graphdef))
+  frozen, _ = frozen_lib.load_frozen_models(config)
+  step = jax.jit(train_step.make_train_step(config, graphdef))
   outputs = []
   for batch in batches:
     new_state, metrics = step(state, rng_state, frozen, batch, jax.random.key(7))
@@ -197,7 +203,7 @@ def test_train_step_regresses_the_configured_target(prediction_type):
 
   # The step's randomness, reproduced: its key folded with step 0, then split for t and the noise.
   t_key, noise_key, _, _ = jax.random.split(jax.random.fold_in(jax.random.key(7), 0), 4)
-  frozen, _ = train.load_frozen_models(config)
+  frozen, _ = frozen_lib.load_frozen_models(config)
   vae = nnx.merge(frozen.vae_graphdef, frozen.vae)
   latents = vae_lib.encode_video(vae, batch["frames"])
   latents = conditioning.freeze_background(latents, conditioning.latent_mask(batch["mask"]))

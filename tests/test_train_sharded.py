@@ -1,4 +1,4 @@
-"""The real train step laid out as training lays it out (train.jit_train_step: state, frozen models and batch
+"""The real train step laid out as training lays it out (train_step.jit_train_step: state, frozen models and batch
 sharded over a data x fsdp mesh) equals the same step on one device, under jax.transfer_guard("disallow");
 the frozen models in their compute dtype and their per-device bytes on the hardware variants' meshes."""
 
@@ -16,6 +16,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from configs import common
+from handi_jax import train_step
+from handi_jax.components import frozen as frozen_lib
+from handi_jax.components import train_state
+from handi_jax.components import unet as unet_lib
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_train_config
 
@@ -87,28 +91,28 @@ def compare_sharded_and_single_device_step(stage: int, stand_ins: bool) -> dict:
 
   Runs in a child process with 8 CPU devices (test_sharded_train_step_equals_single_device_step).
   """
-  from handi_jax import sharding, train
+  from handi_jax import sharding
 
   config = tiny_train_config(stage=stage, steps=1)
   config.mesh.update(SHARDED_MESH)
   config.loss.update(alpha_miou=0.1, eta_hand=0.1, miou_frames=1, hand_frames=1)
-  if stand_ins:  # built where create_train_state and load_frozen_models would load the real ones
-    train.checkpoints.load_unet = lambda config, *_: TextConvDenoiser(config, nnx.Rngs(0))
-    train.landmarks_lib.load_hand_landmark_params = tiny_landmark_graph
+  unet = TextConvDenoiser(config, nnx.Rngs(0)) if stand_ins else unet_lib.build_unet(config)
+  if stand_ins:  # the landmark network is replaced where load_frozen_models would load the real one
+    frozen_lib.landmarks_lib.load_hand_landmark_params = tiny_landmark_graph
     config.loss.update(remat_decoder=False, remat_landmarks=False)  # the same values, a quarter less compile time
   config.sharding_min_size = 256  # tiny models: conv kernels and embeddings split, biases and norms whole
   mesh = sharding.make_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   with mesh:
-    state, graphdef, rng_state, state_sh = train.create_train_state(config, mesh)
-    frozen, frozen_sh, _ = train.place_frozen_models(config, mesh)
+    state, graphdef, rng_state, state_sh = train_state.create_train_state(config, mesh, unet)
+    frozen, frozen_sh, _ = frozen_lib.place_frozen_models(config, mesh)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in _batch(config).items()}
     key = jax.device_put(jax.random.key(7), replicated)
     one = jax.devices()[0]
     single_args = jax.device_put((state, rng_state, frozen, batch, key), one)  # copies: `state` is donated below
-    sharded_step = train.jit_train_step(config, mesh, graphdef, state_sh, frozen_sh).lower(
+    sharded_step = train_step.jit_train_step(config, mesh, graphdef, state_sh, frozen_sh).lower(
         state, rng_state, frozen, batch, key)
-    single_step = jax.jit(train.make_train_step(config, graphdef)).lower(*single_args)
+    single_step = jax.jit(train_step.make_train_step(config, graphdef)).lower(*single_args)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles outside the GIL: both cores
       sharded_step, single_step = pool.map(lambda lowered: lowered.compile(), (sharded_step, single_step))
     split = dict(frozen=sum(map(_is_split, jax.tree.leaves(frozen))), unet=sum(map(_is_split, jax.tree.leaves(state))),
@@ -172,12 +176,11 @@ def test_sharded_train_step_equals_single_device_step(stand_ins):
 
 def test_frozen_weights_in_compute_dtype_compute_the_same():
   """bf16 compute: kernels and embeddings stored in bf16, norms in fp32, and the layers' outputs unchanged."""
-  from handi_jax import checkpoints, train
 
   config = tiny_train_config(stage=1)
   config.model.dtype = "bfloat16"
-  frozen, _ = train.load_frozen_models(config)
-  vae, text_encoder, _ = checkpoints.load_frozen_components(config)  # the same weights, as loaded
+  frozen, _ = frozen_lib.load_frozen_models(config)
+  vae, text_encoder, _ = frozen_lib.load_vae_and_text_encoder(config)  # the same weights, as loaded
   dtypes = {"/".join(map(str, p)): v.value.dtype for p, v in nnx.to_flat_state(frozen.text_encoder)}
   assert dtypes["text_model/embeddings/token_embedding/embedding"] == jnp.bfloat16
   assert dtypes["text_model/encoder/layers/0/mlp/fc1/kernel"] == jnp.bfloat16
@@ -198,13 +201,13 @@ def test_frozen_weights_in_compute_dtype_compute_the_same():
 def test_full_size_frozen_models_per_device_bytes(variant, fsdp):
   """From abstract shapes: the VAE and text encoder in bf16, the text encoder split over fsdp; the VAE and the
   landmark network replicated."""
-  from handi_jax import sharding, train
+  from handi_jax import sharding
 
   config = common.get_config(2, variant)
   shape = sharding.mesh_shape(config.mesh, 0, config.num_devices_expected)
   mesh = AbstractMesh(shape.values(), sharding.MESH_AXES)
-  frozen = train.abstract_frozen_models(config)
-  shardings = train.frozen_shardings(frozen, mesh, config)
+  frozen = frozen_lib.abstract_frozen_models(config)
+  shardings = frozen_lib.frozen_shardings(frozen, mesh, config)
 
   def nbytes(part, per_device):
     leaves = zip(jax.tree.leaves(getattr(frozen, part)), jax.tree.leaves(getattr(shardings, part)), strict=True)
@@ -218,5 +221,5 @@ def test_full_size_frozen_models_per_device_bytes(variant, fsdp):
         ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in per_device.items()))
   assert encoders < 0.52 * 4 * fp32_params  # bf16 but for the norms
   assert per_device["text_encoder"] < 1.05 * nbytes("text_encoder", False) / fsdp
-  assert per_device["vae"] == nbytes("vae", False)  # replicated: see train.frozen_shardings
+  assert per_device["vae"] == nbytes("vae", False)  # replicated: see frozen_lib.frozen_shardings
   assert per_device["landmarks"] == nbytes("landmarks", False)  # 11 MB, no logical names: replicated

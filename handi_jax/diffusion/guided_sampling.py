@@ -16,17 +16,6 @@ from flax import nnx
 from handi_jax.diffusion import samplers
 
 INITS = ("noised_context", "noise")
-_GRAPHDEFS = {}
-
-
-def canonical_split(module: nnx.Module):
-  """nnx.split, but modules of one structure share one graphdef object, so functions jitted with the graphdef
-  as a static argument compile once for all of them (e.g. the stage-1 and stage-2 UNets). A graphdef holds the
-  module's initializer closures, which differ per instance, so two fresh graphdefs never compare equal."""
-  graphdef, state = nnx.split(module)
-  # Static attributes (feature counts) live in the graphdef: modules share one only when every shape agrees.
-  shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(state))
-  return _GRAPHDEFS.setdefault((type(module), jax.tree.structure(state), shapes), graphdef), state
 
 
 def initial_latents(plan: samplers.SamplerPlan, context_latent: jax.Array, num_frames: int, key: jax.Array,

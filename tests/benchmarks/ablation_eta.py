@@ -7,7 +7,7 @@
    config, steps, seed and data order; only config.loss.eta_hand differs.
 3. Generates every held-out clip from each run's last checkpoint, the same seed per clip, conditioned on the
    clip's ground-truth motion-area mask as the demo does (stage 1 is not trained here), and evaluates both runs
-   with handi_jax.evaluate.evaluate_runs (HS-Err, hands found, CLIP scores when --clip is given, flow share).
+   with handi_jax.evaluation.scoring.evaluate_runs (HS-Err, hands found, CLIP scores when --clip is given, flow share).
 4. Whether MediaPipe (handi_jax/media/hand_detection.py, config.data.build's settings) finds the drawn hands in
    the held-out ground-truth frames, and how far its joints land from the drawn ones. Then the landmark network's
    keypoint error on the ground-truth ROI: handi_jax.losses.hand_errors (the L_HR quantity: MediaPipe's landmark network
@@ -34,10 +34,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from handi_jax import evaluate, generate, losses, prompts, train  # noqa: E402
+from handi_jax import losses, pipeline, prompts, train  # noqa: E402
 from handi_jax import main as handi_main  # noqa: E402
 from handi_jax.data import demo_clips  # noqa: E402
-from handi_jax.evaluation import extractors  # noqa: E402
+from handi_jax.evaluation import clips as clips_lib
+from handi_jax.evaluation import (
+  extractors,  # noqa: E402
+  scoring,
+)
 from handi_jax.hand_landmarks import network as hl  # noqa: E402
 from handi_jax.media import files as media_files  # noqa: E402
 from handi_jax.media import hand_detection as hand_detection  # noqa: E402
@@ -98,7 +102,7 @@ def generate_run(config, eta: float, workdir: pathlib.Path, clips, out_dir: path
   if not todo:
     return
   started = time.perf_counter()
-  generator = generate.Generator(run, workdir)
+  generator = pipeline.Generator.from_config(run, workdir)
   for index, clip in todo:
     image, mask = inputs / f"{clip.name}.png", inputs / f"{clip.name}_mask.png"
     media_files.write_png(image, clip.frames()[0])
@@ -115,7 +119,7 @@ def mediapipe_on_ground_truth(config, held_out, clips) -> dict:
   distances = []
   for index, clip in enumerate(clips):
     truth = demo_clips.synthesize_clip(index, held_out)
-    keypoints, presence = evaluate.detect_keypoints(detector, clip.frames()[1:])
+    keypoints, presence = scoring.detect_keypoints(detector, clip.frames()[1:])
     drawn = truth["presence"][1:].any(-1)
     detected = presence.any(-1) > 0
     drawn_slots += int(drawn.sum())
@@ -163,7 +167,7 @@ def main():
   handi_main.enable_compilation_cache(config)
   started = time.perf_counter()
   held_out = write_data(config, args)
-  clips = evaluate.load_clips(config)
+  clips = clips_lib.load_clips(config)
   if [c.name for c in clips] != [f"demo-{i:04d}" for i in range(args.test_clips)]:
     raise RuntimeError(f"held-out clips read back as {[c.name for c in clips]}; expected demo-0000.. in order "
                        f"(delete {args.workdir / 'demo_data'} and rerun)")
@@ -174,14 +178,14 @@ def main():
     scalars[name] = train_run(config, eta, args.workdir / name)
     runs[name] = args.workdir / "generated" / name
     generate_run(config, eta, args.workdir / name, clips, runs[name])
-  summary = evaluate.evaluate_runs(config, clips, runs, pathlib.Path(config.evaluate.output_dir))
+  summary = scoring.evaluate_runs(config, clips, runs, pathlib.Path(config.evaluate.output_dir))
 
   seen = mediapipe_on_ground_truth(config, held_out, clips)
   truths = [demo_clips.synthesize_clip(i, held_out) for i in range(len(clips))]
   keypoints = np.stack([t["keypoints"][1:] for t in truths])
   presence = np.stack([t["presence"][1:] for t in truths])
   params = hl.load_hand_landmark_params()
-  roi = {name: roi_keypoint_error(np.stack([evaluate.read_generated(folder, c.name)[1:] for c in clips]),
+  roi = {name: roi_keypoint_error(np.stack([clips_lib.read_generated(folder, c.name)[1:] for c in clips]),
                                   keypoints, presence, params) for name, folder in runs.items()}
   roi["ground truth"] = roi_keypoint_error(np.stack([t["frames"][1:] for t in truths]), keypoints, presence, params)
 

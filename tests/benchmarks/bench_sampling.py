@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from configs import common  # noqa: E402
 from handi_jax.diffusion import guided_sampling as video_sampling  # noqa: E402
@@ -44,7 +45,7 @@ def main():
   unet_config = dict(config.model.unet.to_dict(), transformer_in_heads=8)
   reference = HandiReference(torch_unet(unet_config)).eval()
   ours = jax_unet(unet_config, reference.state_dict_numpy())
-  graphdef, state = video_sampling.canonical_split(ours)
+  graphdef, state = nnx.split(ours)
 
   rng = np.random.default_rng(0)
   size, frames, dim = args.size, args.frames, unet_config["cross_attention_dim"]

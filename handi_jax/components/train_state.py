@@ -1,10 +1,12 @@
-"""The train state, its optimizer and its layout: what a training checkpoint holds and how it is sharded.
+"""The train state, its optimizer, its layout on a mesh and its checkpoints.
 
 The UNet is trained (all of it, or the release's subset: config.train.trainable); the optimizer is AdamW
 with warm-up and global-norm clipping from config.train. Checkpoints are orbax directories
-`<workdir>/checkpoints/<step>/` holding the state and the input position.
+`<workdir>/checkpoints/<step>/` holding the state and the input position; a checkpoint written on one mesh
+restores onto another.
 """
 
+import functools
 import pathlib
 
 import flax
@@ -12,8 +14,10 @@ import jax
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from handi_jax import sharding
+from handi_jax.components import common
 
 # The release trains modules whose names contain one of these (H:train.py:232-252): 643.8M of 1.41B.
 RELEASE_TRAINABLE = ("attn1", ".attentions", "attn2", "conv_in", "temp_conv", "motion")
@@ -81,6 +85,29 @@ def state_shardings(abstract_state: TrainState, mesh, rules, min_size: int = 0) 
                     opt_state=opt_sh)
 
 
+def abstract_train_state(config, mesh, unet) -> tuple[TrainState, TrainState]:
+  """(the train state of `unet` as shapes with shardings, the shardings) on `mesh`; `unet` may be abstract."""
+  _, params, frozen_params, _ = split_unet(unet, config)
+  shapes = jax.eval_shape(functools.partial(initial_state, config), params, frozen_params)
+  shardings = state_shardings(shapes, mesh, config.sharding_rules, config.sharding_min_size)
+  return common.with_shardings(shapes, shardings), shardings
+
+
+def create_train_state(config, mesh, unet) -> tuple[TrainState, nnx.GraphDef, nnx.State, TrainState]:
+  """(sharded train state, the UNet's graphdef, its RNG state, the state's shardings) from a built UNet.
+
+  The UNet is built (or loaded) on one device and then placed shard by shard: the full-size model (5.7 GB in
+  fp32) fits one H100 or v5p chip, and eager init avoids compiling an init graph of ~1500 random arrays.
+  The optimizer state is created under jit directly in its sharded layout.
+  """
+  graphdef, params, frozen_params, rng_state = split_unet(unet, config)
+  _, state_sh = abstract_train_state(config, mesh, unet)
+  params, frozen_params = jax.device_put((params, frozen_params), (state_sh.params, state_sh.frozen_params))
+  state = jax.jit(functools.partial(initial_state, config), out_shardings=state_sh)(params, frozen_params)
+  rng_state = jax.device_put(rng_state, NamedSharding(mesh, PartitionSpec()))  # placed: no implicit transfer
+  return state, graphdef, rng_state, state_sh
+
+
 def checkpoint_manager(config, workdir) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
@@ -94,17 +121,18 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState
                                                     data=ocp.args.JsonSave(data_state)), force=True)
 
 
-def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:
-  """A restore target: every array's shape and dtype with the sharding it should have on this run's mesh.
-
-  `shardings` is a prefix of `shapes` (one NamedSharding per nnx.Variable, as state_shardings gives them)."""
-  return jax.tree.map(lambda s, node: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), node),
-                      shardings, shapes)
-
-
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: TrainState) -> tuple[TrainState, dict]:
-  """(state, input pipeline state) of checkpoint `step`, laid out as `target` (arrays or abstract_state):
+  """(state, input pipeline state) of checkpoint `step`, laid out as `target` (arrays or abstract_train_state):
   each host reads the slices its devices need, so a checkpoint written on one mesh restores onto another."""
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                            data=ocp.args.JsonRestore()))
   return restored.state, restored.data
+
+
+def restore_weights(manager: ocp.CheckpointManager, step: int, target: tuple[nnx.State, nnx.State]):
+  """(params, frozen_params) of checkpoint `step` laid out as `target` (abstract, with shardings), without the
+  AdamW moments and the step."""
+  target = dict(params=target[0], frozen_params=target[1])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+  return restored.state["params"], restored.state["frozen_params"]

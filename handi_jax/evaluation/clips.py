@@ -1,0 +1,122 @@
+"""The clips to evaluate (a prompts file with ground-truth videos, or a TFRecord split) and the generated videos of
+each run, found on disk or generated now with the pipeline."""
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+
+from handi_jax import pipeline, prompts
+from handi_jax.data import schema
+from handi_jax.media import files as media_files
+
+VIDEO_NAMES = ("video.mp4", "video.gif")
+
+
+@dataclasses.dataclass
+class Clip:
+  name: str
+  prompt: str
+  gt: np.ndarray | pathlib.Path   # (F_src, H, W, 3) uint8 (frame 0 = the context image), or its video file
+  mask: np.ndarray | None         # (H, W) bool ground-truth motion area; None = from the ground truth's hands
+  image: pathlib.Path | None      # the source image file (generation), None for TFRecord clips
+
+  def frames(self) -> np.ndarray:
+    """The ground-truth frames; a video file is read on use, so a long test set is never all in memory."""
+    return media_files.read_video(self.gt) if isinstance(self.gt, pathlib.Path) else self.gt
+
+
+def clips_from_prompts_file(e) -> list[Clip]:
+  clips = []
+  for where, row in prompts.prompt_rows(pathlib.Path(e.prompts_file), ("source", "target", "prompt"),
+                                         "config.evaluate.prompts_file"):
+    image = prompts.find_input(e.image_dir, row["source"], f"{where}: source image", "config.evaluate.image_dir")
+    video = prompts.find_input(e.gt_dir, row["target"], f"{where}: ground-truth video", "config.evaluate.gt_dir")
+    mask = None
+    if e.mask_dir:
+      mask = np.asarray(media_files.load_image(prompts.find_mask(e.mask_dir, image.stem, "config.evaluate.mask_dir"),
+                                            mode="L")) > 127
+    clips.append(Clip(image.stem, row["prompt"], video, mask, image))
+  return clips
+
+
+def clips_from_tfrecords(e) -> list[Clip]:
+  import tensorflow_datasets as tfds
+
+  if not pathlib.Path(e.data_dir).is_dir():
+    raise FileNotFoundError(f"config.evaluate.data_dir {e.data_dir} does not exist (a data_prep output folder)")
+  builder = tfds.builder_from_directory(e.data_dir)
+  if e.split not in builder.info.splits:
+    raise ValueError(f"config.evaluate.split={e.split!r} is not in {e.data_dir}: splits {list(builder.info.splits)}")
+  dataset = builder.as_dataset(split=e.split, shuffle_files=False)
+  if e.max_clips:
+    dataset = dataset.take(e.max_clips)
+  return [Clip(record["clip_id"].decode(), record["caption"].decode(), record["frames"],
+               record["union_mask"][..., 0] > 127, None) for record in tfds.as_numpy(dataset)]
+
+
+def load_clips(config) -> list[Clip]:
+  e = config.evaluate
+  if e.prompts_file:
+    clips = clips_from_prompts_file(e)
+  elif e.data_dir:
+    clips = clips_from_tfrecords(e)
+  else:
+    raise ValueError("nothing to evaluate: set config.evaluate.prompts_file (+ image_dir, gt_dir) or "
+                     "config.evaluate.data_dir (+ split)")
+  return clips[:e.max_clips] if e.max_clips else clips
+
+
+def motion_intensive_from_data(config) -> set[str] | None:
+  """The data's own motion_intensive.json clip ids, when evaluating a TFRecord split that has one."""
+  e = config.evaluate
+  index = pathlib.Path(e.data_dir) / e.split / schema.MOTION_INTENSIVE if e.data_dir and not e.prompts_file else None
+  if index is None or not index.is_file():
+    return None
+  return {c["clip_id"] for c in json.loads(index.read_text())["clips"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generated videos.
+
+
+def parse_runs(runs: str) -> dict[str, pathlib.Path]:
+  parsed = {}
+  for item in filter(None, (part.strip() for part in runs.split(","))):
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+      raise ValueError(f"config.evaluate.runs: {item!r} is not name=folder (e.g. handi=runs/g/generate)")
+    if not pathlib.Path(folder).is_dir():
+      raise FileNotFoundError(f"config.evaluate.runs: folder {folder!r} of run {name!r} does not exist")
+    parsed[name] = pathlib.Path(folder)
+  return parsed
+
+
+def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
+  candidates = [folder / name / v for v in VIDEO_NAMES] + [folder / f"{name}{s}" for s in (".mp4", ".gif")]
+  for candidate in candidates:
+    if candidate.is_file():
+      return media_files.read_video(candidate)
+  raise FileNotFoundError(f"no generated video for clip {name!r} in {folder}: expected one of "
+                          f"{', '.join(str(c.relative_to(folder)) for c in candidates)}")
+
+
+def generate_run(make_generator: Callable[[], pipeline.Generator], clips: list[Clip],
+                 out_dir: pathlib.Path) -> pathlib.Path:
+  """Generate every clip not yet done in out_dir (stage 1 predicts the mask); the generator is made only when a
+  clip is left to generate."""
+  todo = [c for c in clips if not (out_dir / c.name / prompts.DONE_FILE["generate"]).is_file()]
+  if todo:
+    generator = make_generator()
+    for index, clip in enumerate(clips):
+      if clip not in todo:
+        continue
+      image = clip.image
+      if image is None:  # a TFRecord clip: its context frame becomes the source image
+        image = out_dir / "sources" / f"{clip.name}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        media_files.write_png(image, clip.frames()[0])
+      generator.run(prompts.Sample(index, clip.name, image, clip.prompt, None), out_dir / clip.name)
+  return out_dir

@@ -1,0 +1,252 @@
+"""Scoring generated videos against the ground truth: per clip and scope (full frame, motion area), then over the
+clips of each run (means, FID, FVD; all clips and the motion-intensive subset), written as metrics.csv,
+summary.json, report.md, plots and contact sheets. handi_jax/evaluate.py's docstring gives the protocol."""
+
+import dataclasses
+import importlib
+import pathlib
+
+import cv2
+import numpy as np
+from absl import logging
+
+from handi_jax.evaluation import clips as clips_lib
+from handi_jax.evaluation import extractors as extractors_lib
+from handi_jax.evaluation import metrics, report
+from handi_jax.media import files as media_files
+from handi_jax.media import hand_detection
+from handi_jax.media import hand_masks as mask_rules
+from handi_jax.media.clip_frames import sample_indices
+
+# ---------------------------------------------------------------------------------------------------
+# Per clip.
+
+
+def align_ground_truth(clip: clips_lib.Clip, num_frames: int, height: int,
+                       width: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """The ground truth sampled to the generated video's F frames and size; the mask resized likewise."""
+  frames = clip.frames()
+  if len(frames) < num_frames:
+    raise ValueError(f"clip {clip.name!r}: the ground truth has {len(frames)} frames, the generated video "
+                     f"{num_frames}; evaluation needs at least as many ground-truth frames")
+  frames = frames[sample_indices(len(frames), num_frames)]
+  frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+  mask = None if clip.mask is None else cv2.resize(
+      clip.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+  return frames, mask
+
+
+def square_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(top, bottom, left, right) of the mask's bounding box grown to a square inside the frame; None if empty."""
+  rows, cols = np.nonzero(mask)
+  if rows.size == 0:
+    return None
+  height, width = mask.shape
+  top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+  side = min(max(bottom - top, right - left), height, width)
+  top = int(np.clip((top + bottom - side) // 2, 0, height - side))
+  left = int(np.clip((left + right - side) // 2, 0, width - side))
+  return top, top + side, left, left + side
+
+
+def motion_area_frames(frames: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
+  """Frames (N, H, W, 3) black outside the mask, cropped to `box` (see the module docstring)."""
+  top, bottom, left, right = box
+  return (frames * mask[None, :, :, None].astype(frames.dtype))[:, top:bottom, left:right]
+
+
+def detect_keypoints(detector: hand_detection.HandDetector, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """MediaPipe keypoints (N, 2, 21, 2) in [0, 1] of the frame and presence (N, 2, 21), data_prep's slot rule."""
+  keypoints, presence = hand_detection.empty_keypoints(len(frames))
+  for f, hands in enumerate(detector.detect_clip(np.ascontiguousarray(frames), fps=8.0)):
+    slots, _ = hand_detection.assign_slots(hands)
+    for s, hand in enumerate(slots):
+      if hand is not None:
+        keypoints[f, s], presence[f, s] = hand.landmarks, 1
+  return keypoints, presence
+
+
+def _features(frames: np.ndarray, ex: extractors_lib.Extractors) -> dict:
+  """FID features of every frame and the FVD features of the clip, for the extractors that are configured."""
+  found = {}
+  if ex.inception is not None:
+    found["inception"] = ex.inception.features(frames)
+  if ex.i3d is not None:
+    found["i3d"] = ex.i3d.features(frames[None])
+  return found
+
+
+@dataclasses.dataclass
+class ScopeResult:
+  values: dict                     # per-clip metrics of this scope
+  gen: np.ndarray | None           # (L, h, w, 3) frames as fed to the extractors (kept for contact sheets only)
+  gt: np.ndarray | None
+  features: dict = dataclasses.field(default_factory=dict)      # FID / FVD features of the generated frames
+  gt_features: dict = dataclasses.field(default_factory=dict)   # ... and of the ground truth
+
+
+class GroundTruthFeatures:
+  """The ground truth's keypoints and features per (clip, scope, frame size), computed once for all runs
+  (the ground truth and its motion area do not depend on the run)."""
+
+  def __init__(self, detector, ex: extractors_lib.Extractors):
+    self.detector, self.ex, self._cache = detector, ex, {}
+
+  def get(self, key, frames: np.ndarray) -> dict:
+    key = key + (frames.shape,)
+    if key not in self._cache:
+      keypoints, presence = detect_keypoints(self.detector, frames)
+      clip = None if self.ex.clip is None else self.ex.clip.image_embeddings(frames)
+      self._cache[key] = dict(keypoints=keypoints, presence=presence, clip=clip, frechet=_features(frames, self.ex))
+    return self._cache[key]
+
+
+def evaluate_scope(gen, gt, gt_features: dict, prompt, detector, ex: extractors_lib.Extractors) -> ScopeResult:
+  gen_kp, gen_presence = detect_keypoints(detector, gen)
+  values = dict(hs_err=metrics.hs_err(gen_kp, gen_presence, gt_features["keypoints"], gt_features["presence"]),
+                **metrics.hand_detection_rates(gen_presence, gt_features["presence"]))
+  if ex.clip is not None:
+    gen_embeddings = ex.clip.image_embeddings(gen)
+    values.update(clip_gt=metrics.clip_gt(gen_embeddings, gt_features["clip"]),
+                  clip_cs=metrics.clip_consecutive(gen_embeddings),
+                  clip_tx=metrics.clip_text(gen_embeddings, ex.clip.text_embedding(prompt)))
+  if ex.egovlp is not None:
+    values["egovlp"] = float(ex.egovlp.score(gen, gt))
+  if ex.blip is not None:
+    values["blip"] = float(ex.blip.score(gen, prompt))
+  return ScopeResult(values, gen, gt, _features(gen, ex), gt_features["frechet"])
+
+
+def evaluate_clip(clip: clips_lib.Clip, generated: np.ndarray, detector, ex, truth: GroundTruthFeatures,
+                  config) -> dict:
+  """{"full": ScopeResult, "ma": ScopeResult or None when the motion area is empty, "mask": (H, W) bool}."""
+  num_frames, height, width = generated.shape[:3]
+  gt, mask = align_ground_truth(clip, num_frames, height, width)
+  gen, gt = generated[1:], gt[1:]
+  gt_full = truth.get((clip.name, "full"), gt)
+  full = evaluate_scope(gen, gt, gt_full, clip.prompt, detector, ex)
+  if mask is None:
+    mask = mask_rules.clip_masks(gt_full["keypoints"], gt_full["presence"], height, width,
+                                 config.data.build.mask_rule)[1] > 0
+  full.values["mask_area"] = float(mask.mean())
+  flow = media_files.motion_flow_map(generated, float(config.generate.flow_threshold))
+  full.values["flow_inside"] = metrics.flow_inside_share(flow, mask)
+  box = square_box(mask)
+  ma = None
+  if box is not None:
+    gen_ma, gt_ma = motion_area_frames(gen, mask, box), motion_area_frames(gt, mask, box)
+    ma = evaluate_scope(gen_ma, gt_ma, truth.get((clip.name, "ma"), gt_ma), clip.prompt, detector, ex)
+  return {"full": full, "ma": ma, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation.
+
+
+def _frechet(extractor, name: str, scoped: list[ScopeResult]) -> float | str:
+  """FID (`name` "inception": every frame) or FVD ("i3d": one vector per clip) over the clips in `scoped`."""
+  if extractor is None:
+    return extractors_lib.NOT_CONFIGURED
+  if not scoped:
+    return float("nan")
+  gen = np.concatenate([r.features[name] for r in scoped])
+  gt = np.concatenate([r.gt_features[name] for r in scoped])
+  return metrics.frechet_distance_of_features(gen, gt) if min(len(gen), len(gt)) >= 2 else float("nan")
+
+
+def aggregate(results: dict[str, dict], names: list[str], ex: extractors_lib.Extractors) -> dict:
+  """Means of per-clip metrics over `names`, FID over their frames and FVD over their clips, per scope."""
+  summary = {}
+  for scope in report.SCOPES:
+    scoped = [results[n][scope] for n in names if results[n][scope] is not None]
+    values = dict(clips=len(scoped))
+    for key, _, _ in report.COLUMNS:
+      found = [r.values[key] for r in scoped if key in r.values]
+      values[key] = float(np.nanmean(found)) if found and not np.all(np.isnan(found)) else float("nan")
+    for key, name in (("clip_gt", "clip"), ("clip_cs", "clip"), ("clip_tx", "clip"), ("egovlp", "egovlp"),
+                      ("blip", "blip")):
+      if getattr(ex, name) is None:
+        values[key] = extractors_lib.NOT_CONFIGURED
+    values["fid"] = _frechet(ex.inception, "inception", scoped)
+    values["fvd"] = _frechet(ex.i3d, "i3d", scoped)
+    summary[scope] = values
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extractors from the config.
+
+
+def _plugin(spec: str, what: str):
+  """A scorer from "package.module:factory" (factory() returns an object with .score)."""
+  module_name, sep, factory = spec.partition(":")
+  if not sep:
+    raise ValueError(f"config.evaluate.{what}={spec!r}: expected 'package.module:factory', a function returning "
+                     f"a {what} scorer with .score(generated, reference) (handi-jax has no {what} port)")
+  return getattr(importlib.import_module(module_name), factory)()
+
+
+def extractors_from_config(config) -> extractors_lib.Extractors:
+  e = config.evaluate
+  return extractors_lib.Extractors(
+      clip=extractors_lib.ClipExtractor.from_directory(e.clip, e.batch_size) if e.clip else None,
+      inception=extractors_lib.InceptionExtractor.from_file(e.inception, e.batch_size) if e.inception else None,
+      i3d=extractors_lib.I3dExtractor.from_file(e.i3d) if e.i3d else None,
+      egovlp=_plugin(e.egovlp, "egovlp") if e.egovlp else None,
+      blip=_plugin(e.blip, "blip") if e.blip else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# All runs.
+
+
+def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.Path], out_dir: pathlib.Path,
+                  ex: extractors_lib.Extractors | None = None) -> dict:
+  """Metrics of every run over `clips`; writes every output into out_dir and returns the summary
+  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value}}}}."""
+  ex = ex if ex is not None else extractors_from_config(config)
+  detector = hand_detection.HandDetector(hand_detection.DetectorSettings.from_config(config.data.build))
+  truth = GroundTruthFeatures(detector, ex)
+  summary, rows, sheets = {}, [], {}
+  subset = None
+  for run, folder in runs.items():
+    results = {}
+    for index, clip in enumerate(clips):
+      generated = clips_lib.read_generated(folder, clip.name)
+      results[clip.name] = evaluate_clip(clip, generated, detector, ex, truth, config)
+      logging.info("run %s, clip %s: %s", run, clip.name, results[clip.name]["full"].values)
+      if index >= int(config.evaluate.contact_sheet_clips):  # only features and numbers stay in memory
+        for scoped in filter(None, (results[clip.name]["full"], results[clip.name]["ma"])):
+          scoped.gen = scoped.gt = None
+        results[clip.name]["mask"] = None
+    if subset is None:
+      areas = {name: r["full"].values["mask_area"] for name, r in results.items()}
+      subset = clips_lib.motion_intensive_from_data(config) or set(
+          metrics.motion_intensive_subset(areas, float(config.evaluate.motion_intensive_fraction)))
+    names = [c.name for c in clips]
+    summary[run] = {"all": aggregate(results, names, ex),
+                    "motion_intensive": aggregate(results, [n for n in names if n in subset], ex)}
+    for name, by_scope in results.items():
+      for scope in report.SCOPES:
+        if (result := by_scope[scope]) is not None:
+          rows.append(dict(run=run, clip=name, scope=scope, motion_intensive=name in subset, **result.values))
+    sheets[run] = [(c.name, results[c.name]["full"].gen, results[c.name]["full"].gt, results[c.name]["mask"])
+                   for c in clips[:int(config.evaluate.contact_sheet_clips)]]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  report.write_csv(out_dir / "metrics.csv", rows)
+  report.write_summary(out_dir, summary)
+  report.plot_metric_bars(summary, out_dir / "metrics.png")
+  report.plot_hs_err_distribution(rows, out_dir / "hs_err.png")
+  for run, sheet in sheets.items():
+    if sheet:
+      report.write_contact_sheet(out_dir / f"contact_{run}.png", sheet)
+  return summary
+
+
+def training_scalars(run_summary: dict) -> dict[str, float]:
+  """One run's summary -> {"eval/<subset>/<scope>/<metric>": value} with the numbers only (no "not configured",
+  no NaN), as a metric writer takes them."""
+  return {f"eval/{subset}/{scope}/{key}": float(value)
+          for subset, by_scope in run_summary.items() for scope, values in by_scope.items()
+          for key, value in values.items()
+          if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)}
