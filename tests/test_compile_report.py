@@ -16,7 +16,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import configs
-from handi_jax import checkpoints, chips, compile_report
+from handi_jax import chips, compile_report
+from handi_jax.compile_report import measure, programs, targets, useful_flops, whole_step
+from handi_jax.components import unet as unet_lib
 from tests import helpers
 from tests.conftest import REPO_ROOT
 
@@ -51,7 +53,7 @@ def test_tiny_sampler_report_on_the_devices_here(tmp_path, capsys):
   # 3 steps in one scan: the loop body (2 UNet passes, CFG) at its trip count; XLA's own count has it once.
   assert sampler["unknown_trip_counts"] == 0
   assert sampler["flops_per_device"] > 2.5 * sampler["xla_flops_loops_once"]
-  assert sampler["useful_flops"] == 2 * 3 * compile_report.unit_flops(config, 16, 24, 2)["unet_forward"]
+  assert sampler["useful_flops"] == 2 * 3 * useful_flops.unit_flops(config, 16, 24, 2)["unet_forward"]
   # Above 1 is possible: XLA hoists loop-invariant work (such as projections of the fixed text) out of the loop.
   assert 0.5 < sampler["useful_ratio"] <= 1.2
   assert report["num_devices"] == jax.device_count() and report["chip"] == "NVIDIA H100 SXM"
@@ -67,23 +69,23 @@ def test_a_program_measured_before_is_not_compiled_again(tmp_path, monkeypatch):
   mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
   x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
   lower = jax.jit(lambda a: jnp.tanh(a @ a.T)).lower
-  target = compile_report.target_identity("devices", jax.devices()[:1])
-  first = compile_report.measure("p", lower, (x,), chips.CHIPS["h100"], target=target)
+  target = targets.target_identity("devices", jax.devices()[:1])
+  first = measure.measure("p", lower, (x,), chips.CHIPS["h100"], target=target)
   report = tmp_path / compile_report.REPORT_FILE
   report.write_text(json.dumps({"programs": {"p": first}}))
-  known = compile_report.measured_programs([report])
+  known = measure.measured_programs([report])
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", lambda *args, **kwargs: pytest.fail("compiled again"))
-  again = compile_report.measure("q", lower, (x,), chips.CHIPS["v5p"], known, target)
+  again = measure.measure("q", lower, (x,), chips.CHIPS["v5p"], known, target)
   assert again["reused_from"] == str(report) and again["flops_per_device"] == first["flops_per_device"] > 0
   assert again["chip_bounds"]["chip"] == "TPU v5p"  # bounds for this report's chip
   # Another program, or the same program for another target, is compiled.
   with pytest.raises(pytest.fail.Exception, match="compiled again"):
-    compile_report.measure("r", jax.jit(lambda a: a @ a.T).lower, (x,), None, known, target)
+    measure.measure("r", jax.jit(lambda a: a @ a.T).lower, (x,), None, known, target)
   with pytest.raises(pytest.fail.Exception, match="compiled again"):
-    compile_report.measure("p", lower, (x,), None, known, target + " v2")
+    measure.measure("p", lower, (x,), None, known, target + " v2")
   with pytest.raises(ValueError, match="missing.json is not a readable compile report"):
-    compile_report.measured_programs([tmp_path / "missing.json"])
+    measure.measured_programs([tmp_path / "missing.json"])
 
 
 @pytest.mark.slow
@@ -92,10 +94,10 @@ def test_the_pixel_loss_part_costs_what_its_decodes_cost():
   config.loss.remat_decoder = True
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
-    lower, args = compile_report.pixel_loss_program(config, mesh)
-    figures = compile_report.measure("pixel_loss", lower, args, chips.CHIPS["v5p"])
-  units = compile_report.unit_flops(config, 16, 16, 2)
-  frames = config.train.global_batch_size * compile_report.pixel_loss_frames(config)
+    lower, args = programs.pixel_loss_program(config, mesh)
+    figures = measure.measure("pixel_loss", lower, args, chips.CHIPS["v5p"])
+  units = useful_flops.unit_flops(config, 16, 16, 2)
+  frames = config.train.global_batch_size * useful_flops.pixel_loss_frames(config)
   # decode forward, its recomputation (remat_decoder) and a backward of about twice the forward
   assert figures["flops_per_device"] == pytest.approx(4 * frames * units["vae_decode_frame"], rel=0.25)
 
@@ -107,7 +109,7 @@ def test_parts_combine_into_the_whole_step():
                 state_bytes=7, compile_seconds=1.0)
 
   parts = dict(unet_step=part(10e12, 50, 20, 5, 4e9), pixel_loss=part(3e12, 30, 25, 2, 1e9))
-  whole = compile_report.combine_parts(parts, chips.CHIPS["v5p"])
+  whole = whole_step.combine_parts(parts, chips.CHIPS["v5p"])
   assert whole["flops_per_device"] == 13e12
   assert whole["memory"]["peak"] == 50 + 25 + 2 and whole["memory"]["peak_lower"] == 50
   assert whole["collectives"]["all-gather"] == dict(count=2, bytes=5e9, link_bytes=2.5e9)
@@ -117,8 +119,8 @@ def test_parts_combine_into_the_whole_step():
 
 def test_unet_blocks_are_the_forward_s_blocks_at_the_step_s_shapes():
   config = _tiny_config(stage=2, remat="full")
-  unet = nnx.eval_shape(lambda: checkpoints.build_unet(config))
-  blocks = compile_report.unet_blocks(config, unet, global_batch=8)
+  unet = nnx.eval_shape(lambda: unet_lib.build_unet(config))
+  blocks = programs.unet_blocks(config, unet, global_batch=8)
   assert [name for name, *_ in blocks] == ["transformer_in", "down_blocks.0", "mid_block", "up_blocks.0"]
   assert blocks[1][1] is unet.down_blocks[0] and all(static["num_frames"] == 3 for *_, static in blocks)
   rows = 8 * 3  # clips x (2 frames + the context frame)
@@ -135,12 +137,12 @@ def test_the_blocks_cost_four_unet_forwards_under_full_remat():
   config = _tiny_config(stage=2, remat="full")
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
-    programs = compile_report.unet_block_programs(config, mesh)
-    flops = sum(lower(*args).cost_analysis()["flops"] for lower, args in programs.values())
-  forward = config.train.global_batch_size * compile_report.unit_flops(config, 16, 16, 2)["unet_forward"]
+    block_programs = programs.unet_block_programs(config, mesh)
+    flops = sum(lower(*args).cost_analysis()["flops"] for lower, args in block_programs.values())
+  forward = config.train.global_batch_size * useful_flops.unit_flops(config, 16, 16, 2)["unet_forward"]
   assert 0.9 * 4 * forward < flops < 4 * forward
   with pytest.raises(ValueError, match="remat is 'none'"):
-    compile_report.train_step_parts(_tiny_config(stage=2, remat="none"), mesh, "blocks")
+    programs.train_step_parts(_tiny_config(stage=2, remat="none"), mesh, "blocks")
 
 
 @pytest.mark.slow
@@ -150,7 +152,7 @@ def test_useful_flops_are_counted_with_xla_attention_for_any_target_kernel():
   config = _tiny_config(stage=1)
   flash = _tiny_config(stage=1)
   flash.model.attention = "tpu_flash"
-  assert compile_report.unit_flops(flash, 16, 16, 2) == compile_report.unit_flops(config, 16, 16, 2)
+  assert useful_flops.unit_flops(flash, 16, 16, 2) == useful_flops.unit_flops(config, 16, 16, 2)
 
 
 def test_blocks_combine_into_the_whole_step():
@@ -159,10 +161,9 @@ def test_blocks_combine_into_the_whole_step():
                    collectives={"all-gather": dict(count=1, bytes=8.0, link_bytes=7.0)})
     return figures if kept is None else dict(figures, kept_activation_bytes=kept)
 
-  programs = dict(pixel_loss=part(3e12, 40), optimizer=part(1e9, 5), unet_down_blocks_0=part(5e12, 30, kept=11),
-                  unet_up_blocks_0=part(6e12, 20, kept=13))
-  whole = compile_report.combine_blocks(programs, step_argument_bytes=100, gradient_bytes=17,
-                                        chip=chips.CHIPS["v5p"])
+  parts = dict(pixel_loss=part(3e12, 40), optimizer=part(1e9, 5), unet_down_blocks_0=part(5e12, 30, kept=11),
+               unet_up_blocks_0=part(6e12, 20, kept=13))
+  whole = whole_step.combine_blocks(parts, step_argument_bytes=100, gradient_bytes=17, chip=chips.CHIPS["v5p"])
   assert whole["flops_per_device"] == 3e12 + 1e9 + 5e12 + 6e12 and whole["compile_seconds"] == 8.0
   assert whole["memory"]["peak"] == 100 + 17 + (11 + 13) + 40
   assert whole["collectives"]["all-gather"] == dict(count=4, bytes=32.0, link_bytes=28.0)
@@ -172,22 +173,22 @@ def test_blocks_combine_into_the_whole_step():
 def test_useful_train_flops_follow_the_step():
   config = configs.load("configs/stage2.py:paper")
   units = dict(unet_forward=5.0, vae_decode_frame=0.5, vae_encode_frame=0.25, landmarks_crop=0.125)
-  useful = compile_report.useful_train_flops(config, units, global_batch=2)
+  useful = useful_flops.useful_train_flops(config, units, global_batch=2)
   k = config.loss.hand_frames  # frames scored per clip
   assert useful["terms"] == dict(unet=2 * 5.0 * 3, vae_encode=2 * 16 * 0.25, vae_decode=2 * k * 0.5 * 3,
                                  landmarks=2 * k * 2 * 0.125 * 3)
   assert useful["with_recompute"] - useful["model_flops"] == 2 * 5.0 + 2 * k * 0.5 + 2 * k * 2 * 0.125
   config.loss.hand_frames = 0
-  assert compile_report.pixel_loss_frames(config) == 15
+  assert useful_flops.pixel_loss_frames(config) == 15
 
 
 def test_bad_targets_and_sizes_are_one_line_errors():
   with pytest.raises(ValueError, match="expected 'devices', 'cpu:N' or 'tpu:<topology>'"):
-    compile_report.target_devices("gpu:8")
+    targets.target_devices("gpu:8")
   with pytest.raises(ValueError, match="xla_force_host_platform_device_count=4096"):
-    compile_report.target_devices("cpu:4096")
+    targets.target_devices("cpu:4096")
   with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
-    compile_report.sampler_sizes(_tiny_config(sampler_sizes="512x500").compile_report)
+    programs.sampler_sizes(_tiny_config(sampler_sizes="512x500").compile_report)
   with pytest.raises(ValueError, match="parts='True'; expected one of none, pixel_loss, blocks"):
     compile_report.compile_report(_tiny_config(parts="True"), "/nonexistent")  # the old boolean, from a flag
 
