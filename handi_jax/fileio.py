@@ -6,6 +6,8 @@ writers that pick a format from the suffix still work).
 """
 
 import contextlib
+import json
+import math
 import os
 import pathlib
 import shutil
@@ -39,6 +41,24 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
   write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, value, indent: int | None = 2, sort_keys: bool = False) -> None:
+  """`value` as JSON that any parser reads, written as write_text: NaN and infinities (which JSON lacks, and
+  json.dumps would write as bare NaN / Infinity) become null; non-ASCII text stays readable UTF-8."""
+  text = json.dumps(_finite(value), indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
+  write_text(path, text + "\n")
+
+
+def _finite(value):
+  """`value` with every non-finite float (numpy's float64 included) replaced by None, tuples as lists."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {key: _finite(item) for key, item in value.items()}
+  if isinstance(value, list | tuple):
+    return [_finite(item) for item in value]
+  return value
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ one image + prompt; finding their images and masks; the marker that says a sampl
 Generation, evaluation and the app share these, so they read prompts files and find inputs the same way.
 """
 
+import codecs
 import dataclasses
 import json
 import pathlib
@@ -32,20 +33,30 @@ def find_mask(mask_dir: str, stem: str, field: str) -> pathlib.Path:
 
 def prompt_rows(path: pathlib.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
   """(where, row) for each line of a prompts file in the release's format (one JSON object per line, with
-  `keys`); `field` is the config field that names the file."""
+  `keys`, each a string); `field` is the config field that names the file. The file must be UTF-8 (a byte-order
+  mark is allowed): another encoding is an error naming the line, as guessing it could garble the prompts."""
   if not path.is_file():
     raise FileNotFoundError(f"{field} {path} does not exist")
   rows = []
-  for number, line in enumerate(path.read_text().splitlines(), start=1):
+  # Split the bytes on newlines only: str.splitlines would also split inside a JSON string holding U+2028.
+  for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
+    where = f"{path} line {number}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                       f"save {field} as UTF-8") from e
     if not line.strip():
       continue
-    where = f"{path} line {number}"
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{where} is not JSON ({e}); expected one {{{', '.join(keys)}}} object per line") from e
     if not isinstance(row, dict) or not set(keys) <= set(row):
       raise ValueError(f"{where}: expected keys {', '.join(map(repr, keys))}, found {row!r}")
+    not_text = [key for key in keys if not isinstance(row[key], str)]
+    if not_text:
+      raise ValueError(f"{where}: {', '.join(map(repr, not_text))} must be a string, found {row!r}")
     rows.append((where, row))
   return rows
 

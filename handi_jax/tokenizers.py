@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 from transformers import CLIPTokenizer
 
 # CLIP's context length (the text encoder has this many position embeddings).
@@ -69,8 +70,20 @@ def load_tokenizer(directory: str | os.PathLike):
 
 
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = CONTEXT_LENGTH) -> np.ndarray:
-  """Token ids (B, max_length) int32: BOS, the prompt, EOS, then padding; longer prompts are truncated."""
+  """Token ids (B, max_length) int32: BOS, the prompt, EOS, then padding. A longer prompt is truncated (EOS
+  kept), with a warning that says how many of its tokens the text encoder never sees."""
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  # Full lengths (BOS and EOS included); verbose=False: transformers' own over-length warning would say the model
+  # fails on them, which is not so here.
+  lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
+  for prompt, length in zip(prompts, lengths, strict=True):
+    if length > max_length:
+      logging.warning("the prompt %r is %d tokens with BOS and EOS, CLIP reads %d: its last %d tokens are dropped",
+                      _shortened(prompt), length, max_length, length - max_length)
   ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                   return_tensors="np")["input_ids"]
   return np.asarray(ids, np.int32)
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+  return text if len(text) <= limit else text[:limit] + "..."
