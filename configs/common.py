@@ -167,6 +167,9 @@ def _generate_config() -> ml_collections.ConfigDict:
       stage1_pretrained="", stage2_pretrained="",
       prior_mask="",                  # stage-1 conditioning mask PNG; empty = all ones (the release's rule)
       flow_threshold=1.0,             # motion-flow map: optical-flow magnitude (pixels) that counts as motion
+      # True: frames written as the release writes them (with sampling.replace_background=False, its files):
+      # frame 0 as decoded, not the context image; levels truncated as diffusers' tensor2vid, not rounded.
+      release_frames=False,
       fps=8))
 
 

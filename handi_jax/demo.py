@@ -13,7 +13,6 @@ The UNet and text encoder start random and the VAE is the fixed block-mean autoe
 the video is blurry: what it shows is the hand's motion learned from the demo clips, not realistic hands.
 """
 
-import json
 import pathlib
 import time
 
@@ -86,7 +85,7 @@ def run_demo(config, workdir: str) -> dict:
                  gif=str(sample_dir / "video.gif"), mask=str(sample_dir / "mask.png"),
                  flow_map=str(sample_dir / "flow.png"), pytorch_export=str(export_dir),
                  distance_to_true_clip_inside_mask=distance, seconds={k: round(v, 1) for k, v in seconds.items()})
-  fileio.write_text(workdir / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+  fileio.write_json(workdir / "demo_summary.json", summary)
   times = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
   paths = "\n".join(f"  {k}: {v}" for k, v in summary.items() if isinstance(v, str))
   print(f"demo finished ({times}):\n{paths}\n  inside the mask, the video differs from the true clip by "

@@ -5,8 +5,9 @@ multiples of 8, Lanczos; or config.sampling.height x width) and encoded to the c
 the mask video conditioned on the prior mask (config.generate.prior_mask; all ones when empty, the release's
 no-mask rule), which is decoded and cleaned up (handi_jax.mask_cleanup) into the motion-area mask. Stage 2
 samples the RGB video conditioned on that mask (conv_in2), decodes it and, with
-config.sampling.replace_background (the paper's rule; off reproduces the release), replaces every pixel
-outside the mask by the context image. Sampling: DPM-Solver++ 2M (or DDIM), config.sampling.num_inference_steps
+config.sampling.replace_background (the paper's rule), replaces every pixel outside the mask by the context
+image; frame 0 is the context image and levels are rounded, unless config.generate.release_frames (with
+replace_background off: the release's written frames). Sampling: DPM-Solver++ 2M (or DDIM), config.sampling.num_inference_steps
 steps, classifier-free guidance config.sampling.guidance_scale, all steps in one compiled loop
 (handi_jax.diffusion.guided_sampling).
 
@@ -23,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import itertools
-import json
 import pathlib
 import time
 
@@ -126,14 +126,18 @@ class Result:
   record: dict                # what done.json holds
 
 
-def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, replace_background: bool):
+def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, replace_background: bool,
+                  release_frames: bool = False):
   """Decoded frames (F, H, W, 3) in [-1, 1] -> uint8 video: frame 0 is the context image itself (the slot the
-  model reconstructs), and with `replace_background` every pixel outside the (H, W) mask is the context's."""
-  frames = np.array(generated, np.float32)
-  frames[0] = context
+  model reconstructs), and with `replace_background` every pixel outside the (H, W) mask is the context's.
+  `release_frames` keeps the decoded frame 0 and truncates levels as the release's tensor2vid does."""
+  frames = media_files.to_uint8(generated, "truncate" if release_frames else "round")
+  context = media_files.to_uint8(context)  # rounded: a uint8 image through [-1, 1] comes back exactly
+  if not release_frames:
+    frames[0] = context
   if replace_background:
     frames = np.where(mask[None, :, :, None], frames, context[None])
-  return media_files.to_uint8(frames)
+  return frames
 
 
 class Generator:
@@ -215,7 +219,7 @@ class Generator:
                   guidance_scale=float(config.sampling.guidance_scale))
 
     if sample.mask is not None:
-      mask = media_files.load_mask(sample.mask, height, width, binary=True) > 0
+      mask = media_files.load_mask(sample.mask, height, width, binary=True, image_size=image.size) > 0
       record["mask_source"] = str(sample.mask)
     else:
       prior = (media_files.load_mask(config.generate.prior_mask, height, width, binary=False)
@@ -235,7 +239,8 @@ class Generator:
       generated = self._sample(2, context_latent, text, self._latent_mask(mask.astype(np.float32)), stage2_key,
                                progress)
       report("writing files", 0, 1)
-      frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background))
+      frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background),
+                             bool(config.generate.release_frames))
       media_files.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
       media_files.write_gif(out_dir / "video.gif", frames, config.generate.fps)
       flow = media_files.motion_flow_map(frames, float(config.generate.flow_threshold))
@@ -243,7 +248,7 @@ class Generator:
       record["mean_flow"] = float(flow.mean())
     record["seconds"] = round(time.time() - start, 2)
     done = out_dir / prompts.DONE_FILE[mode]
-    fileio.write_text(done, json.dumps(record, indent=2) + "\n")
+    fileio.write_json(done, record)
     return Result(frames=frames, mask=mask, context=media_files.to_uint8(pixels), record=record)
 
   @staticmethod

@@ -50,6 +50,19 @@ def test_model_size_follows_the_release_rule():
     media_files.model_size(448, 256, 512 * 512, 250, 256)
 
 
+def test_compose_video_keeps_the_context_or_writes_the_release_frames():
+  # Levels computed by hand: (x / 2 + 0.5) * 255 = 100.6 for x = 2 * (100.6 / 255 - 0.5): 101 rounded, 100 truncated.
+  x = 2 * (100.6 / 255 - 0.5)
+  generated = np.full((2, 1, 2, 3), x, np.float32)
+  context = np.stack([np.full((1, 3), -1.0), np.full((1, 3), 1.0)], axis=1).astype(np.float32)  # black | white
+  mask = np.array([[True, False]])
+  ours = pipeline.compose_video(generated, context, mask, replace_background=True)
+  assert ours[0].tolist() == [[[0] * 3, [255] * 3]]               # frame 0: the context image
+  assert ours[1].tolist() == [[[101] * 3, [255] * 3]]             # inside the mask: rounded; outside: context
+  release = pipeline.compose_video(generated, context, mask, replace_background=False, release_frames=True)
+  assert release.tolist() == [[[[100] * 3, [100] * 3]]] * 2       # frame 0 as decoded, every level truncated
+
+
 def test_demo_tokenizer_is_byte_level_clip():
   ids = tokenizers.tokenize(tokenizers.demo_tokenizer(), ["Julienne it"])[0]
   # BOS, 'j' 'u' 'l' 'i' 'e' 'n' 'n' and word-final 'e</w>' (256 + 'e'), 'i', 't</w>', EOS, then EOS padding
