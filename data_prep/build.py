@@ -14,27 +14,9 @@ import gc
 import json
 import os
 import pathlib
-import re
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py")
-
-
-def _define_flags() -> None:
-  """Only when run as a program: handi_jax.main defines its own --config in the same global flag registry."""
-  config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Config with the data settings (config.data.*), e.g. configs/stage2.py:paper; "
-      "override fields with --config.data.build.mask_rule=joint_hull.", lock_config=True)
-  flags.DEFINE_string("captions", None, "JSON list [{caption, video}] or JSON lines {source, target, prompt}.")
-  flags.DEFINE_string("video_dir", None, "Folder the video paths are relative to (default: the caption file's "
-                      "folder).")
-  flags.DEFINE_string("split", "train", "Split name (train, test, ...). Training's prior mask comes from 'train'.")
-  flags.DEFINE_string("output_dir", None, "Dataset folder (created; several splits may share it).")
-  flags.DEFINE_integer("workers", 0, "Worker processes for decoding and detection; 0 = all cores.")
-  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+from handi_jax import command_line
 
 
 class CaptionFileError(ValueError):
@@ -166,47 +148,25 @@ def run(config, captions, output_dir, **kw) -> int:
   return 0
 
 
-_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
-
-
-def _flag_error(error: Exception, argv) -> str:
-  """One line for a bad flag or --config override (ml_collections raises a bare AttributeError for an unknown
-  field, while the flag is defined or parsed)."""
-  text = str(error).replace("\\n", "\n").replace("\\'", "'")
-  names = re.findall(r"'(\w+)'", text) or re.findall(r"--config\.[\w.]+", text)
-  culprit = next((a for a in argv[1:] if a.startswith("--config.") and any(n in a for n in names)), None)
-  text = text.strip().strip("\"'")
-  hint = next((line.strip().strip("\"'") for line in text.splitlines() if line.strip().startswith("Did you mean")), "")
-  what = f"{culprit} is not a valid override ({hint or 'no such field, or a bad value: ' + text})" if culprit else text
-  return (f"error: {what}. Config fields are defined in configs/common.py (data settings under config.data "
-          "and config.data.build); run with --help for the flags.")
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except _FLAG_ERRORS as e:
-    sys.exit(_flag_error(e, argv))
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  if not f.captions or not f.output_dir:
-    raise app.UsageError("--captions and --output_dir are required")
-  status = run(f.config, f.captions, f.output_dir, split=f.split, video_dir=f.video_dir, workers=f.workers,
-               progress=f.progress)
+def build_from_flags(config, workdir, *, captions, video_dir, split, output_dir, workers, progress):
+  """The command's job; exits with run()'s status."""
+  del workdir  # only the log file goes there
+  if not captions or not output_dir:
+    raise ValueError("--captions and --output_dir are required")
+  status = run(config, captions, output_dir, split=split, video_dir=video_dir, workers=workers, progress=progress)
   # The interpreter's exit would run the cyclic GC over the ~10^6 objects TensorFlow, JAX and MediaPipe made
   # (1-4 s); frozen, they are left to the end of the process.
   gc.freeze()
-  return status
+  sys.exit(status)
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
-    _define_flags()
-  except _FLAG_ERRORS as e:
-    sys.exit(_flag_error(e, sys.argv))
-  app.run(main, flags_parser=_parse_flags)
+  command_line.run("data_prep", (), "runs/data_prep", "The log goes to <workdir>/logs/.", build_from_flags, options=(
+      command_line.Option("captions", None, "JSON list [{caption, video}] or JSON lines {source, target, prompt}."),
+      command_line.Option("video_dir", None, "Folder the video paths are relative to (default: the caption file's "
+                          "folder)."),
+      command_line.Option("split", "train", "Split name (train, test, ...). Training's prior mask comes from "
+                          "'train'."),
+      command_line.Option("output_dir", None, "Dataset folder (created; several splits may share it)."),
+      command_line.Option("workers", 0, "Worker processes for decoding and detection; 0 = all cores."),
+      command_line.Option("progress", True, "Show a progress bar.")))

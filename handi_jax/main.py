@@ -1,29 +1,16 @@
-"""handi-jax entry point: `python -m handi_jax.main --config=configs/stage2.py --workdir=DIR --mode=MODE`.
+"""handi-jax entry point: `python -m handi_jax.main [--config=configs/stage2.py] --workdir=DIR --mode=MODE`.
 
-Parses flags and the config, sets up JAX (multi-host when asked), then hands over to one mode.
+Picks a mode and hands over to it; flags, config, console, log file and input errors are handi_jax.command_line's.
 """
 
-import difflib
 import importlib
-import logging as std_logging
 import os
-import pathlib
-import re
 import sys
-import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-import configs
+from handi_jax import command_line
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    "Config file with optional variants, e.g. configs/stage2.py:paper,h100x8. "
-    "Override any field with --config.<field>=<value> (e.g. --config.train.learning_rate=1e-4).",
-    lock_config=True)
-flags.mark_flag_as_required("config")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, logs and outputs.")
 
 def describe(config, workdir):
   """Print the resolved config and the device mesh it would build; build it when the devices exist."""
@@ -58,117 +45,6 @@ MODES = {
     "demo": "handi_jax.demo:run_demo",
     "compile_report": "handi_jax.compile_report:compile_report",
 }
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback for input errors.")
-_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run: " + ", ".join(MODES) + ".")
-
-
-def _parse_flags(argv):
-  """absl parsing, with one-line errors for bad --config overrides instead of a traceback."""
-  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]) and "--help" not in argv:
-    sys.exit("error: --config is required, e.g. --config=configs/stage2.py (variants: configs/stage2.py:paper)")
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f"error: {_explain_flag_error(e, argv)}")
-
-
-def _explain_flag_error(error, argv) -> str:
-  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
-    error = error.args[0]
-  text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-  lines = [line.strip().strip("'") for line in text.splitlines() if line.strip()] or [type(error).__name__]
-  # A config file that raised: its own last line says what is wrong, the traceback does not.
-  message = f"{lines[0]} {lines[-1]}" if "Traceback (most recent call last):" in lines else "; ".join(lines)
-  override = next((a for a in argv[1:] if a.startswith("--config.")
-                   and _mentions(message, a.split("=")[0][len("--config."):])), None)
-  if override is None:
-    return message
-  key = override.split("=")[0][len("--config."):]
-  valid = _valid_keys(argv)
-  close = difflib.get_close_matches(key, valid, n=5, cutoff=0.5)
-  parent = key.rpartition(".")[0]
-  siblings = [k for k in valid if k.rpartition(".")[0] == parent][:12]
-  hint = ", ".join(close or siblings)
-  return f"bad override {override!r}: {message}. Valid keys near it: {hint}"
-
-
-def _mentions(message: str, key: str) -> bool:
-  return any(part and part in message for part in key.split(".")) or "override" in message.lower()
-
-
-def _valid_keys(argv) -> list[str]:
-  """Flattened field names of the config the command line selects (without overrides)."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/stage2.py")
-  try:
-    config = configs.load(path)
-  except Exception:  # noqa: BLE001 - only used to suggest names; the caller reports the real error
-    return []
-  keys = []
-
-  def walk(node, prefix):
-    for name, value in node.items():
-      full = f"{prefix}{name}"
-      if hasattr(value, "items"):
-        walk(value, full + ".")
-      else:
-        keys.append(full)
-
-  walk(config, "")
-  return keys
-
-
-_OWN_CODE = (str(pathlib.Path(__file__).resolve().parents[1]),)
-
-
-class _ConsoleFilter(std_logging.Filter):
-  """The console shows handi-jax's own warnings, each once, and errors from anywhere; libraries' deprecation
-  notices and repeats go to the log file only."""
-
-  def __init__(self):
-    super().__init__()
-    self._seen = set()
-
-  def filter(self, record):
-    own = record.pathname.startswith(_OWN_CODE) and "site-packages" not in record.pathname
-    key = (record.levelno, record.getMessage())
-    if key in self._seen or not (own or record.levelno >= std_logging.ERROR):
-      return False
-    self._seen.add(key)
-    return True
-
-
-def setup_logging(workdir: str, mode: str) -> pathlib.Path:
-  """Everything (INFO and up, library logs and Python warnings) goes to <workdir>/logs/<mode>-<time>.log; the
-  console keeps the progress bars and what _ConsoleFilter passes."""
-  log_dir = pathlib.Path(workdir) / "logs"
-  log_dir.mkdir(parents=True, exist_ok=True)
-  path = log_dir / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-  file_handler = std_logging.FileHandler(path)
-  file_handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-  root = std_logging.getLogger()
-  root.addHandler(file_handler)
-  root.setLevel(std_logging.INFO)
-  logging.set_verbosity(logging.INFO)
-  console = logging.get_absl_handler()
-  console.setLevel(std_logging.WARNING)
-  console_filter = _ConsoleFilter()
-  console.addFilter(console_filter)
-  import jax  # noqa: F401 - jax gives its "jax" logger a stderr handler of its own at import
-  for handler in std_logging.getLogger("jax").handlers:
-    handler.addFilter(console_filter)
-  std_logging.captureWarnings(True)
-  return path
-
-
-def enable_compilation_cache(config) -> None:
-  """XLA's persistent compilation cache in config.compilation_cache_dir: a second run skips compiling."""
-  import jax
-
-  if config.compilation_cache_dir:
-    directory = pathlib.Path(os.path.expanduser(config.compilation_cache_dir))
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    # Every compile, even an eager op's: random initialisation runs op by op (the demo's UNet: 25 s -> 3 s warm).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _maybe_initialize_distributed(config):
@@ -187,44 +63,28 @@ def _maybe_initialize_distributed(config):
                "--config.multihost=False")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": torch is optional
-  log_file = None if _MODE.value == "describe" else setup_logging(_WORKDIR.value, _MODE.value)
+def run_mode(config, workdir: str, mode: str) -> None:
+  """Set up JAX (multi-host when asked) and TensorFlow, then run MODES[mode]."""
   import jax
   import tensorflow as tf
 
   # TensorFlow only feeds data: keep it off the accelerators JAX owns.
   tf.config.experimental.set_visible_devices([], "GPU")
-  config = _CONFIG.value
-  enable_compilation_cache(config)
-  if _MODE.value not in ("describe", "compile_report"):  # these only resolve and compile, on one host
+  if mode not in ("describe", "compile_report"):  # these only resolve and compile, on one host
     _maybe_initialize_distributed(config)
-  if log_file is not None:
-    print(f"handi-jax --mode={_MODE.value}: full log in {log_file}")
   logging.info("config:\n%s", config)
   logging.info("JAX backend %s, process %d of %d, %d local / %d global devices", jax.default_backend(),
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
-  target = MODES[_MODE.value]
-  if callable(target):
-    return target(config, _WORKDIR.value)
-  module_name, function_name = target.split(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if not re.match(rf"No module named '{re.escape(module_name)}'", str(e)):
-      raise
-    sys.exit(f"error: --mode={_MODE.value} is not available in this version of handi-jax "
-             f"({module_name} is not implemented yet).")
-  try:
-    getattr(module, function_name)(config, _WORKDIR.value)
-  except (FileNotFoundError, ValueError) as e:  # bad input (a missing file, a wrong shape, a mismatch)
-    if _TRACEBACK.value:
-      raise
-    sys.exit(f"error: {e}\n(--traceback shows where)")
+  target = MODES[mode]
+  if isinstance(target, str):
+    module_name, function_name = target.split(":")
+    target = getattr(importlib.import_module(module_name), function_name)
+  target(config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  command_line.run(
+      "main", (), "runs/default", "Directory for checkpoints, logs and outputs.", run_mode,
+      options=(command_line.Option("mode", "train", "What to run: " + ", ".join(MODES) + ".", choices=tuple(MODES)),),
+      # The log file is named after the mode; describe only prints, so it writes none.
+      log_name=lambda options: None if options["mode"] == "describe" else options["mode"])

@@ -18,6 +18,7 @@ from handi_jax.convert import unet as convert_unet
 from handi_jax.models.unet3d import UNet3DConditionModel
 from tests.helpers import write_tiny_tokenizer
 from tests.reference_torch import diffusers_vae
+from tests.test_main import logging_restored_afterwards
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
              "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
@@ -92,7 +93,8 @@ def test_stock_pipeline_round_trip_through_the_cli_is_bit_exact(pipelines, tmp_p
   diffusers.UNet3DConditionModel.from_pretrained(source / "unet").save_pretrained(source / "unet",
                                                                                    safe_serialization=False)
   (source / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-  assert cli.main(["import", str(source), str(tmp_path / "out"), "--stock_unet"]) == 0
+  with logging_restored_afterwards():
+    cli.main(["import", str(source), str(tmp_path / "out"), "--stock_unet", f"--workdir={tmp_path / 'run'}"])
   assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
   for component in pipeline.MODELS:
     _assert_same_weights(source, tmp_path / "out", component)
@@ -110,15 +112,19 @@ def test_stock_pipeline_round_trip_through_the_cli_is_bit_exact(pipelines, tmp_p
   out = capsys.readouterr().out
   count = sum(p.numel() for p in reference.parameters())
   assert f"unet: {len(reference.state_dict())} tensors, {count:,} parameters" in out
-  assert cli.main(["inspect", str(tmp_path / "out")]) == 0
-  assert f"unet: {len(reference.state_dict())} tensors" in capsys.readouterr().out
+  with logging_restored_afterwards():
+    cli.main(["inspect", str(tmp_path / "out"), f"--workdir={tmp_path / 'run'}"])
+  out = capsys.readouterr().out
+  assert f"unet: {len(reference.state_dict())} tensors" in out and f"full log in {tmp_path / 'run' / 'logs'}" in out
 
 
 @pytest.mark.slow
 def test_stock_unet_becomes_a_handi_unet_that_training_loads(pipelines, tmp_path):
   with pytest.raises(core.CheckpointMismatchError, match="lacks the HANDI parameters"):
     pipeline.normalize_pipeline(pipelines["stock"], tmp_path / "out")  # needs --init_missing_handi_params
-  assert cli.main(["import", str(pipelines["stock"]), str(tmp_path / "out"), "--init_missing_handi_params"]) == 0
+  with logging_restored_afterwards():
+    cli.main(["import", str(pipelines["stock"]), str(tmp_path / "out"), "--init_missing_handi_params",
+              f"--workdir={tmp_path / 'run'}"])
   saved = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
   assert saved["motion_mask"] is True  # the release's keys: conv_in2 and motion_embedding are kept
   unet = convert_unet.load_pretrained(tmp_path / "out" / "unet")
@@ -140,11 +146,18 @@ def test_export_from_config_writes_the_pretrained_models_back(pipelines, tmp_pat
 def test_bad_directories_give_clear_errors_and_leave_nothing_behind(pipelines, tmp_path, capsys):
   broken = tmp_path / "broken"
   shutil.copytree(pipelines["stock"], broken, ignore=shutil.ignore_patterns("text_encoder"))
-  assert cli.main(["import", str(broken), str(tmp_path / "out")]) == 2
-  error = capsys.readouterr().err
-  assert f"pipeline directory {broken} lacks text_encoder/; expected unet/, vae/, text_encoder/" in error
-  assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
-  assert f"pipeline directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+  workdir = f"--workdir={tmp_path / 'run'}"
+  with logging_restored_afterwards(), pytest.raises(SystemExit) as exited:
+    cli.main(["import", str(broken), str(tmp_path / "out"), workdir])
+  error = capsys.readouterr().err.splitlines()
+  assert exited.value.code == 1 and len(error) == 2 and error[1] == "(--traceback shows where)"
+  assert error[0].startswith(f"error: pipeline directory {broken} lacks text_encoder/; expected unet/, vae/, "
+                             "text_encoder/")
+  with logging_restored_afterwards(), pytest.raises(SystemExit):
+    cli.main(["inspect", str(tmp_path / "nope"), workdir])
+  assert f"error: pipeline directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+  with logging_restored_afterwards(), pytest.raises(FileNotFoundError, match="does not exist"):
+    cli.main(["inspect", str(tmp_path / "nope"), workdir, "--traceback"])
   # A conversion that fails half-way (the VAE is read, the text encoder does not fit its config) leaves no
   # destination and no temporary folder.
   shutil.copytree(pipelines["stock"], tmp_path / "bad")

@@ -247,7 +247,8 @@ def test_killed_run_resumes_to_identical_shards(built, videos, tmp_path):
   summary, reference = built
   out = tmp_path / "resumed"
   command = [sys.executable, "-m", "data_prep.build", f"--captions={videos / 'captions.json'}",
-             f"--output_dir={out}", "--workers=2", "--noprogress"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+             f"--output_dir={out}", "--workers=2", "--noprogress", f"--workdir={tmp_path}"] + [
+                 f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -282,8 +283,8 @@ def test_command_line_help_documents_the_flags():
   result = subprocess.run([sys.executable, "-m", "data_prep.build", "--help"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
   assert "Traceback" not in result.stderr  # absl exits with status 1 after --help
-  for flag in ("--captions", "--output_dir", "--split", "--video_dir", "--workers", "--config"):
-    assert flag in result.stdout
+  for flag in ("captions", "output_dir", "split", "video_dir", "workers", "config", "workdir", "traceback"):
+    assert f"\n  --{flag}: " in result.stdout or f"\n  --[no]{flag}: " in result.stdout, (flag, result.stdout)
 
 
 def test_training_pipeline_reads_the_built_clips_past_empty_shards(built):
@@ -305,12 +306,13 @@ def test_training_pipeline_reads_the_built_clips_past_empty_shards(built):
     np.testing.assert_array_equal(np.asarray(batch["mask"][i]), examples[clip_id]["union_mask"] / np.float32(255))
 
 
-def test_bad_config_override_is_one_line():
+def test_bad_config_override_is_one_line(tmp_path):
   result = subprocess.run([sys.executable, "-m", "data_prep.build", "--captions=x.json", "--output_dir=out",
-                           "--config.data.build.mask_rul=joint_hull"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
-  assert result.returncode != 0 and "Traceback" not in result.stderr
-  assert "--config.data.build.mask_rul=joint_hull is not a valid override" in result.stderr
+                           f"--workdir={tmp_path}", "--config.data.build.mask_rul=joint_hull"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and result.stderr.splitlines() == [
+      "error: unknown config key data.build.mask_rul (in --config.data.build.mask_rul=joint_hull). "
+      "Did you mean data.build.mask_rule?", "(--traceback shows where)"]
 
 
 def test_bad_caption_entries_are_rejected_with_their_line_and_the_rest_written(videos, tmp_path, capsys):
@@ -367,9 +369,9 @@ def test_unreadable_caption_file_on_the_command_line_is_one_line(tmp_path):
   captions = tmp_path / "captions.json"
   captions.write_bytes(b'[{"video": "31.mp4", "caption": "saut\xe9"}]')
   result = subprocess.run([sys.executable, "-m", "data_prep.build", f"--captions={captions}",
-                           f"--output_dir={tmp_path / 'out'}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
-  assert result.returncode != 0 and "Traceback" not in result.stderr
+                           f"--output_dir={tmp_path / 'out'}", f"--workdir={tmp_path}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (f"error: {captions} is not UTF-8 text (byte 0xe9 on line 1); "
                                                     "save it as UTF-8 and run again (--captions)")
 

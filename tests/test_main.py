@@ -1,21 +1,30 @@
-"""The entry point as a user runs it: a subprocess with a clean environment."""
+"""The entry points as a user runs them: subprocesses with a clean environment; and the scaffold they share
+(handi_jax.command_line): flags, --help, one-line input errors, the console and the log file."""
 
+import contextlib
 import logging as std_logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
-from absl import logging
+import pytest
+from absl import flags, logging
 
-from handi_jax import main
+import configs
+from handi_jax import command_line
 from tests.conftest import REPO_ROOT
 
 
-def _run(*args):
+def _run(*args, module="handi_jax.main"):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "handi_jax.main", *args], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _error_lines(result) -> list[str]:
+  return [line for line in result.stderr.strip().splitlines() if line.strip()]
 
 
 def test_describe_explains_missing_devices():
@@ -26,75 +35,146 @@ def test_describe_explains_missing_devices():
   assert "wants 8 devices" in result.stdout and "1 cpu device(s) exist here" in result.stdout
 
 
+def test_without_config_main_describes_the_default_config():
+  result = _run("--mode=describe")
+  assert result.returncode == 0, result.stderr
+  assert "stage: 2" in result.stdout and "num_steps: 200" in result.stdout  # configs/stage2.py, the demo variant
+  assert "full log in" not in result.stdout  # describe only prints
+
+
 def test_pod_variant_describes_on_one_host_and_train_says_how_to_start_hosts(tmp_path):
   described = _run("--config=configs/stage2.py:paper,tpu_v5p_64", "--mode=describe")
   assert described.returncode == 0, described.stderr
   assert "global batch 64 clips a step over 32 batch device(s)" in described.stdout
   trained = _run("--config=configs/stage2.py:paper,tpu_v5p_64", f"--workdir={tmp_path}", "--mode=train")
-  lines = [line for line in trained.stderr.strip().splitlines() if line.strip()]
+  lines = _error_lines(trained)
   assert trained.returncode != 0 and len(lines) == 1, trained.stderr
   assert lines[0].startswith("error: multi-host start-up") and "--config.multihost=False" in lines[0]
+  log_file, = (tmp_path / "logs").glob("train-*.log")
+  assert f"full log in {log_file}" in trained.stdout
 
 
-def test_unknown_override_is_one_line_error():
-  result = _run("--config=configs/stage2.py", "--config.nope=1", "--mode=describe")
-  assert result.returncode != 0
-  lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-  assert lines[0].startswith("error: bad override '--config.nope=1'") and "Valid keys near it" in lines[0]
+@pytest.mark.parametrize("args, error", [
+    (["--config.train.num_steps=ten"], "error: config.train.num_steps must be an integer, got 'ten'"),
+    (["--config=configs/stage1.py", "--config.train.learnig_rate=1"],
+     "error: unknown config key train.learnig_rate (in --config.train.learnig_rate=1). "
+     "Did you mean train.learning_rate?")])
+def test_a_bad_override_is_one_error_line(args, error):
+  result = _run(*args, "--mode=describe")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert _error_lines(result) == [error, "(--traceback shows where)"]
 
 
-def test_wrong_type_override_is_one_line_error():
-  result = _run("--config=configs/stage1.py", "--config.train.learning_rate=fast", "--mode=describe")
-  assert result.returncode != 0
-  lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-  assert len(lines) == 1 and "train.learning_rate" in lines[0], result.stderr
+def test_an_unknown_key_without_a_near_one_lists_the_keys_of_its_section():
+  config = configs.load("configs/stage2.py")
+  with pytest.raises(ValueError, match=r"^unknown config key nope \(in --config.nope=1\)\. Keys of the config: "
+                                       r"compilation_cache_dir, compile_report, cpu_fast_compile, data, "):
+    command_line._check_override_keys(["prog", "--config.nope=1"], config)
+  with pytest.raises(ValueError, match=r"Keys of train: adam_b1, adam_b2, "):
+    command_line._check_override_keys(["prog", "--config.train.zzz=1"], config)
+  command_line._check_override_keys(["prog", "--config.train.num_steps=ten", "--noconfig.multihost"], config)
 
 
 def test_input_errors_of_a_mode_are_one_line(tmp_path):
   result = _run("--config=configs/stage2.py", "--mode=generate", f"--workdir={tmp_path}",
                 "--config.generate.image=/does/not/exist.png", "--config.generate.prompt=cut the onion")
-  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "error: image /does/not/exist.png does not exist" in result.stderr
 
 
-def _record(level, path, message):
-  return std_logging.LogRecord("absl", level, str(path), 1, message, None, None)
+@pytest.mark.parametrize("module, own_flags", [
+    ("handi_jax.main", ("--mode", "--config", "--workdir", "--traceback")),
+    ("handi_jax.generate", ("--image", "--prompt", "--mask", "--prompts_file", "--config", "--workdir")),
+    ("handi_jax.evaluate", ("--prompts_file", "--gt_dir", "--runs", "--traceback")),
+    ("handi_jax.app", ("--port", "--host", "--config", "--workdir")),
+])
+def test_help_lists_the_flags_of_the_command(module, own_flags):
+  result = _run("--help", module=module)
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  for flag in own_flags:
+    assert re.search(rf"^  --(\[no\])?{flag[2:]}:", result.stdout, re.MULTILINE), (flag, result.stdout)
+  assert "--config.<field>=<value>" in result.stdout
+
+
+def test_a_missing_input_file_is_one_error_line_and_traceback_shows_where(tmp_path):
+  missing = tmp_path / "missing.json"
+  result = _run(f"--prompts_file={missing}", f"--workdir={tmp_path}", module="handi_jax.evaluate")
+  assert result.returncode == 1, result.stderr
+  lines = _error_lines(result)
+  assert len(lines) == 2 and lines[0].startswith("error: ") and str(missing) in lines[0], result.stderr
+  assert lines[1] == "(--traceback shows where)" and "full log in" in result.stdout
+  shown = _run(f"--prompts_file={missing}", f"--workdir={tmp_path}", "--traceback", module="handi_jax.evaluate")
+  assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
+  assert shown.stderr.strip().splitlines()[-1].startswith("FileNotFoundError: ")
+
+
+@contextlib.contextmanager
+def logging_restored_afterwards():
+  """command_line.setup_logging sets up the process's logging; a test runs it in here, which puts it back as it
+  was. The console handlers write to the test's sys.stderr meanwhile (they hold pytest's of the collection
+  phase), so enter it in the test itself, not in a fixture (whose sys.stderr is the setup phase's)."""
+  console = logging.get_absl_handler()
+  root = std_logging.getLogger()
+  console_handlers = [console.python_handler, *std_logging.getLogger("jax").handlers]
+  saved = (console.level, list(console.filters), list(root.handlers), root.level, logging.get_verbosity(),
+           flags.FLAGS.is_parsed(), [(h.stream, h.formatter, list(h.filters)) for h in console_handlers])
+  for handler in console_handlers:
+    handler.setStream(sys.stderr)
+  try:
+    yield
+  finally:
+    level, filters, handlers, root_level, verbosity, parsed, console_settings = saved
+    console.setLevel(level)
+    console.filters[:] = filters
+    for handler in set(root.handlers) - set(handlers):
+      if isinstance(handler, std_logging.FileHandler):  # the log file; the console's stream is pytest's
+        handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    for handler, (stream, formatter, kept_filters) in zip(console_handlers, console_settings, strict=True):
+      handler.setStream(stream)
+      handler.setFormatter(formatter)
+      handler.filters[:] = kept_filters
+    logging.set_verbosity(verbosity)
+    std_logging.captureWarnings(False)
+    if not parsed:
+      flags.FLAGS.unparse_flags()
+
+
+def _record(level, path, message, name="absl"):
+  return std_logging.LogRecord(name, level, str(path), 1, message, None, None)
+
+
+OURS = REPO_ROOT / "handi_jax" / "checkpoints.py"
+LIBRARY = pathlib.Path(sys.prefix) / "lib" / "site-packages" / "tensorflow_datasets" / "feature.py"
 
 
 def test_console_shows_our_warnings_once_and_errors_but_not_library_notices():
-  console = main._ConsoleFilter()
-  ours = REPO_ROOT / "handi_jax" / "checkpoints.py"
-  library = pathlib.Path(sys.prefix) / "lib" / "site-packages" / "tensorflow_datasets" / "feature.py"
-  assert console.filter(_record(std_logging.WARNING, ours, "random weights"))
-  assert not console.filter(_record(std_logging.WARNING, ours, "random weights"))  # the same warning again
-  assert console.filter(_record(std_logging.WARNING, ours, "another warning"))
-  assert not console.filter(_record(std_logging.WARNING, library, "`FeatureConnector.dtype` is deprecated"))
-  assert console.filter(_record(std_logging.ERROR, library, "a library failed"))
+  console = command_line._ConsoleFilter()
+  assert console.filter(_record(std_logging.WARNING, OURS, "random weights"))
+  assert not console.filter(_record(std_logging.WARNING, OURS, "random weights"))  # the same warning again
+  assert console.filter(_record(std_logging.WARNING, OURS, "another warning"))
+  assert not console.filter(_record(std_logging.WARNING, LIBRARY, "`FeatureConnector.dtype` is deprecated"))
+  assert console.filter(_record(std_logging.ERROR, LIBRARY, "a library failed"))
 
 
-def test_the_log_file_gets_everything(tmp_path, capfd):
-  handler = logging.get_absl_handler()
-  level, filters, root_handlers = handler.level, list(handler.filters), list(std_logging.getLogger().handlers)
-  jax_handlers = {h: list(h.filters) for h in std_logging.getLogger("jax").handlers}
-  root_level = std_logging.getLogger().level
-  try:
-    log_file = main.setup_logging(str(tmp_path), "train")
+def test_the_console_says_warnings_plainly_and_the_log_file_gets_everything(tmp_path, capsys):
+  with logging_restored_afterwards():
+    log_file = command_line.setup_logging(str(tmp_path), "train")
     logging.info("an info line")
-    std_logging.getLogger("some_library").warning("a library's deprecation notice")
+    logging.warning("a warning of ours")
+    logging.warning("a warning of ours")
+    library = std_logging.getLogger("some_library")
+    library.handle(_record(std_logging.WARNING, LIBRARY, "a library's deprecation notice", library.name))
+    library.handle(_record(std_logging.ERROR, LIBRARY, "a library failed", library.name))
     # jax logs through a stderr handler of its own (e.g. on every machine without a TPU).
-    std_logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
+    jax_logger = std_logging.getLogger("jax._src.xla_bridge")
+    jax_logger.handle(_record(std_logging.INFO, LIBRARY, "Unable to initialize backend 'tpu'", jax_logger.name))
     for h in std_logging.getLogger().handlers:
       h.flush()
-    text = log_file.read_text()
-  finally:
-    handler.setLevel(level)
-    handler.filters[:] = filters
-    std_logging.getLogger().handlers[:] = root_handlers
-    for h, kept in jax_handlers.items():
-      h.filters[:] = kept
-    std_logging.getLogger().setLevel(root_level)
-  assert log_file.parent == tmp_path / "logs"
+  text = log_file.read_text()
+  assert log_file.parent == tmp_path / "logs" and log_file.name.startswith("train-")
   assert "an info line" in text and "a library's deprecation notice" in text
   assert "Unable to initialize backend 'tpu'" in text
-  assert "Unable to initialize backend" not in capfd.readouterr().err
+  assert re.search(r"^W\d{4} [\d:.]+ +\d+ test_main.py:\d+\] a warning of ours$", text, re.MULTILINE), text
+  assert capsys.readouterr().err.splitlines() == ["warning: a warning of ours", "error: a library failed"]

@@ -3,19 +3,26 @@
 `import` rewrites a PyTorch pipeline directory (legacy .bin weights, a stock ModelScope UNet) as one that
 `config.model.pretrained` reads: safetensors, the HANDI UNet in the release's keys. Export from a training run
 is `python -m handi_jax.main --mode=export`.
+
+Subcommands with their own positional arguments are argparse's; the console, the log file and the one-line input
+errors are handi_jax.command_line's, as for every command.
 """
 
 import argparse
-import logging
-import sys
 
+from handi_jax import command_line
 from handi_jax.convert import pipeline
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
+  """Run one subcommand; an input error exits with status 1 and one `error:` line."""
+  shared = argparse.ArgumentParser(add_help=False)
+  shared.add_argument("--workdir", default="runs/convert", help="the log goes to <workdir>/logs/")
+  shared.add_argument("--traceback", action="store_true", help="show the traceback of an input error")
   parser = argparse.ArgumentParser(prog="python -m handi_jax.convert", description=__doc__.split("\n\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  imp = commands.add_parser("import", help="PyTorch pipeline directory -> pipeline directory handi-jax loads")
+  imp = commands.add_parser("import", parents=[shared],
+                            help="PyTorch pipeline directory -> pipeline directory handi-jax loads")
   imp.add_argument("source", help="diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
   imp.add_argument("destination", help="pipeline directory to write (safetensors)")
   imp.add_argument("--init_missing_handi_params", action="store_true",
@@ -25,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
   imp.add_argument("--unet_format", choices=("auto", "original", "diffusers"), default="auto",
                    help="UNet keys written: original (the HANDI release, keeps conv_in2/motion), diffusers (stock), "
                         "auto (original for a HANDI UNet, else diffusers)")
-  ins = commands.add_parser("inspect", help="summarise a pipeline directory")
+  ins = commands.add_parser("inspect", parents=[shared], help="summarise a pipeline directory")
   ins.add_argument("directory")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  try:
+  command_line.quiet_libraries()
+  with command_line.exit_on_user_errors(args.traceback):
+    print(f"full log in {command_line.setup_logging(args.workdir, 'convert')}")
     if args.command == "import":
       pipeline.normalize_pipeline(args.source, args.destination, stock_unet=args.stock_unet,
                                   init_missing_handi_params=args.init_missing_handi_params,
@@ -37,7 +45,3 @@ def main(argv: list[str] | None = None) -> int:
       print(pipeline.describe_directory(args.destination))
     else:
       print(pipeline.describe_directory(args.directory))
-  except (FileNotFoundError, ValueError) as e:  # CheckpointMismatchError is a ValueError
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
