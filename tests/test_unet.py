@@ -12,7 +12,7 @@ from flax import nnx
 
 from handi_jax.convert import core
 from handi_jax.convert import unet as convert_unet
-from handi_jax.models import unet_blocks
+from handi_jax.models import layers, shared_blocks, unet_blocks
 from handi_jax.models.unet3d import UNet3DConditionModel
 from tests.helpers import (
   BATCH,
@@ -105,18 +105,18 @@ def test_nearest_upsampling_indices_follow_torch(sizes):
   in_size, out_size = sizes
   source = torch.arange(in_size, dtype=torch.float32)[None, None, :, None].expand(1, 1, in_size, 1)
   expected = torch.nn.functional.interpolate(source, size=(out_size, 1), mode="nearest")[0, 0, :, 0]
-  np.testing.assert_array_equal(unet_blocks.nearest_indices(in_size, out_size), expected.numpy().astype(np.int64))
+  np.testing.assert_array_equal(shared_blocks.nearest_indices(in_size, out_size), expected.numpy().astype(np.int64))
 
 
 def test_half_pixel_resize_would_differ_from_torch():
   """Why the indices are gathered explicitly: jax.image.resize('nearest') picks other source pixels at 43 -> 85."""
   source = jnp.arange(43, dtype=jnp.float32)
   resized = np.asarray(jax.image.resize(source, (85,), "nearest")).astype(np.int64)
-  assert (resized != unet_blocks.nearest_indices(43, 85)).any()
+  assert (resized != shared_blocks.nearest_indices(43, 85)).any()
 
 
 def test_temporal_dropout_only_in_train_mode():
-  opts = unet_blocks.LayerOptions()
+  opts = layers.LayerOptions()
   layer = unet_blocks.TemporalConvLayer(8, 4, 0.1, opts, nnx.Rngs(0, dropout=1))
   kernel = layer.conv4[3].kernel  # starts at zero (an identity layer), which would hide the dropout
   kernel.value = jax.random.normal(jax.random.key(0), kernel.value.shape)

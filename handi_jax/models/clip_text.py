@@ -13,36 +13,23 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from handi_jax.models.layers import LayerOptions, layer_norm, linear
+
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
-_LINEAR_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
 _EMBED_INIT = nnx.initializers.normal(0.02)
-
-
-def _linear(in_features, out_features, names, *, rngs, dtype, param_dtype):
-  return nnx.Linear(
-      in_features, out_features, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(_LINEAR_INIT, names),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)), rngs=rngs)
-
-
-def _layer_norm(features, eps, *, rngs, dtype, param_dtype):
-  return nnx.LayerNorm(
-      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)), rngs=rngs)
 
 
 class CLIPTextEmbeddings(nnx.Module):
 
-  def __init__(self, config, *, rngs, dtype, param_dtype):
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs):
     self.token_embedding = nnx.Embed(
-        config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        config.vocab_size, config.hidden_size, dtype=opts.dtype, param_dtype=opts.param_dtype,
         embedding_init=nnx.with_partitioning(_EMBED_INIT, ("vocab", "embed")), rngs=rngs)
     self.position_embedding = nnx.Embed(
-        config.max_position_embeddings, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        config.max_position_embeddings, config.hidden_size, dtype=opts.dtype, param_dtype=opts.param_dtype,
         embedding_init=nnx.with_partitioning(_EMBED_INIT, (None, "embed")), rngs=rngs)
 
   def __call__(self, input_ids):
@@ -53,16 +40,16 @@ class CLIPTextEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
   """Multi-head self-attention; `causal` (the text tower): each token sees itself and the tokens before it."""
 
-  def __init__(self, config, causal: bool = True, **kw):
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs, causal: bool = True):
     self.causal = causal
     width, self.num_heads = config.hidden_size, config.num_attention_heads
     if width % self.num_heads:
       raise ValueError(f"config.model.text_encoder: hidden_size {width} is not divisible by "
                        f"num_attention_heads {self.num_heads}; pick a head count that divides the width")
-    self.q_proj = _linear(width, width, ("embed", "heads"), **kw)
-    self.k_proj = _linear(width, width, ("embed", "heads"), **kw)
-    self.v_proj = _linear(width, width, ("embed", "heads"), **kw)
-    self.out_proj = _linear(width, width, ("heads", "embed"), **kw)
+    self.q_proj = linear(width, width, ("embed", "heads"), opts, rngs)
+    self.k_proj = linear(width, width, ("embed", "heads"), opts, rngs)
+    self.v_proj = linear(width, width, ("embed", "heads"), opts, rngs)
+    self.out_proj = linear(width, width, ("heads", "embed"), opts, rngs)
 
   def __call__(self, x):
     batch, length, width = x.shape
@@ -83,13 +70,13 @@ class CLIPAttention(nnx.Module):
 
 class CLIPMLP(nnx.Module):
 
-  def __init__(self, config, **kw):
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs):
     if config.hidden_act not in _ACTIVATIONS:
       raise ValueError(f"config.model.text_encoder.hidden_act={config.hidden_act!r} is not supported; "
                        f"use one of {sorted(_ACTIVATIONS)}")
     self.activation = config.hidden_act
-    self.fc1 = _linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
-    self.fc2 = _linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
+    self.fc1 = linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), opts, rngs)
+    self.fc2 = linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), opts, rngs)
 
   def __call__(self, x):
     return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
@@ -98,11 +85,11 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
   """Pre-norm transformer block (causal in the text tower, not in the vision tower)."""
 
-  def __init__(self, config, causal: bool = True, **kw):
-    self.self_attn = CLIPAttention(config, causal, **kw)
-    self.layer_norm1 = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-    self.mlp = CLIPMLP(config, **kw)
-    self.layer_norm2 = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs, causal: bool = True):
+    self.self_attn = CLIPAttention(config, opts, rngs, causal)
+    self.layer_norm1 = layer_norm(config.hidden_size, opts, rngs, config.layer_norm_eps)
+    self.mlp = CLIPMLP(config, opts, rngs)
+    self.layer_norm2 = layer_norm(config.hidden_size, opts, rngs, config.layer_norm_eps)
 
   def __call__(self, x):
     x = x + self.self_attn(self.layer_norm1(x))
@@ -111,8 +98,8 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
 
-  def __init__(self, config, causal: bool = True, **kw):
-    self.layers = nnx.List([CLIPEncoderLayer(config, causal, **kw) for _ in range(config.num_hidden_layers)])
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs, causal: bool = True):
+    self.layers = nnx.List([CLIPEncoderLayer(config, opts, rngs, causal) for _ in range(config.num_hidden_layers)])
 
   def __call__(self, x):
     for layer in self.layers:
@@ -122,10 +109,10 @@ class CLIPEncoder(nnx.Module):
 
 class CLIPTextTransformer(nnx.Module):
 
-  def __init__(self, config, **kw):
-    self.embeddings = CLIPTextEmbeddings(config, **kw)
-    self.encoder = CLIPEncoder(config, **kw)
-    self.final_layer_norm = _layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs):
+    self.embeddings = CLIPTextEmbeddings(config, opts, rngs)
+    self.encoder = CLIPEncoder(config, opts, rngs)
+    self.final_layer_norm = layer_norm(config.hidden_size, opts, rngs, config.layer_norm_eps)
 
   def __call__(self, input_ids):
     return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
@@ -140,7 +127,7 @@ class CLIPTextModel(nnx.Module):
 
   def __init__(self, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = ml_collections.FrozenConfigDict(config)
-    self.text_model = CLIPTextTransformer(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.text_model = CLIPTextTransformer(self.config, LayerOptions(dtype, param_dtype), rngs)
 
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:

@@ -14,6 +14,7 @@ import ml_collections
 from flax import nnx
 
 from handi_jax.models import clip_text
+from handi_jax.models.layers import KERNEL_INIT, LayerOptions, layer_norm
 
 _CLASS_INIT = nnx.initializers.normal(0.02)
 
@@ -21,15 +22,16 @@ _CLASS_INIT = nnx.initializers.normal(0.02)
 class CLIPVisionEmbeddings(nnx.Module):
   """Patches (a stride-p convolution without bias) + a learned class token + learned positions."""
 
-  def __init__(self, config, *, rngs, dtype, param_dtype):
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs):
     self.patch_size, self.image_size = config.patch_size, config.image_size
     width = config.hidden_size
-    self.class_embedding = nnx.Param(_CLASS_INIT(rngs.params(), (width,), param_dtype))
+    self.class_embedding = nnx.Param(_CLASS_INIT(rngs.params(), (width,), opts.param_dtype))
     self.patch_embedding = nnx.Conv(
         config.num_channels, width, kernel_size=(self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-        padding="VALID", use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        padding="VALID", use_bias=False, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
     num_positions = (config.image_size // config.patch_size) ** 2 + 1
-    self.position_embedding = nnx.Embed(num_positions, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.position_embedding = nnx.Embed(num_positions, width, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                                        rngs=rngs)
 
   def __call__(self, pixels):
     patches = self.patch_embedding(pixels)
@@ -43,11 +45,11 @@ class CLIPVisionEmbeddings(nnx.Module):
 class CLIPVisionTransformer(nnx.Module):
   """pixels (B, S, S, C) normalised as CLIPImageProcessor does -> pooled class token (B, hidden_size)."""
 
-  def __init__(self, config, **kw):
-    self.embeddings = CLIPVisionEmbeddings(config, **kw)
-    self.pre_layrnorm = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-    self.encoder = clip_text.CLIPEncoder(config, causal=False, **kw)
-    self.post_layernorm = clip_text._layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+  def __init__(self, config, opts: LayerOptions, rngs: nnx.Rngs):
+    self.embeddings = CLIPVisionEmbeddings(config, opts, rngs)
+    self.pre_layrnorm = layer_norm(config.hidden_size, opts, rngs, config.layer_norm_eps)
+    self.encoder = clip_text.CLIPEncoder(config, opts, rngs, causal=False)
+    self.post_layernorm = layer_norm(config.hidden_size, opts, rngs, config.layer_norm_eps)
 
   def __call__(self, pixels):
     size = self.embeddings.image_size
@@ -58,9 +60,10 @@ class CLIPVisionTransformer(nnx.Module):
     return self.post_layernorm(hidden[:, 0])
 
 
-def _projection(in_features, out_features, *, rngs, dtype, param_dtype):
-  return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=clip_text._LINEAR_INIT, rngs=rngs)
+def _projection(in_features: int, out_features: int, opts: LayerOptions, rngs: nnx.Rngs) -> nnx.Linear:
+  """Without bias or logical axis names: the evaluation CLIP is never sharded."""
+  return nnx.Linear(in_features, out_features, use_bias=False, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                    kernel_init=KERNEL_INIT, rngs=rngs)
 
 
 class CLIPModel(nnx.Module):
@@ -74,11 +77,11 @@ class CLIPModel(nnx.Module):
 
   def __init__(self, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = ml_collections.FrozenConfigDict(config)
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.text_model = clip_text.CLIPTextTransformer(self.config.text, **kw)
-    self.vision_model = CLIPVisionTransformer(self.config.vision, **kw)
-    self.visual_projection = _projection(self.config.vision.hidden_size, self.config.projection_dim, **kw)
-    self.text_projection = _projection(self.config.text.hidden_size, self.config.projection_dim, **kw)
+    opts = LayerOptions(dtype, param_dtype)
+    self.text_model = clip_text.CLIPTextTransformer(self.config.text, opts, rngs)
+    self.vision_model = CLIPVisionTransformer(self.config.vision, opts, rngs)
+    self.visual_projection = _projection(self.config.vision.hidden_size, self.config.projection_dim, opts, rngs)
+    self.text_projection = _projection(self.config.text.hidden_size, self.config.projection_dim, opts, rngs)
     self.logit_scale = nnx.Param(jnp.asarray(2.6592, param_dtype))  # transformers' logit_scale_init_value
 
   def image_embeds(self, pixels: jax.Array) -> jax.Array:

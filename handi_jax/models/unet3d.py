@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from handi_jax.models import attention as attention_lib
+from handi_jax.models import layers
 from handi_jax.models import unet_blocks as blocks
 
 CONFIG_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "attention_head_dim",
@@ -72,21 +73,21 @@ class UNet3DConditionModel(nnx.Module):
                        f"{channels} (heads = channels // attention_head_dim)")
     self.config = cfg
     self.remat = remat
-    opts = blocks.LayerOptions(jnp.dtype(dtype), jnp.dtype(param_dtype), attention)
+    opts = layers.LayerOptions(jnp.dtype(dtype), jnp.dtype(param_dtype), attention)
     self.dtype = opts.dtype
     groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
     time_features = 4 * channels[0]
 
-    self.conv_in = blocks.conv(cfg["in_channels"], channels[0], opts, rngs)
-    self.conv_in2 = (blocks.conv(cfg["mask_channels"] + cfg["out_channels"], channels[0], opts, rngs)
+    self.conv_in = layers.conv(cfg["in_channels"], channels[0], opts, rngs)
+    self.conv_in2 = (layers.conv(cfg["mask_channels"] + cfg["out_channels"], channels[0], opts, rngs)
                      if cfg["mask_channels"] else None)
     motion = bool(cfg["motion_strength"])
     self.time_embedding = blocks.TimestepEmbedding(channels[0], time_features, channels[0] if motion else None,
                                                    opts, rngs)
     if motion:  # in the release's state dict, never used in its forward pass
       self.motion_embedding = nnx.List([
-          blocks.linear(channels[0], time_features, ("embed", "mlp"), opts, rngs), nnx.silu,
-          blocks.linear(time_features, time_features, ("mlp", "embed"), opts, rngs, zero_init=True)])
+          layers.linear(channels[0], time_features, ("embed", "mlp"), opts, rngs), nnx.silu,
+          layers.linear(time_features, time_features, ("mlp", "embed"), opts, rngs, zero_init=True)])
     else:
       self.motion_embedding = None
     temporal_groups = cfg["temporal_norm_num_groups"]
@@ -112,8 +113,8 @@ class UNet3DConditionModel(nnx.Module):
                    num_layers=cfg["layers_per_block"] + 1),
               prev_out_features=reversed_channels[max(i - 1, 0)], add_upsample=i < last, opts=opts, rngs=rngs)
         for i, (block, c) in enumerate(zip(up_types, reversed_channels, strict=True))])
-    self.conv_norm_out = blocks.group_norm(channels[0], groups, eps, opts, rngs)
-    self.conv_out = blocks.conv(channels[0], cfg["out_channels"], opts, rngs)
+    self.conv_norm_out = layers.group_norm(channels[0], groups, eps, opts, rngs)
+    self.conv_out = layers.conv(channels[0], cfg["out_channels"], opts, rngs)
 
   def __call__(self, sample, timesteps, encoder_hidden_states, condition_latent, mask=None, motion=None):
     latent_channels = self.config["out_channels"]

@@ -2,81 +2,19 @@
 
 Spatial layers see frames as batch: (N, h, w, C) with N = batch * frames, frames inner (the order of torch's
 `repeat_interleave`). Temporal layers reshape to (batch, frames, h, w, C); their GroupNorms then take statistics
-across frames as well, as torch's GroupNorm on the 5-D tensor does.
+across frames as well, as torch's GroupNorm on the 5-D tensor does. The resnet, attention and resampling blocks
+are the ones the VAE is built from too (shared_blocks.py).
 """
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from handi_jax.models import attention as attention_lib
-
-_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")  # cheap to compile per shape
-_zeros = nnx.initializers.zeros_init()
-_ones = nnx.initializers.ones_init()
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerOptions:
-  """Precision and attention kernel shared by every layer of a model."""
-
-  dtype: Any = jnp.float32        # compute dtype
-  param_dtype: Any = jnp.float32  # master weights
-  attention: str = "xla"          # kernel for spatial attention (see attention.py)
-
-
-def conv(in_features: int, out_features: int, opts: LayerOptions, rngs: nnx.Rngs, kernel: int = 3,
-         stride: int = 1, zero_init: bool = False) -> nnx.Conv:
-  """torch Conv2d(k, stride, padding=k//2): symmetric explicit padding (XLA 'SAME' pads (0, 1) at stride 2)."""
-  pad = kernel // 2
-  return nnx.Conv(
-      in_features, out_features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-      kernel_init=nnx.with_partitioning(_zeros if zero_init else _kernel_init, (None, None, "conv_in", "conv_out")),
-      bias_init=nnx.with_partitioning(_zeros, ("conv_out",)), dtype=opts.dtype, param_dtype=opts.param_dtype,
-      rngs=rngs)
-
-
-def temporal_conv(features: int, opts: LayerOptions, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.Conv:
-  """torch Conv3d(k=(3, 1, 1), padding=(1, 0, 0)) over (batch, frames, h, w, C)."""
-  return nnx.Conv(
-      features, features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)),
-      kernel_init=nnx.with_partitioning(_zeros if zero_init else _kernel_init,
-                                        (None, None, None, "conv_in", "conv_out")),
-      bias_init=nnx.with_partitioning(_zeros, ("conv_out",)), dtype=opts.dtype, param_dtype=opts.param_dtype,
-      rngs=rngs)
-
-
-def linear(in_features: int, out_features: int, names: tuple[str, str], opts: LayerOptions, rngs: nnx.Rngs,
-           use_bias: bool = True, zero_init: bool = False) -> nnx.Linear:
-  return nnx.Linear(
-      in_features, out_features, use_bias=use_bias,
-      kernel_init=nnx.with_partitioning(_zeros if zero_init else _kernel_init, names),
-      bias_init=nnx.with_partitioning(_zeros, (names[1],)), dtype=opts.dtype, param_dtype=opts.param_dtype,
-      rngs=rngs)
-
-
-def group_norm(features: int, groups: int, eps: float, opts: LayerOptions, rngs: nnx.Rngs) -> nnx.GroupNorm:
-  """Statistics over every non-batch axis (per frame on 4-D input, across frames on 5-D), two-pass variance."""
-  if features % groups:
-    raise ValueError(f"GroupNorm: {features} channels are not divisible by {groups} groups; choose "
-                     "config.model.unet.norm_num_groups and temporal_norm_num_groups (None: norm_num_groups) "
-                     "dividing every entry of block_out_channels")
-  return nnx.GroupNorm(features, num_groups=groups, epsilon=eps, use_fast_variance=False,
-                       scale_init=nnx.with_partitioning(_ones, ("norm",)),
-                       bias_init=nnx.with_partitioning(_zeros, ("norm",)), dtype=opts.dtype,
-                       param_dtype=opts.param_dtype, rngs=rngs)
-
-
-def layer_norm(features: int, opts: LayerOptions, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
-  return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False,
-                       scale_init=nnx.with_partitioning(_ones, ("norm",)),
-                       bias_init=nnx.with_partitioning(_zeros, ("norm",)), dtype=opts.dtype,
-                       param_dtype=opts.param_dtype, rngs=rngs)
+from handi_jax.models.layers import LayerOptions, group_norm, layer_norm, linear, temporal_conv
+from handi_jax.models.shared_blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 
 
 def sinusoidal_embedding(values: jax.Array, dim: int) -> jax.Array:
@@ -85,20 +23,6 @@ def sinusoidal_embedding(values: jax.Array, dim: int) -> jax.Array:
   freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
   args = jnp.asarray(values, jnp.float32)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source index of each output index of torch `interpolate(mode='nearest')`: floor(i * in/out) in float32.
-
-  jax.image.resize uses half-pixel centres, which picks other pixels for non-x2 ratios (22 -> 43, 43 -> 85).
-  """
-  if out_size == in_size:
-    return np.arange(out_size)
-  if out_size == 2 * in_size:
-    return np.arange(out_size) // 2
-  scale = np.float32(in_size) / np.float32(out_size)
-  idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(idx, in_size - 1)
 
 
 def frames_major(x: jax.Array, num_frames: int) -> jax.Array:
@@ -120,27 +44,6 @@ class TimestepEmbedding(nnx.Module):
     if condition is not None:
       sample = sample + self.cond_proj(condition)
     return self.linear_2(nnx.silu(self.linear_1(sample)))
-
-
-class ResnetBlock2D(nnx.Module):
-  """GN -> SiLU -> conv1 (+ time projection) -> GN -> SiLU -> conv2, plus a (1x1-projected) shortcut."""
-
-  def __init__(self, in_features: int, out_features: int, time_features: int, groups: int, eps: float,
-               opts: LayerOptions, rngs: nnx.Rngs):
-    self.norm1 = group_norm(in_features, groups, eps, opts, rngs)
-    self.conv1 = conv(in_features, out_features, opts, rngs)
-    self.time_emb_proj = linear(time_features, out_features, ("embed", "mlp"), opts, rngs)
-    self.norm2 = group_norm(out_features, groups, eps, opts, rngs)
-    self.conv2 = conv(out_features, out_features, opts, rngs)
-    self.conv_shortcut = conv(in_features, out_features, opts, rngs, kernel=1) if in_features != out_features else None
-
-  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    h = self.conv1(nnx.silu(self.norm1(x)))
-    h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
-    h = self.conv2(nnx.silu(self.norm2(h)))
-    if self.conv_shortcut is not None:
-      x = self.conv_shortcut(x)
-    return x + h
 
 
 class TemporalConvLayer(nnx.Module):
@@ -170,27 +73,6 @@ class TemporalConvLayer(nnx.Module):
       for layer in stage:
         h = layer(h)
     return (identity + h).reshape(x.shape)
-
-
-class Attention(nnx.Module):
-  """Multi-head attention; q/k/v without bias, `to_out.0` with bias. `context=None` is self-attention."""
-
-  def __init__(self, query_features: int, context_features: int | None, heads: int, head_dim: int,
-               implementation: str, opts: LayerOptions, rngs: nnx.Rngs):
-    inner = heads * head_dim
-    context_features = context_features or query_features
-    self.heads, self.head_dim, self.implementation = heads, head_dim, implementation
-    self.to_q = linear(query_features, inner, ("embed", "heads"), opts, rngs, use_bias=False)
-    self.to_k = linear(context_features, inner, ("embed", "heads"), opts, rngs, use_bias=False)
-    self.to_v = linear(context_features, inner, ("embed", "heads"), opts, rngs, use_bias=False)
-    self.to_out = nnx.List([linear(inner, query_features, ("heads", "embed"), opts, rngs)])
-
-  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-    context = x if context is None else context
-    split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
-    out = attention_lib.dot_product_attention(split(self.to_q(x)), split(self.to_k(context)),
-                                              split(self.to_v(context)), self.implementation)
-    return self.to_out[0](out.reshape(out.shape[:2] + (-1,)))
 
 
 class GEGLU(nnx.Module):
@@ -274,29 +156,6 @@ class TransformerTemporalModel(nnx.Module):
       h = block(h)
     h = self.proj_out(h).reshape(batch, height, width, frames, channels).transpose(0, 3, 1, 2, 4)
     return x + h.reshape(x.shape)
-
-
-class Downsample2D(nnx.Module):
-  """3x3 conv, stride 2, padding 1 on both sides: (h, w) -> (ceil(h/2), ceil(w/2))."""
-
-  def __init__(self, features: int, opts: LayerOptions, rngs: nnx.Rngs):
-    self.conv = conv(features, features, opts, rngs, stride=2)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-  """Nearest upsampling to `size` (torch's index rule) followed by a 3x3 conv."""
-
-  def __init__(self, features: int, opts: LayerOptions, rngs: nnx.Rngs):
-    self.conv = conv(features, features, opts, rngs)
-
-  def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-    height, width = size or (2 * x.shape[1], 2 * x.shape[2])
-    x = jnp.take(x, nearest_indices(x.shape[1], height), axis=1)
-    x = jnp.take(x, nearest_indices(x.shape[2], width), axis=2)
-    return self.conv(x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Attribute paths equal the diffusers state-dict names (`encoder.down_blocks.0.resnets.1.conv2`,
 `decoder.mid_block.attentions.0.to_out.0`, `quant_conv`, ...), so `handi_jax.convert.vae` maps checkpoints
-with one rule table. `encode_video` / `decode_video` are pure helpers for latent videos, usable inside
-`jax.jit` and `jax.grad` (the stage losses decode predicted clean latents in-graph).
+with one rule table. The resnet, attention and resampling blocks are the UNet's (shared_blocks.py), configured
+as diffusers configures them in its VAE. `encode_video` / `decode_video` are pure helpers for latent videos, usable
+inside `jax.jit` and `jax.grad` (the stage losses decode predicted clean latents in-graph).
 """
 
 from collections.abc import Callable, Mapping
@@ -15,100 +16,25 @@ import numpy as np
 from flax import nnx
 
 from handi_jax import chunking
+from handi_jax.models.layers import LayerOptions, conv, group_norm
+from handi_jax.models.shared_blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 
 # diffusers builds every VAE GroupNorm (resnets, mid-block attention, conv_norm_out) with eps 1e-6.
 _NORM_EPS = 1e-6
-# torch's default Conv/Linear init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
-_TORCH_DEFAULT_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def _conv(in_channels, out_channels, kernel_size, *, rngs, dtype, param_dtype, stride=1, padding="SAME"):
-  return nnx.Conv(
-      in_channels, out_channels, (kernel_size, kernel_size), strides=stride, padding=padding,
-      dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(_TORCH_DEFAULT_INIT, (None, None, "conv_in", "conv_out")),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("conv_out",)), rngs=rngs)
-
-
-def _group_norm(channels, groups, *, rngs, dtype, param_dtype):
-  return nnx.GroupNorm(
-      channels, num_groups=groups, epsilon=_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)), rngs=rngs)
-
-
-def _linear(in_features, out_features, names, *, rngs, dtype, param_dtype):
-  return nnx.Linear(
-      in_features, out_features, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(_TORCH_DEFAULT_INIT, names),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[1],)), rngs=rngs)
-
-
-class ResnetBlock2D(nnx.Module):
-  """norm-SiLU-conv twice plus a (1x1-projected when the width changes) shortcut; no time embedding."""
-
-  def __init__(self, in_channels, out_channels, groups, **kw):
-    self.norm1 = _group_norm(in_channels, groups, **kw)
-    self.conv1 = _conv(in_channels, out_channels, 3, **kw)
-    self.norm2 = _group_norm(out_channels, groups, **kw)
-    self.conv2 = _conv(out_channels, out_channels, 3, **kw)
-    self.conv_shortcut = _conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
-
-  def __call__(self, x):
-    h = self.conv1(nnx.silu(self.norm1(x)))
-    h = self.conv2(nnx.silu(self.norm2(h)))
-    if self.conv_shortcut is not None:
-      x = self.conv_shortcut(x)
-    return x + h
-
-
-class Attention(nnx.Module):
-  """The mid-block self-attention over all pixels: one head as wide as the channels, residual."""
-
-  def __init__(self, channels, groups, **kw):
-    self.group_norm = _group_norm(channels, groups, **kw)
-    self.to_q = _linear(channels, channels, ("embed", "heads"), **kw)
-    self.to_k = _linear(channels, channels, ("embed", "heads"), **kw)
-    self.to_v = _linear(channels, channels, ("embed", "heads"), **kw)
-    self.to_out = nnx.List([_linear(channels, channels, ("heads", "embed"), **kw)])
-
-  def __call__(self, x):
-    n, h, w, c = x.shape
-    tokens = self.group_norm(x).reshape(n, h * w, c)
-    q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-    # diffusers upcasts these softmax logits to float32 (upcast_softmax=True).
-    logits = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=jnp.float32) * c ** -0.5
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = self.to_out[0](jnp.einsum("nqk,nkc->nqc", weights, v))
-    return x + out.reshape(n, h, w, c)
-
-
-class Downsample2D(nnx.Module):
-  """Stride-2 3x3 conv after zero-padding only the bottom and right edge, as diffusers' VAE does."""
-
-  def __init__(self, channels, **kw):
-    self.conv = _conv(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
-
-  def __call__(self, x):
-    return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-  """Nearest-neighbour x2 then a 3x3 conv."""
-
-  def __init__(self, channels, **kw):
-    self.conv = _conv(channels, channels, 3, **kw)
-
-  def __call__(self, x):
-    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+def _resnets(in_channels, out_channels, num_layers, groups, opts, rngs) -> nnx.List:
+  """`num_layers` resnets without time embedding, the first one changing the width."""
+  return nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, _NORM_EPS,
+                                 opts, rngs) for i in range(num_layers)])
 
 
 class DownEncoderBlock2D(nnx.Module):
 
-  def __init__(self, in_channels, out_channels, num_layers, groups, add_downsample, **kw):
-    self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
-                             for i in range(num_layers)])
-    self.downsamplers = nnx.List([Downsample2D(out_channels, **kw)]) if add_downsample else None
+  def __init__(self, in_channels, out_channels, num_layers, groups, add_downsample, opts, rngs):
+    self.resnets = _resnets(in_channels, out_channels, num_layers, groups, opts, rngs)
+    # padding=0: diffusers' VAE pads only the bottom and right edge.
+    self.downsamplers = nnx.List([Downsample2D(out_channels, opts, rngs, padding=0)]) if add_downsample else None
 
   def __call__(self, x):
     for resnet in self.resnets:
@@ -120,10 +46,9 @@ class DownEncoderBlock2D(nnx.Module):
 
 class UpDecoderBlock2D(nnx.Module):
 
-  def __init__(self, in_channels, out_channels, num_layers, groups, add_upsample, **kw):
-    self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
-                             for i in range(num_layers)])
-    self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None
+  def __init__(self, in_channels, out_channels, num_layers, groups, add_upsample, opts, rngs):
+    self.resnets = _resnets(in_channels, out_channels, num_layers, groups, opts, rngs)
+    self.upsamplers = nnx.List([Upsample2D(out_channels, opts, rngs)]) if add_upsample else None
 
   def __call__(self, x):
     for resnet in self.resnets:
@@ -134,11 +59,14 @@ class UpDecoderBlock2D(nnx.Module):
 
 
 class UNetMidBlock2D(nnx.Module):
-  """resnet, attention, resnet at the lowest resolution."""
+  """resnet, attention (one head as wide as the channels over all pixels, residual), resnet at the lowest
+  resolution."""
 
-  def __init__(self, channels, groups, **kw):
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
-    self.attentions = nnx.List([Attention(channels, groups, **kw)])
+  def __init__(self, channels, groups, opts, rngs):
+    self.resnets = _resnets(channels, channels, 2, groups, opts, rngs)
+    self.attentions = nnx.List([
+        Attention(channels, None, 1, channels, "xla", opts, rngs, bias=True, norm_num_groups=groups, eps=_NORM_EPS,
+                  residual_connection=True)])
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -148,16 +76,16 @@ class UNetMidBlock2D(nnx.Module):
 
 class Encoder(nnx.Module):
 
-  def __init__(self, config, **kw):
+  def __init__(self, config, opts, rngs):
     channels, groups = tuple(config.block_out_channels), config.norm_num_groups
-    self.conv_in = _conv(config.in_channels, channels[0], 3, **kw)
+    self.conv_in = conv(config.in_channels, channels[0], opts, rngs)
     self.down_blocks = nnx.List([
         DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
-                           add_downsample=i < len(channels) - 1, **kw)
+                           add_downsample=i < len(channels) - 1, opts=opts, rngs=rngs)
         for i in range(len(channels))])
-    self.mid_block = UNetMidBlock2D(channels[-1], groups, **kw)
-    self.conv_norm_out = _group_norm(channels[-1], groups, **kw)
-    self.conv_out = _conv(channels[-1], 2 * config.latent_channels, 3, **kw)
+    self.mid_block = UNetMidBlock2D(channels[-1], groups, opts, rngs)
+    self.conv_norm_out = group_norm(channels[-1], groups, _NORM_EPS, opts, rngs)
+    self.conv_out = conv(channels[-1], 2 * config.latent_channels, opts, rngs)
 
   def __call__(self, x):
     x = self.conv_in(x)
@@ -169,16 +97,16 @@ class Encoder(nnx.Module):
 
 class Decoder(nnx.Module):
 
-  def __init__(self, config, **kw):
+  def __init__(self, config, opts, rngs):
     reversed_channels, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
-    self.conv_in = _conv(config.latent_channels, reversed_channels[0], 3, **kw)
-    self.mid_block = UNetMidBlock2D(reversed_channels[0], groups, **kw)
+    self.conv_in = conv(config.latent_channels, reversed_channels[0], opts, rngs)
+    self.mid_block = UNetMidBlock2D(reversed_channels[0], groups, opts, rngs)
     self.up_blocks = nnx.List([
         UpDecoderBlock2D(reversed_channels[max(i - 1, 0)], reversed_channels[i], config.layers_per_block + 1,
-                         groups, add_upsample=i < len(reversed_channels) - 1, **kw)
+                         groups, add_upsample=i < len(reversed_channels) - 1, opts=opts, rngs=rngs)
         for i in range(len(reversed_channels))])
-    self.conv_norm_out = _group_norm(reversed_channels[-1], groups, **kw)
-    self.conv_out = _conv(reversed_channels[-1], config.out_channels, 3, **kw)
+    self.conv_norm_out = group_norm(reversed_channels[-1], groups, _NORM_EPS, opts, rngs)
+    self.conv_out = conv(reversed_channels[-1], config.out_channels, opts, rngs)
 
   def __call__(self, z):
     x = self.mid_block(self.conv_in(z))
@@ -192,12 +120,12 @@ class AutoencoderKL(nnx.Module):
 
   def __init__(self, config: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = ml_collections.FrozenConfigDict(config)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    opts = LayerOptions(dtype, param_dtype)
     latent = self.config.latent_channels
-    self.encoder = Encoder(self.config, **kw)
-    self.decoder = Decoder(self.config, **kw)
-    self.quant_conv = _conv(2 * latent, 2 * latent, 1, **kw)
-    self.post_quant_conv = _conv(latent, latent, 1, **kw)
+    self.encoder = Encoder(self.config, opts, rngs)
+    self.decoder = Decoder(self.config, opts, rngs)
+    self.quant_conv = conv(2 * latent, 2 * latent, opts, rngs, kernel=1)
+    self.post_quant_conv = conv(latent, latent, opts, rngs, kernel=1)
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(N, H, W, 3) -> posterior mean and log-variance, each (N, H/8, W/8, latent_channels), unscaled."""
@@ -265,6 +193,11 @@ _CONSTANT = 100.0
 _SILU_SHIFT = 20.0
 # Scaled latent = _LATENT_GAIN x the block's mean value in [-1, 1]: roughly the unit spread the noise schedule expects.
 _LATENT_GAIN = 3.0
+# 3x3 spatial taps: a 2x2 box mean on the stride-2 conv (taps 0 and 1: never the bottom/right padding); nearest x2
+# then [1, 2, 1] / 4 per axis is bilinear x2; the identity carries the constants through both.
+_BOX_TAPS = np.pad(np.full((2, 2), 0.25, np.float32), ((0, 1), (0, 1)))
+_TENT_TAPS = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
+_IDENTITY_TAPS = np.pad(np.ones((1, 1), np.float32), 1)
 
 
 def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
@@ -279,93 +212,133 @@ def block_mean_weights(vae: AutoencoderKL) -> AutoencoderKL:
   SiLU. Each signal s travels in its own norm group as (s, -s, K, -K): that group's mean is 0 and its spread is
   fixed by K, so the norm's affine and a shifted SiLU pass s on.
   """
-  config = vae.config
-  channels, groups = tuple(config.block_out_channels), config.norm_num_groups
-  image = config.in_channels
-  if config.out_channels != image or config.latent_channels < image or min(channels) // groups < 4 \
+  _check_block_mean_config(vae.config)
+  # Built in numpy: eager jnp updates would compile op by op.
+  kernels = {**_boundary_kernels(vae.config), **_resampling_kernels(vae), **_shortcut_kernels(vae)}
+  _set_weights(vae, kernels)
+  return vae
+
+
+def _check_block_mean_config(config) -> None:
+  """Raise a ValueError unless every image channel gets a norm group of at least 4 channels in every block."""
+  groups, image = config.norm_num_groups, config.in_channels
+  if config.out_channels != image or config.latent_channels < image or min(config.block_out_channels) // groups < 4 \
      or groups < image:
     raise ValueError(
         f"block_mean_weights needs out_channels == in_channels <= latent_channels and, in every block, at least "
         f"4 channels a norm group and in_channels groups; got {dict(config)}: use pretrained VAE weights instead")
-  kernels = {}  # module path -> (kernel or norm scale, bias); built in numpy: eager jnp updates compile op by op
 
-  def slot(width, signal, role):  # role 0: s, 1: -s, 2: +K, 3: -K in signal's norm group
-    return (width // groups) * signal + role
 
-  def mapping(width_in, width_out):  # a 1x1 kernel carrying every (signal, role) slot over
-    kernel = np.zeros((1, 1, width_in, width_out), np.float32)
-    for signal in range(image):
-      for role in range(4):
-        kernel[0, 0, slot(width_in, signal, role), slot(width_out, signal, role)] = 1.0
-    return kernel
+def _slot(width: int, groups: int, signal: int, role: int) -> int:
+  """The channel of `signal`'s `role` (0: s, 1: -s, 2: +K, 3: -K) in a `width`-channel layer: its own norm group."""
+  return (width // groups) * signal + role
 
-  def entry(inputs, width, weight):  # conv_in, centre tap: signal -> (s, -s); bias -> (+K, -K)
-    kernel = np.zeros((3, 3, inputs, width), np.float32)
-    bias = np.zeros((width,), np.float32)
-    for signal in range(image):
-      kernel[1, 1, signal, [slot(width, signal, 0), slot(width, signal, 1)]] = weight, -weight
-      bias[[slot(width, signal, 2), slot(width, signal, 3)]] = _CONSTANT, -_CONSTANT
-    return kernel, bias
 
-  def resampling(width, taps):  # per-slot spatial taps for the signals, identity for the constants
-    kernel = np.zeros((3, 3, width, width), np.float32)
-    for signal in range(image):
-      for role in range(4):
-        index = slot(width, signal, role)
-        kernel[:, :, index, index] = taps if role < 2 else identity
-    return kernel
+def _entry_conv(inputs: int, width: int, weight: float, groups: int, signals: int) -> tuple[np.ndarray, np.ndarray]:
+  """conv_in's kernel and bias, centre tap: signal -> weight * (s, -s); bias -> (+K, -K)."""
+  kernel = np.zeros((3, 3, inputs, width), np.float32)
+  bias = np.zeros((width,), np.float32)
+  for signal in range(signals):
+    kernel[1, 1, signal, [_slot(width, groups, signal, 0), _slot(width, groups, signal, 1)]] = weight, -weight
+    bias[[_slot(width, groups, signal, 2), _slot(width, groups, signal, 3)]] = _CONSTANT, -_CONSTANT
+  return kernel, bias
 
-  def norm_out(width):  # GroupNorm affine that undoes the constant spread on s and shifts it into SiLU's linear part
-    scale = np.zeros((width,), np.float32)
-    bias = np.zeros((width,), np.float32)
-    for signal in range(image):
-      scale[slot(width, signal, 0)] = _CONSTANT * (2.0 / (width // groups)) ** 0.5
-      bias[slot(width, signal, 0)] = _SILU_SHIFT
-    return scale, bias
 
-  def exit_(width, outputs, weight):  # conv_out, centre tap: SiLU(s + shift) -> weight * s
-    kernel = np.zeros((3, 3, width, outputs), np.float32)
-    bias = np.zeros((outputs,), np.float32)
-    for signal in range(image):
-      kernel[1, 1, slot(width, signal, 0), signal] = weight
-      bias[signal] = -weight * _SILU_SHIFT
-    return kernel, bias
+def _norm_out_affine(width: int, groups: int, signals: int) -> tuple[np.ndarray, np.ndarray]:
+  """conv_norm_out's scale and bias: undo the constant spread on s and shift it into SiLU's linear part."""
+  scale = np.zeros((width,), np.float32)
+  bias = np.zeros((width,), np.float32)
+  for signal in range(signals):
+    scale[_slot(width, groups, signal, 0)] = _CONSTANT * (2.0 / (width // groups)) ** 0.5
+    bias[_slot(width, groups, signal, 0)] = _SILU_SHIFT
+  return scale, bias
 
-  # 2x2 box mean on the stride-2 conv (taps 0 and 1: never the bottom/right padding); nearest x2 then
-  # [1, 2, 1] / 4 per axis is bilinear x2.
-  identity = np.zeros((3, 3), np.float32)
-  identity[1, 1] = 1.0
-  box = np.zeros((3, 3), np.float32)
-  box[:2, :2] = 0.25
-  tent = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
-  gain = _LATENT_GAIN / config.scaling_factor
-  kernels["encoder.conv_in"] = entry(image, channels[0], 1.0)
-  kernels["decoder.conv_in"] = entry(config.latent_channels, channels[-1], 1.0 / gain)
-  kernels["encoder.conv_norm_out"] = norm_out(channels[-1])
-  kernels["decoder.conv_norm_out"] = norm_out(channels[0])
-  encoder_out, encoder_bias = exit_(channels[-1], 2 * config.latent_channels, gain)
-  encoder_bias[config.latent_channels:] = -30.0  # log-variance: a posterior sample is the mean
-  kernels["encoder.conv_out"] = (encoder_out, encoder_bias)
-  kernels["decoder.conv_out"] = exit_(channels[0], image, 1.0)
-  kernels["quant_conv"] = (np.eye(2 * config.latent_channels, dtype=np.float32)[None, None], None)
-  kernels["post_quant_conv"] = (np.eye(config.latent_channels, dtype=np.float32)[None, None], None)
+
+def _exit_conv(width: int, outputs: int, weight: float, groups: int, signals: int) -> tuple[np.ndarray, np.ndarray]:
+  """conv_out's kernel and bias, centre tap: SiLU(s + shift) -> weight * s."""
+  kernel = np.zeros((3, 3, width, outputs), np.float32)
+  bias = np.zeros((outputs,), np.float32)
+  for signal in range(signals):
+    kernel[1, 1, _slot(width, groups, signal, 0), signal] = weight
+    bias[signal] = -weight * _SILU_SHIFT
+  return kernel, bias
+
+
+def _resampling_kernel(width: int, taps: np.ndarray, groups: int, signals: int) -> np.ndarray:
+  """A resampling conv's kernel: `taps` on the signal slots (s, -s), the identity on the constants."""
+  kernel = np.zeros((3, 3, width, width), np.float32)
+  for signal in range(signals):
+    for role in range(4):
+      index = _slot(width, groups, signal, role)
+      kernel[:, :, index, index] = taps if role < 2 else _IDENTITY_TAPS
+  return kernel
+
+
+def _shortcut_kernel(width_in: int, width_out: int, groups: int, signals: int) -> np.ndarray:
+  """A 1x1 conv_shortcut kernel carrying every (signal, role) slot over to the new width."""
+  kernel = np.zeros((1, 1, width_in, width_out), np.float32)
+  for signal in range(signals):
+    for role in range(4):
+      kernel[0, 0, _slot(width_in, groups, signal, role), _slot(width_out, groups, signal, role)] = 1.0
+  return kernel
+
+
+def _boundary_kernels(config) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+  """(weight, bias) by module path of the layers outside the blocks: conv_in, conv_norm_out, conv_out, quant convs."""
+  channels, groups, image = tuple(config.block_out_channels), config.norm_num_groups, config.in_channels
+  latent, gain = config.latent_channels, _LATENT_GAIN / config.scaling_factor
+  encoder_out, encoder_bias = _exit_conv(channels[-1], 2 * latent, gain, groups, image)
+  encoder_bias[latent:] = -30.0  # log-variance: a posterior sample is the mean
+  return {
+      "encoder.conv_in": _entry_conv(image, channels[0], 1.0, groups, image),
+      "decoder.conv_in": _entry_conv(latent, channels[-1], 1.0 / gain, groups, image),
+      "encoder.conv_norm_out": _norm_out_affine(channels[-1], groups, image),
+      "decoder.conv_norm_out": _norm_out_affine(channels[0], groups, image),
+      "encoder.conv_out": (encoder_out, encoder_bias),
+      "decoder.conv_out": _exit_conv(channels[0], image, 1.0, groups, image),
+      "quant_conv": (np.eye(2 * latent, dtype=np.float32)[None, None], None),
+      "post_quant_conv": (np.eye(latent, dtype=np.float32)[None, None], None),
+  }
+
+
+def _resampling_kernels(vae: AutoencoderKL) -> dict[str, tuple[np.ndarray, None]]:
+  """(weight, no bias) by module path of the box-mean downsamplers and the bilinear upsamplers."""
+  config = vae.config
+  channels, groups, image = tuple(config.block_out_channels), config.norm_num_groups, config.in_channels
+  kernels = {}
   for i, block in enumerate(vae.encoder.down_blocks):
     if block.downsamplers is not None:
-      kernels[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (resampling(channels[i], box), None)
+      kernels[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (
+          _resampling_kernel(channels[i], _BOX_TAPS, groups, image), None)
   for i, block in enumerate(vae.decoder.up_blocks):
     if block.upsamplers is not None:
-      kernels[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (resampling(channels[::-1][i], tent), None)
+      kernels[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (
+          _resampling_kernel(channels[::-1][i], _TENT_TAPS, groups, image), None)
+  return kernels
+
+
+def _shortcut_kernels(vae: AutoencoderKL) -> dict[str, tuple[np.ndarray, None]]:
+  """(weight, no bias) by module path of the resnets' 1x1 shortcuts, where the width changes."""
+  groups, image = vae.config.norm_num_groups, vae.config.in_channels
+  kernels = {}
   for path, module in nnx.iter_graph(vae):
     if isinstance(module, ResnetBlock2D) and module.conv_shortcut is not None:
-      kernels[".".join(str(p) for p in path) + ".conv_shortcut"] = (
-          mapping(*module.conv_shortcut.kernel.value.shape[2:]), None)
+      width_in, width_out = module.conv_shortcut.kernel.value.shape[2:]
+      kernels[_dotted(path) + ".conv_shortcut"] = (_shortcut_kernel(width_in, width_out, groups, image), None)
+  return kernels
 
-  # Everything else is zero: resnets (conv2 = 0) and attention (to_out = 0) add nothing to their residuals.
+
+def _set_weights(vae: AutoencoderKL, kernels: Mapping[str, tuple]) -> None:
+  """Every conv, linear and norm of `vae` to its (weight or scale, bias) in `kernels`; zero where absent or None."""
+  # Zero everywhere else: resnets (conv2 = 0) and attention (to_out = 0) add nothing to their residuals.
   for path, module in nnx.iter_graph(vae):
     if isinstance(module, (nnx.Conv, nnx.Linear, nnx.GroupNorm)):
-      name = ".".join(str(p) for p in path)
-      weight, bias = kernels.get(name, (None, None))
+      weight, bias = kernels.get(_dotted(path), (None, None))
       scale = module.scale if isinstance(module, nnx.GroupNorm) else module.kernel
       for variable, value in ((scale, weight), (module.bias, bias)):
         variable.value = jnp.asarray(np.zeros(variable.value.shape) if value is None else value, variable.value.dtype)
-  return vae
+
+
+def _dotted(path) -> str:
+  """A graph path as the dotted module name (`encoder.down_blocks.0.resnets.1`)."""
+  return ".".join(str(p) for p in path)
