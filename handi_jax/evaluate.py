@@ -12,7 +12,7 @@ name), motion-area masks optional under `mask_dir` (`<stem>_mask.png` or `<stem>
 (`data_dir`, `split`; frames, union mask, caption from the records). `max_clips` > 0 keeps the first ones.
 
 Runs: `runs` = "name=folder,..." of already generated videos, `<folder>/<stem>/video.mp4` (what --mode=generate
-writes) or `<folder>/<stem>.mp4|.gif`; empty = generate every clip now with generate.Generator (the models of
+writes) or `<folder>/<stem>.mp4|.gif`; empty = generate every clip now with pipeline.Generator (the models of
 config.model / config.generate, e.g. a trained stage-2 workdir) into `<output_dir>/generated/`, run "generated".
 
 Alignment: a generated video has F frames, frame 0 the context image. The ground truth is sampled evenly to
@@ -33,11 +33,18 @@ config.generate.flow_threshold) inside the mask. Over clips: means, FID over all
 for all clips and for the motion-intensive subset (top config.evaluate.motion_intensive_fraction by mask
 area, or the data's motion_intensive.json). Extractors without weights are "not configured".
 
-Outputs in output_dir (default <workdir>/evaluate): metrics.csv (per run, clip, scope), summary.json,
-report.md, metrics.png (bars across runs), hs_err.png (per-clip HS-Err histogram), contact_<run>.png
-(generated above ground truth, mask outlined).
+Skipped videos: a run's video that is missing, unreadable, has fewer frames than the metrics need (F >= 2; >= 3 with
+CLIP, whose CLIP_Cs needs two generated frames; >= 10 with FVD, whose I3D needs L >= 9), has more frames than its
+ground truth, or is another size than the run's other videos and another aspect ratio than its ground truth (by more
+than 5%) is skipped for that run with a warning naming run, clip, file and why; the run's other clips are scored.
+
+Outputs in output_dir (default <workdir>/evaluate): metrics.csv (per run, clip, scope; a skipped clip has one row
+with the reason under `skipped`), summary.json (with `skipped` counts), report.md (tables, skipped videos),
+metrics.png (bars across runs), hs_err.png (per-clip HS-Err), contact_<run>.png (generated above ground truth, mask
+outlined), config.json. The console gets where they are and each run's headline numbers.
 """
 
+import json
 import pathlib
 
 from handi_jax import command_line, fileio, pipeline
@@ -53,8 +60,8 @@ def evaluate(config, workdir) -> dict:
   runs = clips_lib.parse_runs(e.runs) or {"generated": clips_lib.generate_run(
       lambda: pipeline.Generator.from_config(config, workdir), clips, out_dir / "generated")}
   summary = scoring.evaluate_runs(config, clips, runs, out_dir)
-  fileio.write_text(out_dir / "config.json", config.to_json_best_effort(indent=1) + "\n")
-  print(report.markdown_report(summary))
+  fileio.write_json(out_dir / "config.json", json.loads(config.to_json_best_effort()), indent=1)
+  print(report.closing_summary(summary, out_dir))
   return summary
 
 

@@ -34,10 +34,18 @@ def describe(config, workdir):
   print(f"mesh built: {dict(mesh.shape)} over {mesh.devices.size} device(s)")
 
 
+def train(config, workdir):
+  """Training with the evaluators config.train.eval_every asks for (handi_jax.evaluation.during_training)."""
+  from handi_jax import train as train_job
+  from handi_jax.evaluation import during_training
+
+  return train_job.train_and_evaluate(config, workdir, during_training.evaluators_from_config(config, workdir))
+
+
 # mode -> function or "module:function" (imported on use); each takes (config, workdir).
 MODES = {
     "describe": describe,
-    "train": "handi_jax.train:train_and_evaluate",
+    "train": train,
     "generate": "handi_jax.generate:generate_from_config",
     "evaluate": "handi_jax.evaluate:evaluate",
     "export": "handi_jax.export:export_from_config",

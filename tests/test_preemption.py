@@ -236,8 +236,9 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_equals_an_uninterrup
 _RESTORE_ON_4 = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from flax import nnx
     from handi_jax import sharding
+    from handi_jax.components import train_state
+    from handi_jax.components import unet as unet_lib
     from tests.helpers import tiny_train_config
 
     workdir, out = sys.argv[1:3]
@@ -245,11 +246,7 @@ _RESTORE_ON_4 = textwrap.dedent("""
     config.mesh.update(data=2, fsdp=2, tensor=1)
     config.sharding_min_size = 0
     mesh = sharding.make_mesh(config)
-    unet = nnx.eval_shape(lambda: unet_lib.build_unet(config))
-    _, params, frozen_params, _ = train_state.split_unet(unet, config)
-    shapes = jax.eval_shape(lambda p, f: train_state.initial_state(config, p, f), params, frozen_params)
-    shardings = train_state.state_shardings(shapes, mesh, config.sharding_rules, config.sharding_min_size)
-    target = components_common.with_shardings(shapes, shardings)
+    target, _ = train_state.abstract_train_state(config, mesh, unet_lib.abstract_unet(config))
     state, data = train_state.restore_checkpoint(train_state.checkpoint_manager(config, workdir), 3, target)
     leaves, targets = jax.tree.leaves(state), jax.tree.leaves(target)
     np.savez(out + "/restored.npz", *[np.asarray(x) for x in leaves])

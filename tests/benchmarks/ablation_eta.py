@@ -34,8 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from handi_jax import losses, pipeline, prompts, train  # noqa: E402
-from handi_jax import main as handi_main  # noqa: E402
+from handi_jax import command_line, losses, pipeline, prompts, train  # noqa: E402
 from handi_jax.data import demo_clips  # noqa: E402
 from handi_jax.evaluation import clips as clips_lib
 from handi_jax.evaluation import (
@@ -164,7 +163,7 @@ def main():
   args = parser.parse_args()
   args.workdir.mkdir(parents=True, exist_ok=True)
   config = make_config(args)
-  handi_main.enable_compilation_cache(config)
+  command_line.enable_compilation_cache(config)
   started = time.perf_counter()
   held_out = write_data(config, args)
   clips = clips_lib.load_clips(config)
