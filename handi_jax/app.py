@@ -75,13 +75,18 @@ class Response:
   summary: str
 
 
-def random_components(config) -> list[str]:
-  """The models the config leaves randomly initialised (pipeline.load_stage_unet's fallback rule)."""
+def weight_sources(config) -> dict[str, str]:
+  """Where each model's weights come from ("" = randomly initialised), by pipeline.load_stage_unet's rule."""
   pretrained = config.model.pretrained
-  release_unet = bool(pretrained) and (pathlib.Path(pretrained) / "unet").is_dir()
-  named = {"VAE and text encoder": not pretrained, "stage-1 UNet": not config.generate.stage1_pretrained,
-           "stage-2 UNet": not (config.generate.stage2_pretrained or release_unet)}
-  return [name for name, is_random in named.items() if is_random]
+  release_unet = pathlib.Path(pretrained) / "unet" if pretrained else None
+  return {"VAE and text encoder": pretrained, "stage-1 UNet": config.generate.stage1_pretrained,
+          "stage-2 UNet": config.generate.stage2_pretrained or (
+              str(release_unet) if release_unet is not None and release_unet.is_dir() else "")}
+
+
+def random_components(config) -> list[str]:
+  """The models the config leaves randomly initialised."""
+  return [name for name, source in weight_sources(config).items() if not source]
 
 
 def mask_overlay(context: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -212,17 +217,21 @@ class App:
         raise AppError("Nothing is drawn: paint the motion area on the image with the brush, or choose another "
                        "motion area.")
       mask = np.asarray(request.drawn, bool)
+      if mask.shape != shape:
+        raise AppError(f"The drawn mask is {mask.shape[1]} x {mask.shape[0]} px but the image is {shape[1]} x "
+                       f"{shape[0]} px: draw it on the image.")
     else:
       if request.mask_file is None:
         raise AppError("No mask file: upload a PNG of the motion area (white = moves), or choose another motion "
                        "area.")
       try:
-        mask = np.asarray(media_files.load_image(request.mask_file, mode="L")) > 0
+        media_files.load_image(request.mask_file)
       except ValueError as e:
         raise AppError("The mask is not an image file that can be read: upload a PNG (white = moves).") from e
-    if mask.shape != shape:
-      raise AppError(f"The mask is {mask.shape[1]} x {mask.shape[0]} px but the image is {shape[1]} x {shape[0]} "
-                     "px: give a mask of the image's size.")
+      try:  # the rule --mode=generate applies: the image's shape at another size is resized, another shape refused
+        mask = media_files.load_mask(request.mask_file, shape[0], shape[1], image_size=(shape[1], shape[0])) > 0
+      except ValueError as e:
+        raise AppError(f"The mask cannot be used: {e}.") from e
     return mask
 
   def examples(self) -> list[tuple[str, str, str | None]]:
@@ -270,12 +279,12 @@ def _page(app: App):
     return (str(response.folder / "video.mp4"), str(response.mask_overlay), str(response.folder / "flow.png"),
             str(response.archive), response.summary)
 
+  weights = "Weights: " + "; ".join(f"{name} `{source}`" if source else f"{name} random"
+                                    for name, source in weight_sources(app.config).items()) + "."
   if app.random:
-    weights = (f"**The weights are random** ({', '.join(app.random)}: no pretrained directory or checkpoint was "
-               "given), so the video shows the machinery, not real hands. Start the app with "
-               "`--config.model.pretrained=DIR` (and `--config.generate.stage1_pretrained=...`) for real results.")
-  else:
-    weights = f"Weights: `{app.config.model.pretrained}`."
+    weights += (f" **Random weights** ({', '.join(app.random)}) show the machinery, not real hands: start the app "
+                "with `--config.model.pretrained=DIR` and `--config.generate.stage1_pretrained=...` / "
+                "`stage2_pretrained=...` for real results.")
   theme = gr.themes.Default(font=("ui-sans-serif", "system-ui", "sans-serif"), font_mono=("ui-monospace", "monospace"))
   with gr.Blocks(title="HANDI: hands doing an action, from one image") as page:
     gr.Markdown("## HANDI: hands doing an action, from one image\nUpload an egocentric photo (or pick an example), "

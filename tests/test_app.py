@@ -146,7 +146,7 @@ def test_bad_requests_are_refused_in_one_sentence(app, example, tmp_path):
       "The action text is empty": dict(prompt="  "),
       "The image is not an image file": dict(image=str(broken)),
       "The mask is not an image file": dict(mask_file=str(broken)),
-      "The mask is 10 x 10 px but the image is 448 x 256 px": dict(mask_file=str(small_mask)),
+      "The mask cannot be used: mask": dict(mask_file=str(small_mask)),
       "Nothing is drawn": dict(mask_source=app_lib.DRAWN, drawn=np.zeros((256, 448), bool)),
   }
   for expected, fields in cases.items():
@@ -308,3 +308,17 @@ def test_browser_generates_then_refuses_an_empty_prompt_then_generates_again(bro
   (tmp_path / "app.png").write_bytes(screenshot)
   if os.environ.get("HANDI_APP_SCREENSHOT"):
     _save_small_png(screenshot, pathlib.Path(os.environ["HANDI_APP_SCREENSHOT"]))
+
+
+def test_make_app_uses_the_demo_checkpoint_and_the_page_names_every_weight(tmp_path):
+  shutil.copy(REPO_ROOT / "Makefile", tmp_path / "Makefile")
+  dry_run = lambda: subprocess.run(["make", "-n", "app", "RUNTIME="], cwd=tmp_path, capture_output=True,
+                                   text=True, check=True).stdout
+  assert "stage2_pretrained" not in dry_run()                    # before make demo: the config's own weights
+  (tmp_path / "runs" / "demo" / "checkpoints").mkdir(parents=True)
+  assert "--config.generate.stage2_pretrained=runs/demo" in dry_run()
+  config = common.get_config(stage=2)
+  config.generate.stage2_pretrained = "runs/demo"
+  assert app_lib.weight_sources(config) == {"VAE and text encoder": "", "stage-1 UNet": "",
+                                            "stage-2 UNet": "runs/demo"}
+  assert app_lib.random_components(config) == ["VAE and text encoder", "stage-1 UNet"]
