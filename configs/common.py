@@ -69,6 +69,9 @@ def get_config(stage: int, arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = _train_config()
   config.loss = _loss_config()
   config.compile_report = _compile_report_config()
+  # config.train fields that stage 1 trains with instead (configs/stage1.py applies them), so that one config
+  # describes the training of both stages: --mode=demo trains both from the stage-2 config it is given.
+  config.stage1_train = ml_collections.ConfigDict()
   apply_variants(config, arg)
   return config
 
@@ -103,6 +106,9 @@ def _add_device_settings(config: ml_collections.ConfigDict) -> None:
   config.sharding_min_size = 2**16
   # Multi-host: None = decide from the environment (JAX_COORDINATOR_ADDRESS, TPU/SLURM variables).
   config.multihost = ml_collections.config_dict.placeholder(bool)
+  # Processes started by hand (Kubernetes, ssh): empty / -1 = JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  # JAX_PROCESS_ID from the environment, else what SLURM or the TPU runtime tell JAX.
+  config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1))
   config.num_devices_expected = 0  # 0 = whatever exists; variants that target hardware set it
 
 
@@ -149,8 +155,10 @@ def _sampling_config() -> ml_collections.ConfigDict:
       init="noised_context",          # noised_context (the release) | noise
       motion_strength=3.0, negative_prompt="",
       replace_background=True,        # paper: pixels outside the mask = context image
-      target_area=512 * 512,          # aspect-preserving resize to this area, sides multiples of 8
-      height=0, width=0))             # > 0: fixed size instead of target_area
+      # The size generation runs at: height x width when both are > 0; else the image's aspect ratio at
+      # target_area pixels (sides multiples of 8); target_area 0 = the area the UNet was trained at (recorded
+      # with its checkpoint or export), or fallback_area for a UNet that records none (the release's area).
+      target_area=0, fallback_area=512 * 512, height=0, width=0))
 
 
 def _mask_cleanup_config() -> ml_collections.ConfigDict:

@@ -55,6 +55,20 @@ MODES = {
 }
 
 
+def distributed_arguments(config, environ) -> dict:
+  """jax.distributed.initialize's arguments for processes started by hand: config.distributed's fields, else
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; none given leaves JAX to SLURM or the TPU runtime."""
+  given = config.distributed
+  found = dict(coordinator_address=given.coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS", ""),
+               num_processes=given.num_processes if given.num_processes >= 0 else environ.get("JAX_NUM_PROCESSES"),
+               process_id=given.process_id if given.process_id >= 0 else environ.get("JAX_PROCESS_ID"))
+  try:
+    return {key: int(value) if key != "coordinator_address" else value
+            for key, value in found.items() if value not in ("", None)}
+  except ValueError as e:
+    raise ValueError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers ({e})") from e
+
+
 def _maybe_initialize_distributed(config):
   import jax
 
@@ -64,11 +78,11 @@ def _maybe_initialize_distributed(config):
     multihost = multihost and int(os.environ.get("SLURM_NTASKS", "2")) > 1
   if multihost:
     try:
-      jax.distributed.initialize()
+      jax.distributed.initialize(**distributed_arguments(config, os.environ))
     except (ValueError, RuntimeError) as e:
       sys.exit(f"error: multi-host start-up (jax.distributed.initialize) failed: {str(e).rstrip('.')}. Start "
-               "every host through launch/ (tpu_pod.sh, slurm_h100.sbatch), or run on one host with "
-               "--config.multihost=False")
+               "every host through launch/ (tpu_pod.sh, slurm_h100.sbatch) or with JAX_COORDINATOR_ADDRESS, "
+               "JAX_NUM_PROCESSES and JAX_PROCESS_ID set, or run on one host with --config.multihost=False")
 
 
 def run_mode(config, workdir: str, mode: str) -> None:

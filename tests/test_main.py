@@ -178,3 +178,47 @@ def test_the_console_says_warnings_plainly_and_the_log_file_gets_everything(tmp_
   assert "Unable to initialize backend 'tpu'" in text
   assert re.search(r"^W\d{4} [\d:.]+ +\d+ test_main.py:\d+\] a warning of ours$", text, re.MULTILINE), text
   assert capsys.readouterr().err.splitlines() == ["warning: a warning of ours", "error: a library failed"]
+
+
+def test_distributed_arguments_come_from_the_config_else_the_environment():
+  from handi_jax import main
+
+  config = configs.load("configs/stage2.py")
+  environ = dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:1234", JAX_NUM_PROCESSES="4", JAX_PROCESS_ID="3")
+  assert main.distributed_arguments(config, environ) == dict(coordinator_address="10.0.0.1:1234", num_processes=4,
+                                                             process_id=3)
+  assert main.distributed_arguments(config, {}) == {}  # SLURM and TPU pods: JAX finds them itself
+  config.distributed.update(coordinator_address="host:99", num_processes=2, process_id=0)
+  assert main.distributed_arguments(config, environ) == dict(coordinator_address="host:99", num_processes=2,
+                                                             process_id=0)
+  with pytest.raises(ValueError, match="must be integers"):
+    main.distributed_arguments(configs.load("configs/stage2.py"), dict(JAX_NUM_PROCESSES="two"))
+
+
+_START_BY_HAND = """
+import jax
+import configs
+from handi_jax import main
+main._maybe_initialize_distributed(configs.load("configs/stage2.py"))
+print("PROCESS", jax.process_index(), jax.process_count(), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_started_by_hand_form_one_job():
+  """JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID alone start a two-process job (Kubernetes, ssh)."""
+  import socket
+
+  with socket.socket() as free:
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_"))}
+  env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  processes = [subprocess.Popen([sys.executable, "-c", _START_BY_HAND], cwd=REPO_ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env, JAX_PROCESS_ID=str(i)))
+               for i in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert sorted(line for out in outputs for line in out.splitlines() if line.startswith("PROCESS")) == [
+      "PROCESS 0 2", "PROCESS 1 2"]
