@@ -356,3 +356,133 @@ class InceptionI3dReference(torch.nn.Module):
                  "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c"):
       x = getattr(self, name)(x)
     return self.logits(self.avg_pool(x)).squeeze(3).squeeze(3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# EgoVLP's video tower (showlab/EgoVLP model/model.py FrozenInTime.compute_video, model/video_transformer.py
+# SpaceTimeTransformer, attention style 'frozen-in-time'), which cannot be pip-installed: written here from its
+# documented behaviour, head-first with plain matmuls, with the release's module names (video_model.*, vid_proj.0).
+# Then LEGO's scoring steps (metrics/all_metrics_in_one.py): Resize + CenterCrop as torchvision 0.12 does them on
+# tensors, ImageNet normalisation, cosine of the two embeddings with norms clamped at 1e-8.
+
+class EgoVlpDividedAttention(torch.nn.Module):
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads = heads
+    self.qkv = torch.nn.Linear(dim, 3 * dim)
+    self.proj = torch.nn.Linear(dim, dim)
+
+  def forward(self, x, frames, over):
+    batch, tokens, dim = x.shape
+    head_dim = dim // self.heads
+    q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+    q = q * head_dim ** -0.5
+    cls_out = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2), dim=-1) @ v
+    per_frame = (tokens - 1) // frames
+
+    def split(t):  # (B, h, F*N, d) -> (B, h, groups, members, d): frames of patches, or positions across frames
+      t = t[:, :, 1:].reshape(batch, self.heads, frames, per_frame, head_dim)
+      return t if over == "space" else t.transpose(2, 3)
+
+    qs, ks, vs = split(q), split(k), split(v)
+    groups = qs.shape[2]
+    ks = torch.cat([k[:, :, None, :1].expand(-1, -1, groups, -1, -1), ks], dim=3)
+    vs = torch.cat([v[:, :, None, :1].expand(-1, -1, groups, -1, -1), vs], dim=3)
+    out = torch.softmax(qs @ ks.transpose(-1, -2), dim=-1) @ vs
+    if over == "time":
+      out = out.transpose(2, 3)
+    out = torch.cat([cls_out, out.reshape(batch, self.heads, tokens - 1, head_dim)], dim=2)
+    return self.proj(out.permute(0, 2, 1, 3).reshape(batch, tokens, dim))
+
+
+class EgoVlpMlp(torch.nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class EgoVlpBlock(torch.nn.Module):
+  def __init__(self, dim, heads, hidden):
+    super().__init__()
+    self.norm1, self.norm2, self.norm3 = (torch.nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
+    self.attn, self.timeattn = EgoVlpDividedAttention(dim, heads), EgoVlpDividedAttention(dim, heads)
+    self.mlp = EgoVlpMlp(dim, hidden)
+
+  def forward(self, x, frames):
+    time_residual = x + self.timeattn(self.norm3(x), frames, "time")
+    space_residual = x + self.attn(self.norm1(time_residual), frames, "space")  # onto x, not time_residual
+    return space_residual + self.mlp(self.norm2(space_residual))
+
+
+class EgoVlpPatchEmbed(torch.nn.Module):
+  def __init__(self, patch, dim):
+    super().__init__()
+    self.proj = torch.nn.Conv2d(3, dim, patch, stride=patch)
+
+
+class EgoVlpSpaceTimeTransformer(torch.nn.Module):
+  def __init__(self, image, patch, dim, depth, heads, hidden, frames):
+    super().__init__()
+    self.per_frame, self.frames = (image // patch) ** 2, frames
+    self.patch_embed = EgoVlpPatchEmbed(patch, dim)
+    self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = torch.nn.Parameter(torch.zeros(1, self.per_frame + 1, dim))
+    self.temporal_embed = torch.nn.Parameter(torch.zeros(1, frames, dim))
+    self.blocks = torch.nn.ModuleList(EgoVlpBlock(dim, heads, hidden) for _ in range(depth))
+    self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+
+  def forward(self, video):  # (B, F, 3, H, W), F <= frames
+    batch, frames = video.shape[:2]
+    x = self.patch_embed.proj(video.flatten(0, 1)).flatten(2).transpose(1, 2)
+    x = x.reshape(batch, -1, self.cls_token.shape[-1])
+    x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1)
+    # Positions laid out for the full frame count (spatial tiled per frame, temporal repeated per patch), then cut.
+    table = self.pos_embed[:, 1:].repeat(1, self.frames, 1) + self.temporal_embed.repeat_interleave(self.per_frame, 1)
+    x = x + torch.cat([self.pos_embed[:, :1], table], dim=1)[:, :x.shape[1]]
+    for block in self.blocks:
+      x = block(x, frames)
+    return self.norm(x)[:, 0]
+
+
+class EgoVlpVideoReference(torch.nn.Module):
+  def __init__(self, image=32, patch=16, dim=32, depth=2, heads=2, hidden=64, frames=2, projection=16):
+    super().__init__()
+    self.video_model = EgoVlpSpaceTimeTransformer(image, patch, dim, depth, heads, hidden, frames)
+    self.vid_proj = torch.nn.Sequential(torch.nn.Linear(dim, projection))
+
+  def forward(self, video):
+    return self.vid_proj(self.video_model(video))
+
+
+def egovlp_frame_indices(length, num_frames):
+  """EgoVLP's test sampling: segment bounds from linspace, truncated to ints; the middle of each segment."""
+  bounds = np.linspace(0, length, min(num_frames, length) + 1).astype(int)
+  return [(start + end - 1) // 2 for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def egovlp_reference_input(frames, num_frames, size):
+  """uint8 (N, H, W, 3) -> (num_frames, 3, size, size): sampled, resized, cropped, normalised, zero-filled."""
+  clip = torch.from_numpy(np.asarray(frames)[egovlp_frame_indices(len(frames), num_frames)]).permute(0, 3, 1, 2)
+  clip = clip.float() / 255
+  height, width = clip.shape[-2:]
+  short, long = min(height, width), max(height, width)
+  resized = (size, int(size * long / short)) if height <= width else (int(size * long / short), size)
+  clip = torch.nn.functional.interpolate(clip, size=resized, mode="bilinear", align_corners=False)
+  top, left = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
+  clip = clip[:, :, top:top + size, left:left + size]
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  out = torch.zeros(num_frames, 3, size, size)
+  out[:len(clip)] = (clip - mean) / std
+  return out
+
+
+def egovlp_reference_score(model, generated, reference, num_frames, size):
+  with torch.no_grad():
+    embeddings = model(torch.stack([egovlp_reference_input(v, num_frames, size) for v in (generated, reference)]))
+  norms = embeddings.norm(dim=1, keepdim=True).clamp_min(1e-8)
+  unit = embeddings / norms
+  return float((unit[0] * unit[1]).sum())
