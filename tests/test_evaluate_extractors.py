@@ -95,3 +95,19 @@ def test_i3d_matches_the_pytorch_i3d_reference_on_a_small_clip():
   error = np.abs(mine - theirs).max()
   print(f"I3D parity (8 x 32 x 32): max abs error {error:.2e}, relative {error / np.abs(theirs).max():.2e}")
   assert error / np.abs(theirs).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("avg_pool", [(2, 7, 7), (1, 1, 1)])
+def test_i3d_minimum_frames_are_the_fewest_that_leave_a_time_step_to_average(avg_pool):
+  """Shapes only (jax.eval_shape on an abstract model): no weights, nothing compiled."""
+  import jax.numpy as jnp
+
+  from handi_jax.evaluation import extractors
+  from handi_jax.models.i3d import INPUT_SIZE, InceptionI3d
+
+  model = nnx.eval_shape(lambda: InceptionI3d(avg_pool=avg_pool, rngs=nnx.Rngs(0)))
+  fewest = extractors.I3dExtractor(model).minimum_frames
+  graph, state = nnx.split(model)
+  time_steps = {frames: jax.eval_shape(lambda s, v: nnx.merge(graph, s).features(v), state, jax.ShapeDtypeStruct(
+      (1, frames, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)).shape[1] for frames in (fewest - 1, fewest)}
+  assert fewest == {(2, 7, 7): 9, (1, 1, 1): 1}[avg_pool] and time_steps == {fewest - 1: 0, fewest: 1}

@@ -94,13 +94,33 @@ def parse_runs(runs: str) -> dict[str, pathlib.Path]:
   return parsed
 
 
-def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
+class UnusableVideo(ValueError):
+  """A run's video of one clip that cannot be scored (missing, unreadable, too few or too many frames, another
+  shape); evaluate_runs skips that clip for that run and reports this reason."""
+
+
+def find_generated(folder: pathlib.Path, name: str) -> pathlib.Path:
   candidates = [folder / name / v for v in VIDEO_NAMES] + [folder / f"{name}{s}" for s in (".mp4", ".gif")]
   for candidate in candidates:
     if candidate.is_file():
-      return media_files.read_video(candidate)
-  raise FileNotFoundError(f"no generated video for clip {name!r} in {folder}: expected one of "
-                          f"{', '.join(str(c.relative_to(folder)) for c in candidates)}")
+      return candidate
+  raise UnusableVideo(f"missing: none of {', '.join(str(c.relative_to(folder)) for c in candidates)}")
+
+
+def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
+  return media_files.read_video(find_generated(folder, name))
+
+
+def read_checked(video: pathlib.Path, minimum_frames: int) -> np.ndarray:
+  """The frames of a run's video; UnusableVideo when it cannot be decoded or has fewer than minimum_frames."""
+  try:
+    frames = media_files.read_video(video)
+  except Exception as e:  # whatever the decoder raises for this one file (OSError, ValueError, ...)
+    first_line = (str(e).splitlines() or [""])[0]  # imageio's errors go on with install hints
+    raise UnusableVideo(f"unreadable ({type(e).__name__}: {first_line})") from e
+  if len(frames) < minimum_frames:
+    raise UnusableVideo(f"{len(frames)} frames where at least {minimum_frames} are needed")
+  return frames
 
 
 def generate_run(make_generator: Callable[[], pipeline.Generator], clips: list[Clip],

@@ -8,6 +8,7 @@ EgoVLP and BLIP have no JAX port: `VideoTextScorer` is the interface a port (or 
 
 import dataclasses
 import functools
+import math
 from typing import Protocol
 
 import jax
@@ -22,7 +23,7 @@ from handi_jax.convert import i3d as convert_i3d
 from handi_jax.convert import inception as convert_inception
 from handi_jax.models.clip_vision import CLIPModel
 from handi_jax.models.i3d import INPUT_SIZE as I3D_SIZE
-from handi_jax.models.i3d import InceptionI3d
+from handi_jax.models.i3d import POOL_BEFORE, InceptionI3d
 from handi_jax.models.inception import INPUT_SIZE, FIDInceptionV3
 
 NOT_CONFIGURED = "not configured"
@@ -128,7 +129,7 @@ def _i3d_logits(model: InceptionI3d, videos: jax.Array) -> jax.Array:
 class I3dExtractor:
   """FVD features: the I3D's Kinetics logits (N, 400) of each video, the reference FVD's choice. Frames are
   resized to 224 x 224 (bilinear, as the FVD code's resize) and scaled to [-1, 1]; the L frames are fed as
-  they are (the port's (2, 7, 7) final pool needs L >= 9)."""
+  they are: `minimum_frames` of them at least."""
 
   def __init__(self, model: InceptionI3d, batch_size: int = 4):
     self.model, self.batch_size = model, batch_size
@@ -136,6 +137,14 @@ class I3dExtractor:
   @classmethod
   def from_file(cls, path: str, batch_size: int = 4) -> "I3dExtractor":
     return cls(convert_i3d.load_pretrained(path), batch_size)
+
+  @property
+  def minimum_frames(self) -> int:
+    """The fewest frames a video needs: time is strided by 8 (SAME padding: T -> ceil(T / 8)) by Conv3d_1a and the
+    pools before Mixed_4b and Mixed_5b, and the final average pool needs its window's T steps left: 9 for the port's
+    (2, 7, 7); fewer frames leave no time step to average (NaN features)."""
+    stride = self.model.Conv3d_1a_7x7.stride[0] * math.prod(strides[0] for _, strides in POOL_BEFORE.values())
+    return (self.model.avg_pool[0] - 1) * stride + 1
 
   def features(self, videos: np.ndarray) -> np.ndarray:
     """(N, L, H, W, 3) uint8 -> (N, 400) float32."""

@@ -3,11 +3,12 @@
 Table rows are runs x scope (full frame, motion area), columns the paper's metrics in its order, then
 handi-jax's hand detection rate and motion-flow share. A metric whose extractor is not configured reads
 "not configured"; one that cannot be computed on these clips (e.g. FID of fewer than two frames) reads "n/a".
+A run's video that cannot be scored (missing, unreadable, too few frames, another shape) is counted under
+"skipped", listed with its reason, and has a metrics.csv row with that reason.
 """
 
 import csv
 import io
-import json
 import math
 import pathlib
 
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 
 from handi_jax import fileio
+from handi_jax.evaluation.extractors import NOT_CONFIGURED
 from handi_jax.media import files as media_files
 
 # (key, column title, higher is better): the paper's Table 2 / 3 columns, then handi-jax's diagnostics.
@@ -27,6 +29,8 @@ COLUMNS = (
 SCOPES = ("full", "ma")
 SCOPE_TITLES = {"full": "Full", "ma": "MA"}
 SUBSET_TITLES = {"all": "All clips", "motion_intensive": "Motion-intensive subset"}
+HS_ERR_MIN_SPAN = 0.01      # the HS-Err plot's x axis is at least this wide
+HS_ERR_DOTS_MAX_CLIPS = 30  # up to this many clips a run, the HS-Err plot shows a dot per clip; more: a histogram
 
 
 def format_value(value) -> str:
@@ -47,74 +51,131 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
   fileio.write_text(path, buffer.getvalue())
 
 
-def markdown_report(summary: dict) -> str:
-  """summary[run][subset][scope][metric] -> report.md text (one table per subset)."""
+def markdown_report(summary: dict, skipped: dict[str, dict[str, str]]) -> str:
+  """summary[run][subset][scope][metric] and skipped {run: {clip: reason}} -> report.md text (one table per
+  subset, then the skipped videos)."""
   lines = ["# handi-jax evaluation", "",
            "Metrics on the L generated frames (context frame excluded). Full = whole frame; MA = motion area "
            "(frames masked to the ground-truth motion-area mask and cropped to its square bounding box).", ""]
-  header = "| Scope | Run | clips | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-  rule = "|" + "---|" * (3 + len(COLUMNS))
+  header = "| Scope | Run | clips | skipped | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+  rule = "|" + "---|" * (4 + len(COLUMNS))
   for subset, title in SUBSET_TITLES.items():
     lines += [f"## {title}", "", header, rule]
     for scope in SCOPES:
       for run, by_subset in summary.items():
         values = by_subset[subset][scope]
-        lines.append(f"| {SCOPE_TITLES[scope]} | {run} | {values['clips']} | "
+        lines.append(f"| {SCOPE_TITLES[scope]} | {run} | {values['clips']} | {values['skipped']} | "
                      + " | ".join(format_value(values.get(key)) for key, _, _ in COLUMNS) + " |")
+    lines.append("")
+  if any(skipped.values()):
+    lines += ["## Skipped videos", "",
+              "These videos were not scored: missing, unreadable, too few frames for the metrics or more than the "
+              "ground truth, or another size than the run's other videos and another shape than the ground truth. "
+              "The rest of each run was.", "", "| Run | Clip | Why |", "|---|---|---|"]
+    for run, by_clip in skipped.items():
+      for clip, reason in by_clip.items():
+        escaped = reason.replace("|", r"\|")  # a bare | would end the cell
+        lines.append(f"| {run} | {clip} | {escaped} |")
     lines.append("")
   return "\n".join(lines)
 
 
-def write_summary(out_dir: pathlib.Path, summary: dict) -> None:
-  fileio.write_text(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
-  fileio.write_text(out_dir / "report.md", markdown_report(summary))
+def closing_summary(summary: dict, out_dir: pathlib.Path) -> str:
+  """A few lines for the console: where the outputs are and each run's full-frame numbers over all clips."""
+  lines = [f"Evaluation written to {out_dir}: report.md (tables, skipped videos), metrics.csv (per clip), "
+           "summary.json, metrics.png, hs_err.png, contact sheets."]
+  for run, by_subset in summary.items():
+    values = by_subset["all"]["full"]
+    numbers = ", ".join(f"{title} {format_value(values.get(key))}" for key, title, _ in COLUMNS
+                        if values.get(key) != NOT_CONFIGURED)
+    lines.append(f"{run}: {values['clips']} clips, {values['skipped']} skipped; full frame: {numbers}")
+  return "\n".join(lines)
+
+
+def write_summary(out_dir: pathlib.Path, summary: dict, skipped: dict[str, dict[str, str]]) -> None:
+  fileio.write_json(out_dir / "summary.json", summary, indent=1, sort_keys=True)
+  fileio.write_text(out_dir / "report.md", markdown_report(summary, skipped))
+
+
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  return plt
 
 
 def _save(figure, path: pathlib.Path) -> None:
   with fileio.atomic_path(path) as tmp:
     figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+  _pyplot().close(figure)
 
 
-def plot_metric_bars(summary: dict, path: pathlib.Path) -> None:
-  """One panel per computed metric: a bar per run, full and MA scope side by side (all clips)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
+def metric_bars_figure(summary: dict):
+  """One panel per computed metric: a bar per run, full and MA scope side by side (all clips), each bar's value
+  written over it (a bar of 0 has no height to see), one legend for the figure."""
+  plt = _pyplot()
   runs = list(summary)
   keys = [(key, title) for key, title, _ in COLUMNS
           if any(isinstance(summary[r]["all"][s].get(key), float) for r in runs for s in SCOPES)]
-  figure, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.2), squeeze=False)
+  figure, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.6), squeeze=False)
   x = np.arange(len(runs))
   for axis, (key, title) in zip(axes[0], keys, strict=False):
     for offset, scope in ((-0.2, "full"), (0.2, "ma")):
       values = [summary[r]["all"][scope].get(key) for r in runs]
       values = [v if isinstance(v, float) else np.nan for v in values]
-      axis.bar(x + offset, values, width=0.4, label=SCOPE_TITLES[scope])
+      bars = axis.bar(x + offset, np.nan_to_num(values), width=0.4, label=SCOPE_TITLES[scope])  # n/a: labelled at 0
+      axis.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.3g}" for v in values], fontsize=7, padding=2,
+                     rotation=90)  # upright, so neighbouring bars' values do not overlap
     axis.set_title(title)
     axis.set_xticks(x, runs, rotation=30, ha="right")
-  axes[0][0].legend()
-  _save(figure, path)
-  plt.close(figure)
+    axis.margins(y=0.25)  # room for the values over the tallest bars
+  figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(SCOPES),
+                bbox_to_anchor=(0.5, 1.08))
+  return figure
+
+
+def plot_metric_bars(summary: dict, path: pathlib.Path) -> None:
+  _save(metric_bars_figure(summary), path)
+
+
+def hs_err_axis_range(values: list[float]) -> tuple[float, float]:
+  """The x range of the HS-Err plot: the values with a margin, at least HS_ERR_MIN_SPAN wide (near-equal values
+  would otherwise give ticks like 0.46225 ... 0.46250), hardly below 0 (HS-Err is a squared distance; the small
+  margin keeps a dot at 0 whole)."""
+  values = [v for v in values if np.isfinite(v)] or [0.0]
+  low, high = min(values), max(values)
+  span = max(1.2 * (high - low), HS_ERR_MIN_SPAN)
+  start = max(-0.05 * span, (low + high - span) / 2)
+  return start, start + span
+
+
+def hs_err_figure(per_clip: list[dict]):
+  """Per-clip HS-Err (full frame) per run: a dot per clip on the run's line for up to HS_ERR_DOTS_MAX_CLIPS clips
+  a run, a histogram beyond."""
+  plt = _pyplot()
+  runs = list(dict.fromkeys(row["run"] for row in per_clip))
+  values = {run: [row["hs_err"] for row in per_clip if row["run"] == run and row.get("scope") == "full"]
+            for run in runs}
+  figure, axis = plt.subplots(figsize=(5, 3.2))
+  x_range = hs_err_axis_range([v for run_values in values.values() for v in run_values])
+  if max((len(v) for v in values.values()), default=0) <= HS_ERR_DOTS_MAX_CLIPS:
+    for line, run in enumerate(runs):
+      axis.plot(values[run], [line] * len(values[run]), "o", alpha=0.6)
+    axis.set_yticks(range(len(runs)), runs)
+    axis.set_ylim(-0.5, len(runs) - 0.5)
+  else:
+    axis.hist(list(values.values()), bins=20, range=x_range, label=runs)
+    axis.set_ylabel("clips")
+    axis.legend()
+  axis.set_xlim(*x_range)
+  axis.set_xlabel("HS-Err per clip (full frame)")
+  return figure
 
 
 def plot_hs_err_distribution(per_clip: list[dict], path: pathlib.Path) -> None:
-  """Histogram of per-clip HS-Err (full frame) per run."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  figure, axis = plt.subplots(figsize=(5, 3.2))
-  runs = list(dict.fromkeys(row["run"] for row in per_clip))
-  values = [[row["hs_err"] for row in per_clip if row["run"] == run and row["scope"] == "full"] for run in runs]
-  axis.hist(values, bins=20, label=runs)
-  axis.set_xlabel("HS-Err per clip (full frame)")
-  axis.set_ylabel("clips")
-  axis.legend()
-  _save(figure, path)
-  plt.close(figure)
+  _save(hs_err_figure(per_clip), path)
 
 
 def _tile(frame: np.ndarray, width: int, height: int, contours) -> np.ndarray:

@@ -2,6 +2,7 @@
 clips of each run (means, FID, FVD; all clips and the motion-intensive subset), written as metrics.csv,
 summary.json, report.md, plots and contact sheets. handi_jax/evaluate.py's docstring gives the protocol."""
 
+import collections
 import dataclasses
 import importlib
 import pathlib
@@ -22,17 +23,30 @@ from handi_jax.media.clip_frames import sample_indices
 # Per clip.
 
 
-def align_ground_truth(clip: clips_lib.Clip, num_frames: int, height: int,
+# A video of another size than the run's others is still scored when its aspect ratio is its ground truth's within
+# this: generation rounds each side to a multiple of 8 (320 x 183 -> 680 x 384 at 512 x 512 px is 1.3% wider), and
+# the same scene is often published at sizes 2% apart (EPIC-KITCHENS 456 x 256, frames cropped to 448 x 256).
+ASPECT_TOLERANCE = 0.05
+
+
+def minimum_frames(ex: extractors_lib.Extractors) -> int:
+  """The fewest frames F a run's video needs: the context frame 0 and L = F - 1 scored frames, L >= 1 for every
+  metric (the motion flow pairs frame 0 with frame 1), L >= 2 with CLIP (CLIP_Cs scores consecutive pairs), and with
+  FVD the I3D's minimum (9)."""
+  scored = max(1, 2 if ex.clip is not None else 1, ex.i3d.minimum_frames if ex.i3d is not None else 1)
+  return 1 + scored
+
+
+def align_ground_truth(frames: np.ndarray, mask: np.ndarray | None, num_frames: int, height: int,
                        width: int) -> tuple[np.ndarray, np.ndarray | None]:
   """The ground truth sampled to the generated video's F frames and size; the mask resized likewise."""
-  frames = clip.frames()
   if len(frames) < num_frames:
-    raise ValueError(f"clip {clip.name!r}: the ground truth has {len(frames)} frames, the generated video "
-                     f"{num_frames}; evaluation needs at least as many ground-truth frames")
+    raise clips_lib.UnusableVideo(f"{num_frames} frames, more than the ground truth's {len(frames)} (it is sampled "
+                                  "to the generated video's frames)")
   frames = frames[sample_indices(len(frames), num_frames)]
   frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
-  mask = None if clip.mask is None else cv2.resize(
-      clip.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+  mask = None if mask is None else cv2.resize(
+      mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
   return frames, mask
 
 
@@ -119,9 +133,11 @@ def evaluate_scope(gen, gt, gt_features: dict, prompt, detector, ex: extractors_
 
 def evaluate_clip(clip: clips_lib.Clip, generated: np.ndarray, detector, ex, truth: GroundTruthFeatures,
                   config) -> dict:
-  """{"full": ScopeResult, "ma": ScopeResult or None when the motion area is empty, "mask": (H, W) bool}."""
+  """{"full": ScopeResult, "ma": ScopeResult or None when the motion area is empty, "mask": (H, W) bool,
+  "gt_aspect": the ground truth's width / height}."""
   num_frames, height, width = generated.shape[:3]
-  gt, mask = align_ground_truth(clip, num_frames, height, width)
+  source = clip.frames()
+  gt, mask = align_ground_truth(source, clip.mask, num_frames, height, width)
   gen, gt = generated[1:], gt[1:]
   gt_full = truth.get((clip.name, "full"), gt)
   full = evaluate_scope(gen, gt, gt_full, clip.prompt, detector, ex)
@@ -136,7 +152,7 @@ def evaluate_clip(clip: clips_lib.Clip, generated: np.ndarray, detector, ex, tru
   if box is not None:
     gen_ma, gt_ma = motion_area_frames(gen, mask, box), motion_area_frames(gt, mask, box)
     ma = evaluate_scope(gen_ma, gt_ma, truth.get((clip.name, "ma"), gt_ma), clip.prompt, detector, ex)
-  return {"full": full, "ma": ma, "mask": mask}
+  return {"full": full, "ma": ma, "mask": mask, "gt_aspect": source.shape[2] / source.shape[1]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,11 +171,12 @@ def _frechet(extractor, name: str, scoped: list[ScopeResult]) -> float | str:
 
 
 def aggregate(results: dict[str, dict], names: list[str], ex: extractors_lib.Extractors) -> dict:
-  """Means of per-clip metrics over `names`, FID over their frames and FVD over their clips, per scope."""
+  """Means of per-clip metrics over `names`, FID over their frames and FVD over their clips, per scope; the clips
+  of `names` without results were skipped."""
   summary = {}
   for scope in report.SCOPES:
-    scoped = [results[n][scope] for n in names if results[n][scope] is not None]
-    values = dict(clips=len(scoped))
+    scoped = [results[n][scope] for n in names if n in results and results[n][scope] is not None]
+    values = dict(clips=len(scoped), skipped=sum(n not in results for n in names))
     for key, _, _ in report.COLUMNS:
       found = [r.values[key] for r in scoped if key in r.values]
       values[key] = float(np.nanmean(found)) if found and not np.all(np.isnan(found)) else float("nan")
@@ -200,44 +217,95 @@ def extractors_from_config(config) -> extractors_lib.Extractors:
 # All runs.
 
 
+def off_size_videos(sizes: dict[str, tuple[tuple[int, int], float]]) -> dict[str, str]:
+  """{clip: reason} of the videos, sizes {clip: ((width, height), ground truth's aspect ratio)}, that are neither
+  the run's most common size (ties: the earlier clip's) nor their ground truth's shape: scoring one would stretch its
+  ground truth to another shape. Every other size is scored, the ground truth resized to it (see evaluate.py)."""
+  if not sizes:
+    return {}
+  (common_width, common_height), _ = collections.Counter(size for size, _ in sizes.values()).most_common(1)[0]
+  return {name: f"{width} x {height} px where the run's other videos are {common_width} x {common_height} and the "
+                f"ground truth's aspect ratio is {gt_aspect:.3f}"
+          for name, ((width, height), gt_aspect) in sizes.items()
+          if (width, height) != (common_width, common_height)
+          and abs(width / height / gt_aspect - 1) > ASPECT_TOLERANCE}
+
+
+def evaluate_run(run: str, folder: pathlib.Path, clips: list[clips_lib.Clip], detector, ex, truth, config):
+  """(results {clip: evaluate_clip's}, skipped {clip: reason}) of one run's videos; a video that cannot be scored
+  (clips_lib.UnusableVideo, off_size_videos) skips its clip, with a warning, and the other clips go on."""
+  results, skipped, videos, sizes = {}, {}, {}, {}
+  fewest = minimum_frames(ex)
+
+  def skip(name: str, video: pathlib.Path, reason: str | Exception) -> None:
+    skipped[name] = f"{video}: {reason}"
+    logging.warning("run %s, clip %s skipped: %s", run, name, skipped[name])
+
+  for index, clip in enumerate(clips):
+    video = folder
+    try:
+      video = clips_lib.find_generated(folder, clip.name)
+      generated = clips_lib.read_checked(video, fewest)
+      results[clip.name] = evaluate_clip(clip, generated, detector, ex, truth, config)
+    except clips_lib.UnusableVideo as e:
+      skip(clip.name, video, e)
+      continue
+    videos[clip.name] = video
+    sizes[clip.name] = (generated.shape[2], generated.shape[1]), results[clip.name]["gt_aspect"]
+    logging.info("run %s, clip %s: %s", run, clip.name, results[clip.name]["full"].values)
+    if index >= int(config.evaluate.contact_sheet_clips):  # only features and numbers stay in memory
+      for scoped in filter(None, (results[clip.name]["full"], results[clip.name]["ma"])):
+        scoped.gen = scoped.gt = None
+      results[clip.name]["mask"] = None
+  for name, reason in off_size_videos(sizes).items():
+    skip(name, videos[name], reason)
+    del results[name]
+  return results, {c.name: skipped[c.name] for c in clips if c.name in skipped}
+
+
+def per_clip_rows(run: str, clips: list[clips_lib.Clip], results: dict, skipped: dict[str, str],
+                  subset: set[str]) -> list[dict]:
+  """metrics.csv's rows of one run: one per clip and scope, and one with the reason per skipped clip."""
+  rows = []
+  for clip in clips:
+    if clip.name in skipped:
+      rows.append(dict(run=run, clip=clip.name, prompt=clip.prompt, skipped=skipped[clip.name]))
+      continue
+    for scope in report.SCOPES:
+      if (result := results[clip.name][scope]) is not None:
+        rows.append(dict(run=run, clip=clip.name, prompt=clip.prompt, skipped="", scope=scope,
+                         motion_intensive=clip.name in subset, **result.values))
+  return rows
+
+
 def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.Path], out_dir: pathlib.Path,
                   ex: extractors_lib.Extractors | None = None) -> dict:
   """Metrics of every run over `clips`; writes every output into out_dir and returns the summary
-  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value}}}}."""
+  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value, "clips": scored, "skipped": count}}}}."""
   ex = ex if ex is not None else extractors_from_config(config)
   detector = hand_detection.HandDetector(hand_detection.DetectorSettings.from_config(config.data.build))
   truth = GroundTruthFeatures(detector, ex)
-  summary, rows, sheets = {}, [], {}
-  subset = None
-  for run, folder in runs.items():
-    results = {}
-    for index, clip in enumerate(clips):
-      generated = clips_lib.read_generated(folder, clip.name)
-      results[clip.name] = evaluate_clip(clip, generated, detector, ex, truth, config)
-      logging.info("run %s, clip %s: %s", run, clip.name, results[clip.name]["full"].values)
-      if index >= int(config.evaluate.contact_sheet_clips):  # only features and numbers stay in memory
-        for scoped in filter(None, (results[clip.name]["full"], results[clip.name]["ma"])):
-          scoped.gen = scoped.gt = None
-        results[clip.name]["mask"] = None
-    if subset is None:
-      areas = {name: r["full"].values["mask_area"] for name, r in results.items()}
-      subset = clips_lib.motion_intensive_from_data(config) or set(
-          metrics.motion_intensive_subset(areas, float(config.evaluate.motion_intensive_fraction)))
-    names = [c.name for c in clips]
+  scored = {run: evaluate_run(run, folder, clips, detector, ex, truth, config) for run, folder in runs.items()}
+  areas = {}
+  for results, _ in scored.values():  # the ground truth's mask area, from the first run that scored the clip
+    for name, result in results.items():
+      areas.setdefault(name, result["full"].values["mask_area"])
+  subset = clips_lib.motion_intensive_from_data(config) or set(
+      metrics.motion_intensive_subset(areas, float(config.evaluate.motion_intensive_fraction)))
+  names = [c.name for c in clips]
+  summary, rows = {}, []
+  for run, (results, skipped) in scored.items():
     summary[run] = {"all": aggregate(results, names, ex),
                     "motion_intensive": aggregate(results, [n for n in names if n in subset], ex)}
-    for name, by_scope in results.items():
-      for scope in report.SCOPES:
-        if (result := by_scope[scope]) is not None:
-          rows.append(dict(run=run, clip=name, scope=scope, motion_intensive=name in subset, **result.values))
-    sheets[run] = [(c.name, results[c.name]["full"].gen, results[c.name]["full"].gt, results[c.name]["mask"])
-                   for c in clips[:int(config.evaluate.contact_sheet_clips)]]
+    rows += per_clip_rows(run, clips, results, skipped, subset)
   out_dir.mkdir(parents=True, exist_ok=True)
   report.write_csv(out_dir / "metrics.csv", rows)
-  report.write_summary(out_dir, summary)
+  report.write_summary(out_dir, summary, {run: skipped for run, (_, skipped) in scored.items()})
   report.plot_metric_bars(summary, out_dir / "metrics.png")
   report.plot_hs_err_distribution(rows, out_dir / "hs_err.png")
-  for run, sheet in sheets.items():
+  for run, (results, _) in scored.items():
+    sheet = [(c.name, results[c.name]["full"].gen, results[c.name]["full"].gt, results[c.name]["mask"])
+             for c in clips[:int(config.evaluate.contact_sheet_clips)] if c.name in results]
     if sheet:
       report.write_contact_sheet(out_dir / f"contact_{run}.png", sheet)
   return summary
