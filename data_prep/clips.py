@@ -11,7 +11,7 @@ import numpy as np
 
 from handi_jax.data.records import ClipRecord, Rejection, make_record
 from handi_jax.data.schema import NO_HAND, NUM_HANDS
-from handi_jax.media.clip_frames import ClipRejected, CropGeometry, read_sampled_frames
+from handi_jax.media.clip_frames import ClipRejected, CropGeometry, Segment, read_sampled_frames
 from handi_jax.media.hand_detection import (
   DetectorSettings,
   HandDetector,
@@ -27,6 +27,7 @@ class ClipJob:
   video: str
   caption: str
   problem: str = ""  # why its caption-file entry is unusable; such a job is only reported (bad_caption_entry)
+  segment: Segment | None = None  # the clip's stretch of a longer video; None: the whole file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
     raise ClipRejected("bad_caption_entry", job.problem)
   if not job.caption.strip():
     raise ClipRejected("empty_caption", f"clip {job.clip_id!r} has an empty caption")
-  clip = read_sampled_frames(job.video, settings.num_frames)
+  clip = read_sampled_frames(job.video, settings.num_frames, job.segment)
   source_h, source_w = clip.frames.shape[1:3]
   geometry = CropGeometry(source_h, source_w, settings.height, settings.width)
   hands_per_frame = _detector(settings.detector).detect_clip(clip.frames, clip.fps)
@@ -106,9 +107,11 @@ def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
 
 
 def job_key(job: ClipJob) -> str:
-  """What identifies a job's input for the restart fingerprint: id, caption, file name and size (and the problem
-  of a bad caption entry)."""
+  """What identifies a job's input for the restart fingerprint: id, caption, file name and size (and the segment,
+  or the problem of a bad caption entry)."""
   path = pathlib.Path(job.video)
   stat = f"{path.stat().st_size}" if job.video and path.is_file() else "missing"
   key = f"{job.clip_id}\t{job.caption}\t{path.name}\t{stat}"
+  if job.segment is not None:
+    key += f"\t{job.segment.start!r}\t{job.segment.end!r}"
   return f"{key}\t{job.problem}" if job.problem else key

@@ -73,10 +73,9 @@ def _write_faststart_mp4(path, frames, fps=10):
   return data
 
 
-@pytest.fixture(scope="module")
-def videos(shared_data, tmp_path_factory):
-  """The three real clips as mp4 (each listed 4 times with different captions) and the broken cases."""
-  root = tmp_path_factory.mktemp("videos")
+def write_test_videos(root: pathlib.Path, shared_data: pathlib.Path) -> pathlib.Path:
+  """The three real clips as mp4 (each listed 4 times with different captions) and the broken cases, with
+  root/captions.json naming them; returns root."""
   (root / "broken").mkdir()
   for name in GOOD:
     _write_mp4(root / f"{name}.mp4", _read_all_frames(shared_data / "clips" / f"{name}.gif"))
@@ -92,6 +91,11 @@ def videos(shared_data, tmp_path_factory):
       entries.append(dict(video="36.mp4", caption=""))
   (root / "captions.json").write_text(json.dumps(entries))
   return root
+
+
+@pytest.fixture(scope="module")
+def videos(shared_data, tmp_path_factory):
+  return write_test_videos(tmp_path_factory.mktemp("videos"), shared_data)
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +287,8 @@ def test_command_line_help_documents_the_flags():
   result = subprocess.run([sys.executable, "-m", "data_prep.build", "--help"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
   assert "Traceback" not in result.stderr  # absl exits with status 1 after --help
-  for flag in ("captions", "output_dir", "split", "video_dir", "workers", "config", "workdir", "traceback"):
+  for flag in ("captions", "captions_format", "output_dir", "split", "video_dir", "workers", "runner", "beam_options",
+               "config", "workdir", "traceback"):
     assert f"\n  --{flag}: " in result.stdout or f"\n  --[no]{flag}: " in result.stdout, (flag, result.stdout)
 
 

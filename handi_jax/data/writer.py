@@ -5,16 +5,20 @@ same clips. A shard is finished when its progress file `<split>/_progress/shard-
 written (atomically, like every file here) after the shard itself, and carries a fingerprint of the shard's
 inputs and settings. A rerun skips finished shards with a matching fingerprint and redoes the rest; identical
 input and config give byte-identical shards.
+
+write_split runs the clips on a local pool of processes. Its pieces, plan_split (which clips go where),
+ShardWriter (one shard and its progress files) and finish_split (the summary files), are also those of
+data_prep's Apache Beam build, so both write the same dataset.
 """
 
 import collections
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import pathlib
@@ -82,6 +86,103 @@ def _gc_paused() -> Iterator[None]:
       gc.enable()
 
 
+@functools.cache
+def _serializer(num_frames: int, height: int, width: int) -> schema.Serializer:
+  """One per process: its features import TensorFlow."""
+  with _gc_paused():
+    features = schema.make_features(num_frames, height, width)
+  return schema.Serializer(features)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+  """Which jobs each shard of a split holds (by index into the job list) and the fingerprint of each shard's
+  inputs and settings. Both builds, local and Apache Beam, write from it: shard k always holds the same clips."""
+
+  data_dir: pathlib.Path
+  split: str
+  shard_jobs: tuple[range, ...]
+  fingerprints: tuple[str, ...]
+
+  @property
+  def num_shards(self) -> int:
+    return len(self.shard_jobs)
+
+  @property
+  def progress_dir(self) -> pathlib.Path:
+    return self.data_dir / self.split / PROGRESS_DIR
+
+  def shard_path(self, shard: int) -> pathlib.Path:
+    return schema.shard_path(self.data_dir, self.split, shard, self.num_shards)
+
+  def finished(self, shard: int) -> bool:
+    state = self.progress_dir / f"shard-{shard:05d}.json"
+    return (state.is_file() and self.shard_path(shard).is_file()
+            and json.loads(state.read_text()).get("fingerprint") == self.fingerprints[shard])
+
+  def pending(self) -> list[int]:
+    """The shards an earlier run has not finished with the same inputs and settings."""
+    return [s for s in range(self.num_shards) if not self.finished(s)]
+
+
+def plan_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, *, config, settings_key: str,
+               job_keys: Sequence[str]) -> ShardPlan:
+  """Cut `jobs` into shards of `frames_per_shard // num_frames` clips in input order. `settings_key` and
+  `job_keys` (one string per job) identify the inputs for restarts."""
+  if not jobs:
+    raise ValueError(f"split {split!r} has no clips to write; check the caption file")
+  if len(job_keys) != len(jobs):
+    raise ValueError(f"{len(job_keys)} job keys for {len(jobs)} jobs")
+  per_shard = clips_per_shard(config)
+  shard_jobs = tuple(range(s, min(len(job_keys), s + per_shard)) for s in range(0, len(job_keys), per_shard))
+  plan = ShardPlan(pathlib.Path(data_dir), split, shard_jobs,
+                   tuple(_fingerprint(settings_key, [job_keys[i] for i in r]) for r in shard_jobs))
+  plan.progress_dir.mkdir(parents=True, exist_ok=True)
+  return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardWriter:
+  """Writes one shard of a plan from its clips' results in job order, then its progress files, the JSON one last:
+  a shard with that file is finished. Every file is replaced atomically, so a write that is repeated (a rerun, or
+  a Beam bundle retried on another worker) replaces the same bytes with the same bytes. Picklable, for Beam's
+  workers; each process makes its own serializer on first use."""
+
+  plan: ShardPlan
+  num_frames: int
+  height: int
+  width: int
+
+  @classmethod
+  def from_config(cls, plan: ShardPlan, config) -> "ShardWriter":
+    return cls(plan, config.data.num_frames, config.data.height, config.data.width)
+
+  def prepare(self) -> None:
+    """Import TensorFlow for the serializer now (the local build overlaps it with its workers' start-up)."""
+    _serializer(self.num_frames, self.height, self.width)
+
+  def write(self, shard: int, results: Sequence[ClipRecord | Rejection]) -> None:
+    import tensorflow as tf
+
+    serialize = _serializer(self.num_frames, self.height, self.width)
+    path = self.plan.shard_path(shard)
+    records = [r for r in results if isinstance(r, ClipRecord)]
+    with fileio.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
+      for record in records:
+        writer.write(serialize(record.fields))
+    union_count = np.zeros((self.height, self.width), np.int64)
+    for record in records:
+      union_count += record.union_mask > 0
+    progress_dir = self.plan.progress_dir
+    fileio.write_bytes(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
+    state = dict(
+        fingerprint=self.plan.fingerprints[shard], num_bytes=path.stat().st_size,
+        clips=[dict(clip_id=r.fields["clip_id"], mask_area=float(r.fields["mask_area"]),
+                    hands_per_frame=r.hands_per_frame) for r in records],
+        rejected=[dataclasses.asdict(r) for r in results if isinstance(r, Rejection)])
+    fileio.write_bytes(progress_dir / f"shard-{shard:05d}.json", _json_bytes(state))
+
+
 @contextlib.contextmanager
 def _results(process: Callable, jobs: Sequence, workers: int) -> Iterator[Iterator]:
   """Results in job order: in this process for workers <= 1, else from a pool of spawned processes that is
@@ -96,66 +197,38 @@ def _results(process: Callable, jobs: Sequence, workers: int) -> Iterator[Iterat
 
 def write_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, process: Callable, *, config,
                 settings_key: str, job_keys: Sequence[str], workers: int = 1, progress: bool = True) -> SplitSummary:
-  """Turn `jobs` into shards of `split` under `data_dir`, then write the split's summary files and metadata.
+  """Turn `jobs` into shards of `split` under `data_dir` with a local pool of `workers` processes, then write the
+  split's summary files and metadata.
 
   `process(job)` returns a ClipRecord or a Rejection (it runs in worker processes when workers > 1, so it must
   be picklable). `settings_key` and `job_keys` (one string per job) identify the inputs for restarts.
   """
-  if not jobs:
-    raise ValueError(f"split {split!r} has no clips to write; check the caption file")
-  if len(job_keys) != len(jobs):
-    raise ValueError(f"{len(job_keys)} job keys for {len(jobs)} jobs")
-  data_dir = pathlib.Path(data_dir)
-  progress_dir = data_dir / split / PROGRESS_DIR
-  progress_dir.mkdir(parents=True, exist_ok=True)
-  per_shard = clips_per_shard(config)
-  num_shards = math.ceil(len(jobs) / per_shard)
-  shard_jobs = [range(s * per_shard, min(len(jobs), (s + 1) * per_shard)) for s in range(num_shards)]
-  fingerprints = [_fingerprint(settings_key, [job_keys[i] for i in r]) for r in shard_jobs]
-
-  def finished(shard: int) -> bool:
-    state = progress_dir / f"shard-{shard:05d}.json"
-    return (state.is_file() and schema.shard_path(data_dir, split, shard, num_shards).is_file()
-            and json.loads(state.read_text()).get("fingerprint") == fingerprints[shard])
-
-  pending = [s for s in range(num_shards) if not finished(s)]
-  pending_jobs = [jobs[i] for s in pending for i in shard_jobs[s]]
+  plan = plan_split(data_dir, split, jobs, config=config, settings_key=settings_key, job_keys=job_keys)
+  pending = plan.pending()
+  pending_jobs = [jobs[i] for s in pending for i in plan.shard_jobs[s]]
+  shard_writer = ShardWriter.from_config(plan, config)
   # No pool for a single clip: starting a worker costs more than the clip.
   with _results(process, pending_jobs, min(workers, len(pending_jobs))) as results:
-    with _gc_paused():  # make_features imports TensorFlow
-      features = schema.make_features(config.data.num_frames, config.data.height, config.data.width)
-    serialize = schema.Serializer(features)
+    shard_writer.prepare()
     with tqdm(total=len(jobs), initial=len(jobs) - len(pending_jobs), desc=f"{split} clips", unit="clip",
               disable=not progress) as bar:
       for shard in pending:
         chunk = []
-        for _ in shard_jobs[shard]:
+        for _ in plan.shard_jobs[shard]:
           chunk.append(next(results))
           bar.update(1)
-        _write_shard(data_dir, split, shard, num_shards, chunk, serialize, fingerprints[shard], config)
-  _remove_stale(data_dir, split, num_shards)
-  return finalize_split(data_dir, split, num_shards, config, shards_reused=num_shards - len(pending))
+        shard_writer.write(shard, chunk)
+  return finish_split(plan, config, shards_reused=plan.num_shards - len(pending))
 
 
-def _write_shard(data_dir, split, shard, num_shards, results, serialize, fingerprint, config) -> None:
-  import tensorflow as tf
-
-  path = schema.shard_path(data_dir, split, shard, num_shards)
-  records = [r for r in results if isinstance(r, ClipRecord)]
-  with fileio.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
-    for record in records:
-      writer.write(serialize(record.fields))
-  union_count = np.zeros((config.data.height, config.data.width), np.int64)
-  for record in records:
-    union_count += record.union_mask > 0
-  progress_dir = data_dir / split / PROGRESS_DIR
-  fileio.write_bytes(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
-  state = dict(
-      fingerprint=fingerprint, num_bytes=path.stat().st_size,
-      clips=[dict(clip_id=r.fields["clip_id"], mask_area=float(r.fields["mask_area"]),
-                  hands_per_frame=r.hands_per_frame) for r in records],
-      rejected=[dataclasses.asdict(r) for r in results if isinstance(r, Rejection)])
-  fileio.write_bytes(progress_dir / f"shard-{shard:05d}.json", _json_bytes(state))
+def finish_split(plan: ShardPlan, config, shards_reused: int) -> SplitSummary:
+  """Once every shard of the plan is written: remove what an earlier run with other shards left, then the
+  summary files and metadata (finalize_split)."""
+  unfinished = plan.pending()
+  if unfinished:
+    raise RuntimeError(f"shards {unfinished} of split {plan.split!r} were not written; run the build again")
+  _remove_stale(plan.data_dir, plan.split, plan.num_shards)
+  return finalize_split(plan.data_dir, plan.split, plan.num_shards, config, shards_reused=shards_reused)
 
 
 def _remove_stale(data_dir: pathlib.Path, split: str, num_shards: int) -> None:
