@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import pathlib
+import subprocess
 import sys
 
 import cv2
@@ -189,6 +190,25 @@ def test_a_segment_is_reached_by_seeking_not_by_decoding_the_video_before_it(lon
   grabs.clear()
   video.read_sampled_frames(path, 8)
   assert len(grabs) == len(decoded) + 1  # the whole file, and the grab that finds its end
+
+
+def test_segments_of_a_variable_frame_rate_video_are_found_by_their_timestamps(shared_data, tmp_path):
+  """An mkv of clip 31 with a 2 s gap after frame 9 (frames at 0-0.9 s and 3.0-3.9 s; 40 listed at 10 fps): a
+  seek by the frame rate lands past a start after the gap, so the reader seeks back, and a segment across the
+  gap holds fewer frames than its length predicts, so it is decoded a second time."""
+  import imageio_ffmpeg
+
+  _write_mp4(tmp_path / "even.mp4", _read_all_frames(shared_data / "clips" / "31.gif"))
+  subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", str(tmp_path / "even.mp4"), "-vf",
+                  "setpts='if(lt(N,10),N,N+20)/(10*TB)'", "-fps_mode", "passthrough", "-c:v", "mpeg4", "-q:v", "3",
+                  str(tmp_path / "gap.mkv")], check=True, timeout=120)
+  decoded = [cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for frame in _read_all_frames(tmp_path / "gap.mkv")]
+  for start, end, first, count in ((3.0, 3.5, 10, 5), (0.5, 3.5, 5, 10), (3.2, 3.9, 12, 7)):
+    clip = video.read_sampled_frames(tmp_path / "gap.mkv", 4, video.Segment(start, end))
+    assert clip.num_source_frames == count, (start, end)
+    np.testing.assert_array_equal(clip.frames, [decoded[first + i] for i in clip.frame_indices])
+  with pytest.raises(video.ClipRejected, match="too_few_frames: segment .1.5 s, 2.5 s. of .* has 0 frames"):
+    video.read_sampled_frames(tmp_path / "gap.mkv", 4, video.Segment(1.5, 2.5))
 
 
 # --------------------------------------------------------------------------------------------- caption files

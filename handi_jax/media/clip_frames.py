@@ -111,20 +111,22 @@ def _timestamp(capture: cv2.VideoCapture) -> float:
   return float(capture.get(cv2.CAP_PROP_POS_MSEC) or 0.0)
 
 
-def _grab_frames(capture: cv2.VideoCapture, start_ms: float, period_ms: float) -> Iterator[float]:
+def _grab_frames(capture: cv2.VideoCapture, start_ms: float, period_ms: float, duration_ms: float
+                 ) -> Iterator[float]:
   """grab() from a frame before `start_ms` (the last one before it, where the frame rate holds) to the end of the
   file; yields each frame's timestamp.
 
   OpenCV seeks to the keyframe before its target and decodes forward from there, so reaching a segment costs a
   keyframe interval, not the video up to it. It finds the target by the frame rate; where the first frame's
-  timestamp says it landed at or past the start (timestamps off that grid), it seeks further back, at worst to
-  the first frame."""
+  timestamp says it landed at or past the start, or it found no frame before the container's `duration_ms`
+  (timestamps off the frame rate's grid), it seeks further back, at worst to the first frame."""
   margin = period_ms
   while (target := start_ms - margin) > 0:
     capture.set(cv2.CAP_PROP_POS_MSEC, target)
-    if not capture.grab():  # the target lies past the end of the file
-      return
-    if _timestamp(capture) < start_ms - TIME_TOLERANCE_MS:
+    if not capture.grab():
+      if target >= duration_ms:  # past the end of the file
+        return
+    elif _timestamp(capture) < start_ms - TIME_TOLERANCE_MS:
       break
     margin *= 4
   else:
@@ -151,7 +153,9 @@ def _decode(capture: cv2.VideoCapture, keep: set[int], segment: Segment | None, 
   if segment is None:
     timestamps = iter(lambda: _timestamp(capture) if capture.grab() else None, None)
   else:
-    timestamps = _grab_frames(capture, segment.start * 1000, period_ms)
+    listed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    duration_ms = listed * period_ms if listed > 0 else math.inf
+    timestamps = _grab_frames(capture, segment.start * 1000, period_ms, duration_ms)
   frames, count, last_ms, seen_ms = {}, 0, 0.0, -period_ms
   for ms in timestamps:
     seen_ms = ms

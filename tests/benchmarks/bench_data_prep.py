@@ -11,10 +11,14 @@ time to `--lengths` frames (130 = the length of a real EPIC-KITCHENS clip) and w
 `--copies` times. For each length both sides run back to back in this process. The table gives wall times including
 worker start-up (modules and TensorFlow are imported before either side is timed) and the CPU time of each side
 with its workers (a figure that a busy machine disturbs less than the wall time), and the sha256 of data_prep's
-shards, to check that a change leaves its output unchanged. Last, one command-line build of a single clip, from
-interpreter start to exit: what a one-clip build costs in fixed start-up.
+shards, to check that a change leaves its output unchanged. Then the same build as an Apache Beam pipeline on
+the DirectRunner (multi_processing, as many worker processes) next to the local build, at `--runner_length`
+frames: clips per second, per second and core, CPU seconds per clip, and what a 146k-clip build (the dataset
+scale the issue sizes) costs in core-hours at that rate. Last, one command-line build of a
+single clip, from interpreter start to exit: what a one-clip build costs in fixed start-up.
 
-  .venv/bin/python tests/benchmarks/bench_data_prep.py [--copies=12] [--lengths 130 20]
+  .venv/bin/python tests/benchmarks/bench_data_prep.py [--copies=12] [--lengths 130 20] [--runner_length=130]
+      [--parts baseline runners command_line]
 """
 
 import argparse
@@ -131,19 +135,46 @@ def _config():
   return config
 
 
-def run_data_prep(captions: pathlib.Path, out: pathlib.Path, workers: int) -> tuple[Timer, str]:
+def run_data_prep(captions: pathlib.Path, out: pathlib.Path, workers: int, runner: str = "") -> tuple[Timer, str]:
   """The build's times and the sha256 of its shards in order (to compare outputs across versions). Its modules
-  are imported first, as the per-frame side's are; its worker processes start inside the timing."""
+  are imported first, as the per-frame side's are; its worker processes start inside the timing. With a Beam
+  `runner`, `workers` DirectRunner worker processes."""
   from data_prep import build  # noqa: F401 - imported before the timing
   from handi_jax.data import schema
 
+  beam_options = f"--direct_num_workers={workers} --direct_running_mode=multi_processing"
   with Timer() as timer:
-    summary = build.build(_config(), captions, out, workers=workers, progress=False)
+    summary = build.build(_config(), captions, out, workers=workers, progress=False, runner=runner,
+                          beam_options=beam_options)
   assert summary.num_rejected == 0, summary
   digest = hashlib.sha256()
   for shard in schema.split_files(out, "train"):
     digest.update(shard.read_bytes())
   return timer, digest.hexdigest()
+
+
+DATASET_CLIPS = 146_000
+
+
+def compare_runners(copies: int, length: int, workers: int) -> None:
+  """The local build and the DirectRunner on the same clips, back to back, in clips per second and per core."""
+  import apache_beam  # noqa: F401 - imported before the timing, as TensorFlow is
+
+  num_clips = copies * len(NAMES)
+  print(f"\n{num_clips} clips of {length} frames, {workers} worker processes per build")
+  print("| build | wall | clips/s | clips/s per core | CPU s per clip | 146k clips, core-hours (wall x cores) | "
+        "load after | shards sha256 |")
+  print("|---|---|---|---|---|---|---|---|")
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    (tmp / "videos").mkdir()
+    captions = make_videos(tmp / "videos", copies, length)
+    for name, runner in (("local pool", ""), ("Beam DirectRunner", "DirectRunner")):
+      timer, digest = run_data_prep(captions, tmp / name.replace(" ", "_"), workers, runner)
+      per_core = num_clips / timer.wall / workers
+      print(f"| {name} | {timer.wall:.1f} s | {num_clips / timer.wall:.2f} | {per_core:.3f} | "
+            f"{timer.cpu / num_clips:.2f} | {DATASET_CLIPS / per_core / 3600:.0f} | {_load()} | {digest[:16]} |",
+            flush=True)
 
 
 def one_clip_command_line(root: pathlib.Path) -> float:
@@ -162,11 +193,34 @@ def _load() -> str:
   return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def compare_with_per_frame_script(copies: int, lengths: list[int], workers: int) -> None:
+  """data_prep.build against the per-frame script, per clip length, back to back."""
+  num_clips = copies * len(NAMES)
+  print("| clip length | data_prep.build | per-frame mask_video-style | ratio (wall) | CPU s, ours / theirs "
+        "(ratio) | load after | shards sha256 |")
+  print("|---|---|---|---|---|---|---|")
+  for length in lengths:
+    with tempfile.TemporaryDirectory() as tmp:
+      tmp = pathlib.Path(tmp)
+      (tmp / "videos").mkdir()
+      (tmp / "release").mkdir()
+      captions = make_videos(tmp / "videos", copies, length)
+      ours, digest = run_data_prep(captions, tmp / "ours", workers)
+      theirs = run_per_frame_baseline(captions, tmp / "release", workers)
+      print(f"| {length} frames | {num_clips / ours.wall:.2f} clips/s ({ours.wall:.1f} s) | "
+            f"{num_clips / theirs.wall:.2f} clips/s ({theirs.wall:.1f} s) | {theirs.wall / ours.wall:.2f}x | "
+            f"{ours.cpu:.1f} / {theirs.cpu:.1f} ({theirs.cpu / ours.cpu:.2f}x) | {_load()} | {digest[:16]} |",
+            flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--copies", type=int, default=12, help="times each of the 3 clips is listed")
   parser.add_argument("--lengths", type=int, nargs="+", default=[130, 20], help="clip lengths in frames")
   parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for both sides")
+  parser.add_argument("--runner_length", type=int, default=130, help="clip length of the local-vs-Beam comparison")
+  parser.add_argument("--parts", nargs="+", choices=("baseline", "runners", "command_line"),
+                      default=["baseline", "runners", "command_line"], help="which comparisons to run")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import tensorflow as tf  # data_prep's writer uses it; imported here so neither timing pays for it
@@ -175,24 +229,14 @@ def main():
   num_clips = args.copies * len(NAMES)
   print(f"{os.cpu_count()} CPU cores, {args.workers} worker processes per side, {num_clips} clips per run; "
         f"load average (1/5/15 min) at start {_load()}")
-  print("| clip length | data_prep.build | per-frame mask_video-style | ratio (wall) | CPU s, ours / theirs "
-        "(ratio) | load after | shards sha256 |")
-  print("|---|---|---|---|---|---|---|")
-  for length in args.lengths:
+  if "baseline" in args.parts:
+    compare_with_per_frame_script(args.copies, args.lengths, args.workers)
+  if "runners" in args.parts:
+    compare_runners(args.copies, args.runner_length, args.workers)
+  if "command_line" in args.parts:
     with tempfile.TemporaryDirectory() as tmp:
-      tmp = pathlib.Path(tmp)
-      (tmp / "videos").mkdir()
-      (tmp / "release").mkdir()
-      captions = make_videos(tmp / "videos", args.copies, length)
-      ours, digest = run_data_prep(captions, tmp / "ours", args.workers)
-      theirs = run_per_frame_baseline(captions, tmp / "release", args.workers)
-      print(f"| {length} frames | {num_clips / ours.wall:.2f} clips/s ({ours.wall:.1f} s) | "
-            f"{num_clips / theirs.wall:.2f} clips/s ({theirs.wall:.1f} s) | {theirs.wall / ours.wall:.2f}x | "
-            f"{ours.cpu:.1f} / {theirs.cpu:.1f} ({theirs.cpu / ours.cpu:.2f}x) | {_load()} | {digest[:16]} |",
-            flush=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    print(f"one-clip command-line build (130 frames): {one_clip_command_line(pathlib.Path(tmp)):.1f} s; "
-          f"load average after {_load()}")
+      print(f"one-clip command-line build (130 frames): {one_clip_command_line(pathlib.Path(tmp)):.1f} s; "
+            f"load average after {_load()}")
 
 
 if __name__ == "__main__":
