@@ -116,14 +116,14 @@ def logging_restored_afterwards():
   console = logging.get_absl_handler()
   root = std_logging.getLogger()
   console_handlers = [console.python_handler, *std_logging.getLogger("jax").handlers]
-  saved = (console.level, list(console.filters), list(root.handlers), root.level, logging.get_verbosity(),
+  saved = (console.level, list(console.filters), list(root.handlers), root.level, logging.get_absl_logger().level,
            flags.FLAGS.is_parsed(), [(h.stream, h.formatter, list(h.filters)) for h in console_handlers])
   for handler in console_handlers:
     handler.setStream(sys.stderr)
   try:
     yield
   finally:
-    level, filters, handlers, root_level, verbosity, parsed, console_settings = saved
+    level, filters, handlers, root_level, absl_level, parsed, console_settings = saved
     console.setLevel(level)
     console.filters[:] = filters
     for handler in set(root.handlers) - set(handlers):
@@ -135,10 +135,12 @@ def logging_restored_afterwards():
       handler.setStream(stream)
       handler.setFormatter(formatter)
       handler.filters[:] = kept_filters
-    logging.set_verbosity(verbosity)
     std_logging.captureWarnings(False)
     if not parsed:
       flags.FLAGS.unparse_flags()
+    # The absl logger's own level, not the verbosity flag's: before any parse it is unset (records pass to pytest's
+    # capture), while setting the default verbosity back would fix it at WARNING.
+    logging.get_absl_logger().setLevel(absl_level)
 
 
 def _record(level, path, message, name="absl"):
