@@ -1,4 +1,5 @@
-"""The one TFRecord schema of handi-jax clips: written by `data_prep`, read by `handi_jax.input_pipeline`.
+"""The one TFRecord schema of handi-jax clips: written by handi_jax.data.writer (for data_prep and the demo
+data), read by handi_jax.data.input_pipeline.
 
 A dataset directory is a TFDS folder dataset (`tfds.builder_from_directory(dir)` reads it):
 `handi-<split>.tfrecord-00000-of-00004` shards, `dataset_info.json` / `features.json`, plus handi's own
