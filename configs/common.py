@@ -191,7 +191,11 @@ def _evaluate_config() -> ml_collections.ConfigDict:
       prompts_file="", image_dir="", gt_dir="", mask_dir="",  # release layout: {"source","target","prompt"} rows
       data_dir="", split="test",                               # or a TFRecord split (used when prompts_file is empty)
       runs="", output_dir="", max_clips=0,                     # output_dir empty = <workdir>/evaluate
-      clip="", inception="", i3d="", egovlp="", blip="",      # transformers CLIPModel dir, pytorch-fid / I3D weights
+      clip="", inception="", i3d="",                           # transformers CLIPModel dir, pytorch-fid / I3D weights
+      # EgoVLP checkpoint (egovlp.pth, epic_mir_plus.pth or a safetensors export) and the frames it samples of a
+      # clip: 4 for egovlp.pth (Ego4D, as LEGO scores it), 16 for epic_mir_plus.pth (EpicKitchens).
+      egovlp="", egovlp_frames=4,
+      blip="",                                                 # BLIP-score dir: captioner/ + text_encoder/
       batch_size=16, motion_intensive_fraction=0.1, contact_sheet_clips=4))
 
 

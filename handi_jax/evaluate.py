@@ -28,10 +28,20 @@ whose mask is empty has no MA values.
 
 Metrics per clip and scope: HS-Err (Eq. 2 on MediaPipe keypoints of generated vs ground-truth frames, config
 .data.build's detector settings), the share of hand slots with a generated hand, CLIP_GT, CLIP_Cs, CLIP_Tx
-(x100), EgoVLP and BLIP (pluggable scorers), and for the full scope the share of motion-flow (Farneback,
-config.generate.flow_threshold) inside the mask. Over clips: means, FID over all L frames, FVD over clips;
-for all clips and for the motion-intensive subset (top config.evaluate.motion_intensive_fraction by mask
-area, or the data's motion_intensive.json). Extractors without weights are "not configured".
+(x100), EgoVLP (cosine of EgoVLP's video embeddings of the L generated and L ground-truth frames, each sampled
+to config.evaluate.egovlp_frames: 4 with egovlp.pth, 16 with epic_mir_plus.pth; handi_jax.evaluation.egovlp),
+BLIP (each generated frame captioned by BLIP, the caption's EgoVLP text cosine with the prompt, mean over frames;
+config.evaluate.blip's captioner/ and text_encoder/, handi_jax.evaluation.blip), and for the full scope the
+share of motion-flow (Farneback, config.generate.flow_threshold) inside the mask. Over clips: means, FID over
+all L frames, FVD over clips; for all clips and for the motion-intensive subset (top config.evaluate
+.motion_intensive_fraction by mask area, or the data's motion_intensive.json). Extractors without weights are
+"not configured"; a configured path that does not exist is an error naming its config field.
+
+FID and FVD protocol (report.md's section, summary.json's "protocol" and each row's counts): FID pools the
+Inception's pool3 features of every scored frame (299 x 299, bilinear, [0, 1] scaled to [-1, 1] inside); FVD
+takes one I3D clip of the L frames of each video, in order (224 x 224, bilinear, [-1, 1]); both name their
+weights file and its SHA-256. A value from fewer than 10,000 frames (FID, the FID authors' recommended minimum)
+or 2048 clips (FVD, StyleGAN-V's fvd2048_16f protocol) is marked † "not comparable with published values".
 
 Skipped videos: a run's video that is missing, unreadable, has fewer frames than the metrics need (F >= 2; >= 3 with
 CLIP, whose CLIP_Cs needs two generated frames; >= 10 with FVD, whose I3D needs L >= 9), has more frames than its
@@ -39,7 +49,8 @@ ground truth, or is another size than the run's other videos and another aspect 
 than 5%) is skipped for that run with a warning naming run, clip, file and why; the run's other clips are scored.
 
 Outputs in output_dir (default <workdir>/evaluate): metrics.csv (per run, clip, scope; a skipped clip has one row
-with the reason under `skipped`), summary.json (with `skipped` counts), report.md (tables, skipped videos),
+with the reason under `skipped`), summary.json ({"protocol": FID / FVD protocol, "runs": per run, subset, scope,
+with `skipped` counts}), report.md (tables, FID and FVD protocol, skipped videos),
 metrics.png (bars across runs), hs_err.png (per-clip HS-Err), contact_<run>.png (generated above ground truth, mask
 outlined), config.json. The console gets where they are and each run's headline numbers.
 """
@@ -53,7 +64,7 @@ from handi_jax.evaluation import report, scoring
 
 
 def evaluate(config, workdir) -> dict:
-  """--mode=evaluate: see the module docstring; returns the summary written to summary.json."""
+  """--mode=evaluate: see the module docstring; returns summary.json's "runs"."""
   e = config.evaluate
   out_dir = pathlib.Path(e.output_dir or pathlib.Path(workdir) / "evaluate")
   clips = clips_lib.load_clips(config)

@@ -1,11 +1,15 @@
 """Evaluation: the CLIP extractor against transformers.CLIPModel on random tiny weights, and the whole job
-(--mode=evaluate) end to end on the real clips of ../shared/data."""
+(--mode=evaluate) end to end on the real clips of ../shared/data: with CLIP, EgoVLP and BLIP (fast), and with every
+extractor (slow), each on tiny random weights read from the config's paths (tests/test_evaluate_extractors.py
+writes them)."""
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
+import pathlib
 import types
 
 import cv2
@@ -18,6 +22,8 @@ from handi_jax.convert import clip as convert_clip
 from handi_jax.evaluation import clips as clips_lib
 from handi_jax.evaluation import extractors, metrics, report, scoring
 from handi_jax.media import files as media_files
+from handi_jax.media.clip_frames import sample_indices
+from tests import test_evaluate_extractors as weights_files
 
 TOLERANCE = 1e-5
 
@@ -105,10 +111,29 @@ def test_preprocessing_equals_transformers_clip_image_processor():
 
 # ---------------------------------------------------------------------------------------------------
 # End to end on ../shared/data/clips: the ground truth itself (must score perfectly), a shifted copy, a run whose
-# videos are all unusable and one with a video of another shape.
+# videos are all unusable and one with a video of another shape; CLIP, EgoVLP and BLIP configured, FID and FVD not.
 
 CLIPS = {"31": "julienne a carrot", "36": "roll dough", "816": "knit the fabric — tricoter à l'aiguille"}
 RUNS = ("same", "shifted", "broken", "odd")
+PAPER_COLUMNS = ("HS-Err ↓", "FID ↓", "CLIP_GT ↑", "FVD ↓", "EgoVLP ↑", "CLIP_Cs ↑", "CLIP_Tx ↑", "BLIP ↑")
+
+
+def report_table(report_md: str, title: str) -> dict:
+  """{(scope, run): {column title: cell}} of report.md's table under "## <title>"."""
+  section = report_md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+  rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+          if line.startswith("| ")]
+  header = rows[0]
+  return {(row[0], row[1]): dict(zip(header, row, strict=True)) for row in rows[1:]}
+
+
+def is_number(text: str) -> bool:
+  """A report cell that holds a number (a FID / FVD may carry report.NOT_COMPARABLE after it)."""
+  try:
+    float(text.removesuffix(report.NOT_COMPARABLE).strip())
+  except ValueError:
+    return False
+  return True
 
 
 class _Warnings(logging.Handler):
@@ -147,6 +172,8 @@ def evaluation(shared_data, clip_pair, tmp_path_factory):
   config = common.get_config(2)
   config.evaluate.update(prompts_file=str(root / "prompt.json"), image_dir=str(clips), gt_dir=str(clips),
                          runs=",".join(f"{run}={root / run}" for run in RUNS), clip=clip_pair[3],
+                         egovlp=str(weights_files.write_egovlp_checkpoint(root / "egovlp.safetensors")),
+                         blip=str(weights_files.write_blip_directory(root / "blip")),
                          output_dir=str(root / "out"), batch_size=8)
   warnings = _Warnings()
   logging.getLogger("absl").addHandler(warnings)
@@ -167,12 +194,22 @@ def test_evaluation_writes_every_output(evaluation):
   assert not (out / "contact_broken.png").exists()  # no clip of that run to show
   rows = list(csv.DictReader((out / "metrics.csv").open(encoding="utf-8")))
   assert {(r["run"], r["clip"]) for r in rows} == {(run, c) for run in RUNS for c in CLIPS}
-  text = (out / "report.md").read_text()
-  assert "not configured" in text and "| MA | shifted |" in text
-  # FID / FVD / EgoVLP / BLIP have no configured extractor here: they say so, never a number.
+  assert {r["frames"] for r in rows if r["run"] == "same"} == {"5"}  # L of each scored clip
+  assert all(is_number(r[key]) for r in rows if r["run"] == "same" for key in ("egovlp", "blip"))
+  # FID / FVD have no configured extractor here: they say so, never a number; the other six paper columns have one.
+  for subset in ("All clips", "Motion-intensive subset"):
+    table = report_table((out / "report.md").read_text(encoding="utf-8"), subset)
+    for scope in ("Full", "MA"):
+      cells = table[scope, "same"]
+      assert [title for title in PAPER_COLUMNS if cells[title] == "not configured"] == ["FID ↓", "FVD ↓"]
+      assert all(is_number(cells[title]) for title in PAPER_COLUMNS if title not in ("FID ↓", "FVD ↓"))
   for scope in ("full", "ma"):
-    for key in ("fid", "fvd", "egovlp", "blip"):
+    for key in ("fid", "fvd"):
       assert summary["same"]["all"][scope][key] == "not configured"
+  assert "## FID and FVD protocol" not in (out / "report.md").read_text(encoding="utf-8")
+  assert {"EgoVLP ↑", "BLIP ↑"} <= {axis.get_title() for axis in report.metric_bars_figure(summary).axes}
+  scalars = scoring.training_scalars(summary["same"])
+  assert {"eval/all/full/egovlp", "eval/all/ma/blip", "eval/motion_intensive/ma/egovlp"} <= scalars.keys()
 
 
 def test_ground_truth_against_itself_scores_perfectly_and_a_shift_does_not(evaluation):
@@ -181,6 +218,11 @@ def test_ground_truth_against_itself_scores_perfectly_and_a_shift_does_not(evalu
   assert same["full"]["hs_err"] == pytest.approx(0.0, abs=1e-12)
   assert same["full"]["clip_gt"] == pytest.approx(1.0, abs=1e-5)
   assert shifted["full"]["hs_err"] > 1e-4 and shifted["full"]["clip_gt"] < same["full"]["clip_gt"]
+  # EgoVLP: the same frames give the same embedding (cosine 1) in both scopes; shifted frames another one.
+  assert same["full"]["egovlp"] == pytest.approx(1.0, abs=1e-5) and same["ma"]["egovlp"] == pytest.approx(1.0, abs=1e-5)
+  assert shifted["full"]["egovlp"] < 1 - 1e-4
+  # BLIP compares captions of the generated frames with the prompt, not with the ground truth: any cosine.
+  assert all(-1 <= summary[run]["all"][scope]["blip"] <= 1 for run in ("same", "shifted") for scope in ("full", "ma"))
   # 36 (448 x 256) is another size than 31 and 816 (320 x 183) but its ground truth's shape: scored
   assert same["full"]["clips"] == 3 and summary["same"]["motion_intensive"]["full"]["clips"] == 1
 
@@ -223,7 +265,8 @@ def test_summary_and_config_are_json_any_parser_reads_with_utf8_prompts(evaluati
 
   out = evaluation.out
   summary = json.loads((out / "summary.json").read_bytes().decode("utf-8"), parse_constant=no_constants)
-  assert summary["broken"]["all"]["full"]["hs_err"] is None  # no clip scored: NaN written as null
+  assert summary["runs"]["broken"]["all"]["full"]["hs_err"] is None  # no clip scored: NaN written as null
+  assert summary["protocol"] == {}  # neither FID nor FVD configured
   json.loads((out / "config.json").read_bytes().decode("utf-8"), parse_constant=no_constants)
   rows = list(csv.DictReader(io.StringIO((out / "metrics.csv").read_bytes().decode("utf-8"))))
   assert {r["prompt"] for r in rows if r["clip"] == "816"} == {CLIPS["816"]}
@@ -333,9 +376,13 @@ def _mean_colour(frames):
 class _StandIn:
   features = staticmethod(_mean_colour)
 
+  @staticmethod
+  def protocol():
+    return dict(network="mean colour", weights="stand-in.safetensors", weights_sha256="5e" * 32)
+
 
 def _scope_result(gen, gt):
-  return scoring.ScopeResult(dict(hs_err=0.0), None, None,
+  return scoring.ScopeResult(dict(frames=len(gen), hs_err=0.0), None, None,
                               dict(inception=_mean_colour(gen), i3d=_mean_colour(gen.reshape(1, -1, 1, 3))),
                               dict(inception=_mean_colour(gt), i3d=_mean_colour(gt.reshape(1, -1, 1, 3))))
 
@@ -352,6 +399,42 @@ def test_fid_and_fvd_use_the_configured_extractors():
   assert np.isnan(summary["ma"]["fid"])
   results["a"]["full"] = _scope_result(clips["a"] // 2, clips["a"])
   assert scoring.aggregate(results, list("abc"), configured)["full"]["fid"] > 1
+
+
+def test_fid_and_fvd_state_what_they_come_from_and_whether_published_values_compare(monkeypatch):
+  """3 clips of 4 frames: FID from 12 frames, FVD from 3 clips of 4 frames, both far below the minimums (marked
+  in report.md and the console); at the minimums exactly, not marked."""
+  rng = np.random.default_rng(1)
+  results = {name: {"full": _scope_result(*rng.integers(0, 256, (2, 4, 8, 8, 3), np.uint8)), "ma": None}
+             for name in "abc"}
+  configured = extractors.Extractors(inception=_StandIn(), i3d=_StandIn())
+  full = scoring.aggregate(results, list("abc"), configured)["full"]
+  assert (full["fid_frames"], full["fid_comparable"]) == (12, False)
+  assert (full["fvd_clips"], full["fvd_frames_per_clip"], full["fvd_comparable"]) == (3, [4], False)
+  protocol = scoring.frechet_protocol(configured)
+  assert protocol["fid"]["minimum_frames"] == metrics.FID_MINIMUM_FRAMES == 10_000
+  assert protocol["fvd"]["minimum_clips"] == metrics.FVD_MINIMUM_CLIPS == 2048
+  assert "StyleGAN-V" in protocol["fvd"]["minimum_source"] and "TTUR" in protocol["fid"]["minimum_source"]
+  assert protocol["fvd"]["frame_sampling"] == scoring.FVD_FRAME_SAMPLING
+
+  by_subset = {"all": {"full": full, "ma": full}, "motion_intensive": {"full": full, "ma": full}}
+  text = report.markdown_report({"handi": by_subset}, {}, protocol)
+  cells = report_table(text, "All clips")["Full", "handi"]
+  assert cells["FID ↓"].endswith(" †") and cells["FVD ↓"].endswith(" †") and is_number(cells["FID ↓"])
+  note = "† From fewer than 10000 frames (FID) / 2048 clips (FVD): not comparable with published values."
+  assert text.count(note) == 3  # under both tables and in the protocol section
+  protocol_section = text.split("## FID and FVD protocol", 1)[1]
+  assert f"- weights sha256: {'5e' * 32}" in protocol_section and "- minimum clips: 2048" in protocol_section
+  assert "| All clips | Full | handi | 12 frames † | 3 clips of 4 frames † |" in protocol_section
+  printed = report.closing_summary({"handi": by_subset}, pathlib.Path("eval"))
+  assert f"FID ↓ {report.format_value(full['fid'])} †" in printed.splitlines()[1]
+  assert printed.splitlines()[-1].startswith("† Too few")
+
+  monkeypatch.setattr(metrics, "FID_MINIMUM_FRAMES", 12)
+  monkeypatch.setattr(metrics, "FVD_MINIMUM_CLIPS", 3)
+  full = scoring.aggregate(results, list("abc"), configured)["full"]
+  assert full["fid_comparable"] and full["fvd_comparable"]
+  assert report.NOT_COMPARABLE not in report.closing_summary({"handi": {"all": {"full": full}}}, pathlib.Path("e"))
 
 
 def test_training_scalars_keep_only_numbers():
@@ -386,18 +469,67 @@ def test_the_training_evaluator_scores_the_trained_unet_on_a_tfrecord_split(tmp_
   assert (tmp_path / "run" / "eval" / "step_1" / "report.md").is_file()
 
 
-class ConstantScorer:
-  """A pluggable EgoVLP / BLIP stand-in, built by config.evaluate.egovlp="tests.test_evaluate:ConstantScorer"."""
-
-  def score(self, generated, reference):
-    return 0.5
-
-
-def test_egovlp_and_blip_plug_in_by_module_and_factory():
+def test_egovlp_and_blip_come_from_their_config_paths(tmp_path):
   config = common.get_config(2)
-  config.evaluate.egovlp = "tests.test_evaluate:ConstantScorer"
+  config.evaluate.update(egovlp=str(weights_files.write_egovlp_checkpoint(tmp_path / "egovlp.safetensors")),
+                         egovlp_frames=3)
   found = scoring.extractors_from_config(config)
-  assert found.egovlp.score(None, None) == 0.5 and found.blip is None and found.clip is None
-  config.evaluate.blip = "blip_without_a_factory"
-  with pytest.raises(ValueError, match="package.module:factory"):
-    scoring.extractors_from_config(config)
+  assert found.egovlp.num_frames == 3 == found.egovlp.model.config.num_frames  # temporal positions fitted to 3
+  assert found.blip is None and found.clip is None
+  for field in ("egovlp", "blip"):
+    config = common.get_config(2)
+    config.evaluate[field] = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=f"config.evaluate.{field}"):
+      scoring.extractors_from_config(config)
+
+
+@pytest.mark.slow
+def test_every_extractor_configured_fills_the_papers_eight_columns(shared_data, clip_pair, tmp_path):
+  """All five extractors from their config paths on random weights (tiny CLIP, EgoVLP and BLIP; the FID Inception
+  and the I3D have fixed sizes): two clips of 10 frames (L = 9, the I3D's fewest), the ground truth itself and a
+  copy shifted sideways. Every paper column of report.md holds a number; the ground truth scores HS-Err 0, FID 0,
+  CLIP_GT 1, FVD 0 and EgoVLP 1; 18 frames and 2 clips are far below the FID / FVD minimums, so both are marked
+  and the protocol names the weights by their SHA-256."""
+  clips = shared_data / "clips"
+  names = ("31", "816")
+  (tmp_path / "prompt.json").write_text("".join(json.dumps(dict(
+      source=f"source/{name}.png", target=f"target/{name}.gif", prompt=CLIPS[name])) + "\n" for name in names))
+  for name in names:
+    gt = media_files.read_video(clips / f"{name}.gif")
+    gt = gt[sample_indices(len(gt), 10)]
+    for run, video in (("same", gt), ("shifted", np.roll(gt, 12, axis=2))):
+      (tmp_path / run).mkdir(exist_ok=True)
+      media_files.write_gif(tmp_path / run / f"{name}.gif", video, 8)
+  weights = dict(inception=weights_files.write_inception_weights(tmp_path / "pt_inception.safetensors"),
+                 i3d=weights_files.write_i3d_weights(tmp_path / "i3d.safetensors"),
+                 egovlp=weights_files.write_egovlp_checkpoint(tmp_path / "egovlp.safetensors"),
+                 blip=weights_files.write_blip_directory(tmp_path / "blip"))
+  config = common.get_config(2)
+  config.evaluate.update(prompts_file=str(tmp_path / "prompt.json"), image_dir=str(clips), gt_dir=str(clips),
+                         runs=f"same={tmp_path / 'same'},shifted={tmp_path / 'shifted'}", clip=clip_pair[3],
+                         output_dir=str(tmp_path / "out"), batch_size=8, **{k: str(v) for k, v in weights.items()})
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    summary = evaluate.evaluate(config, str(tmp_path))
+  report_md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+  print(report_md)
+  table = report_table(report_md, "All clips")
+  for scope in ("Full", "MA"):
+    for run in ("same", "shifted"):
+      assert all(is_number(table[scope, run][title]) for title in PAPER_COLUMNS), table[scope, run]
+      assert table[scope, run]["FID ↓"].endswith(" †") and table[scope, run]["FVD ↓"].endswith(" †")
+  same = summary["same"]["all"]["full"]
+  assert same["hs_err"] == pytest.approx(0.0, abs=1e-12) and same["clip_gt"] == pytest.approx(1.0, abs=1e-5)
+  assert same["fid"] == pytest.approx(0.0, abs=1e-3) and same["fvd"] == pytest.approx(0.0, abs=1e-3)
+  assert same["egovlp"] == pytest.approx(1.0, abs=1e-5)
+  shifted = summary["shifted"]["all"]["full"]
+  assert shifted["fid"] > 1e-3 and shifted["fvd"] > 1e-3 and shifted["egovlp"] < 1 - 1e-4
+
+  sha256 = {key: hashlib.sha256(weights[key].read_bytes()).hexdigest() for key in ("inception", "i3d")}
+  protocol = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))["protocol"]
+  assert (protocol["fid"]["weights_sha256"], protocol["fvd"]["weights_sha256"]) == (sha256["inception"], sha256["i3d"])
+  assert (protocol["fvd"]["resolution"], protocol["fvd"]["input_range"]) == ("224 x 224", "RGB in [-1, 1]")
+  assert f"- weights sha256: {sha256['i3d']}" in report_md and f"- weights sha256: {sha256['inception']}" in report_md
+  assert "| All clips | Full | same | 18 frames † | 2 clips of 9 frames † |" in report_md
+  assert printed.getvalue().rstrip().splitlines()[-1].startswith("† Too few frames / clips")
+  assert {"eval/all/full/fid", "eval/all/full/fvd", "eval/all/full/fid_frames", "eval/all/full/blip"} <= \
+      scoring.training_scalars(summary["same"]).keys()

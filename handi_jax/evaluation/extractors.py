@@ -1,15 +1,19 @@
-"""Feature extractors of the evaluation, batched and jitted, and the ones that are not configured.
+"""Feature extractors and scorers of the evaluation, batched and jitted, and the ones that are not configured.
 
 Every extractor takes uint8 RGB frames (N, H, W, 3) of any size and does its own resizing; frames of the
 motion-area scope arrive already masked and cropped (see handi_jax.evaluate). An extractor whose weights are
 not configured is `None` in `Extractors`, and its metrics are reported as "not configured", never as a number.
-EgoVLP and BLIP have no JAX port: `VideoTextScorer` is the interface a port (or a wrapper) implements.
+CLIP, the FID Inception and the FVD I3D are here; the EgoVLP and BLIP scores are JAX ports of their own
+(handi_jax.evaluation.egovlp: EgoVLP's video tower, handi_jax.evaluation.blip: BLIP's captioner and EgoVLP's text
+tower). The Inception and the I3D loaded from a file remember its SHA-256: published FID / FVD values depend on
+the exact weights, so the report names them.
 """
 
 import dataclasses
 import functools
+import hashlib
 import math
-from typing import Protocol
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +25,15 @@ from handi_jax import tokenizers
 from handi_jax.convert import clip as convert_clip
 from handi_jax.convert import i3d as convert_i3d
 from handi_jax.convert import inception as convert_inception
+from handi_jax.evaluation.blip import BlipScorer
+from handi_jax.evaluation.egovlp import EgoVlpScorer
 from handi_jax.models.clip_vision import CLIPModel
 from handi_jax.models.i3d import INPUT_SIZE as I3D_SIZE
 from handi_jax.models.i3d import POOL_BEFORE, InceptionI3d
 from handi_jax.models.inception import INPUT_SIZE, FIDInceptionV3
 
 NOT_CONFIGURED = "not configured"
+IN_MEMORY = dict(weights="in memory (no file)", weights_sha256=None)  # an extractor built from arrays, not a file
 # CLIPImageProcessor's normalisation (OpenAI CLIP).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,6 +62,12 @@ def _clip_image_embeds(model: CLIPModel, pixels: jax.Array) -> jax.Array:
 @nnx.jit
 def _clip_text_embeds(model: CLIPModel, input_ids: jax.Array) -> jax.Array:
   return model.text_embeds(input_ids)
+
+
+def weights_identity(path: str | os.PathLike) -> dict[str, str]:
+  """{"weights": the file's path, "weights_sha256": its SHA-256}: which weights gave a number."""
+  with open(path, "rb") as file:
+    return dict(weights=str(path), weights_sha256=hashlib.file_digest(file, "sha256").hexdigest())
 
 
 def batched(function, inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -105,14 +118,21 @@ class InceptionExtractor:
   """FID features: pytorch-fid's pool3 (2048-d) of each frame. The resize to 299 x 299 runs as its own small
   jitted step per frame size, so the network compiles once whatever the frame (or motion-area crop) size."""
 
-  def __init__(self, model: FIDInceptionV3, batch_size: int = 32):
+  def __init__(self, model: FIDInceptionV3, batch_size: int = 32, weights: dict = IN_MEMORY):
     if model.resize_to is not None:
       raise ValueError("InceptionExtractor resizes the frames itself: load the model with resize_to=None")
-    self.model, self.batch_size = model, batch_size
+    self.model, self.batch_size, self.weights = model, batch_size, weights
 
   @classmethod
   def from_file(cls, path: str, batch_size: int = 32) -> "InceptionExtractor":
-    return cls(convert_inception.load_pretrained(path, resize_to=None), batch_size)
+    return cls(convert_inception.load_pretrained(path, resize_to=None), batch_size, weights_identity(path))
+
+  def protocol(self) -> dict:
+    """What FID is computed from (the report states it)."""
+    return dict(network="pytorch-fid's FID Inception-v3, 2048-d pool3 features of each frame", **self.weights,
+                resolution=f"{INPUT_SIZE} x {INPUT_SIZE}",
+                resize="bilinear without antialiasing (torch's interpolate), the frame squashed to the square",
+                input_range="RGB in [0, 1], scaled to [-1, 1] inside the network (pytorch-fid's normalize_input)")
 
   def features(self, frames: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 2048) float32."""
@@ -131,12 +151,19 @@ class I3dExtractor:
   resized to 224 x 224 (bilinear, as the FVD code's resize) and scaled to [-1, 1]; the L frames are fed as
   they are: `minimum_frames` of them at least."""
 
-  def __init__(self, model: InceptionI3d, batch_size: int = 4):
-    self.model, self.batch_size = model, batch_size
+  def __init__(self, model: InceptionI3d, batch_size: int = 4, weights: dict = IN_MEMORY):
+    self.model, self.batch_size, self.weights = model, batch_size, weights
 
   @classmethod
   def from_file(cls, path: str, batch_size: int = 4) -> "I3dExtractor":
-    return cls(convert_i3d.load_pretrained(path), batch_size)
+    return cls(convert_i3d.load_pretrained(path), batch_size, weights_identity(path))
+
+  def protocol(self) -> dict:
+    """What FVD is computed from (the report states it)."""
+    return dict(network=f"Inception-I3D (pytorch-i3d's InceptionI3d), {self.model.logits.conv3d.out_features} "
+                        "Kinetics logits of each clip, averaged over time", **self.weights,
+                resolution=f"{I3D_SIZE} x {I3D_SIZE}",
+                resize="bilinear without antialiasing, the frame squashed to the square", input_range="RGB in [-1, 1]")
 
   @property
   def minimum_frames(self) -> int:
@@ -155,13 +182,6 @@ class I3dExtractor:
     return batched(lambda x: _i3d_logits(self.model, x), clips, self.batch_size)
 
 
-class VideoTextScorer(Protocol):
-  """A video-level scorer (EgoVLP video-to-video similarity, BLIP video-to-text): `score(gen, reference)`
-  with uint8 videos (L, H, W, 3) and the reference video or prompt, returning one float per clip."""
-
-  def score(self, generated: np.ndarray, reference) -> float: ...
-
-
 @dataclasses.dataclass
 class Extractors:
   """What the evaluation can compute; `None` = not configured (its columns say so)."""
@@ -169,6 +189,6 @@ class Extractors:
   clip: ClipExtractor | None = None
   inception: InceptionExtractor | None = None
   i3d: I3dExtractor | None = None
-  egovlp: VideoTextScorer | None = None
-  blip: VideoTextScorer | None = None
+  egovlp: EgoVlpScorer | None = None  # score(generated, ground-truth video)
+  blip: BlipScorer | None = None      # score(generated frames, prompt)
 

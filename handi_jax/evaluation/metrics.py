@@ -11,6 +11,13 @@ import math
 import numpy as np
 
 NUM_JOINTS_PER_FRAME = 42  # J of Eq. 2: 21 joints x 2 hands
+# A Frechet distance estimated from fewer samples is biased (it falls as samples grow), so below these counts a value
+# is not comparable with published ones. FID: the FID authors' recommended minimum sample size (bioinf-jku/TTUR's
+# README). FVD: StyleGAN-V's protocol (universome/stylegan-v, metric fvd2048_16f: 2048 clips of 16 frames a side),
+# the convention of recent video-generation papers.
+FID_MINIMUM_FRAMES = 10_000
+FVD_MINIMUM_CLIPS = 2048
+FVD_CONVENTION_FRAMES = 16
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

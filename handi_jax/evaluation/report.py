@@ -4,7 +4,9 @@ Table rows are runs x scope (full frame, motion area), columns the paper's metri
 handi-jax's hand detection rate and motion-flow share. A metric whose extractor is not configured reads
 "not configured"; one that cannot be computed on these clips (e.g. FID of fewer than two frames) reads "n/a".
 A run's video that cannot be scored (missing, unreadable, too few frames, another shape) is counted under
-"skipped", listed with its reason, and has a metrics.csv row with that reason.
+"skipped", listed with its reason, and has a metrics.csv row with that reason. FID and FVD come with their
+protocol (weights and their SHA-256, input, frame sampling, how many frames / clips); a value from fewer frames /
+clips than the protocol's minimum is marked † as not comparable with published values.
 """
 
 import csv
@@ -31,6 +33,7 @@ SCOPE_TITLES = {"full": "Full", "ma": "MA"}
 SUBSET_TITLES = {"all": "All clips", "motion_intensive": "Motion-intensive subset"}
 HS_ERR_MIN_SPAN = 0.01      # the HS-Err plot's x axis is at least this wide
 HS_ERR_DOTS_MAX_CLIPS = 30  # up to this many clips a run, the HS-Err plot shows a dot per clip; more: a histogram
+NOT_COMPARABLE = "†"        # marks a FID / FVD from fewer frames / clips than the protocol's minimum
 
 
 def format_value(value) -> str:
@@ -39,6 +42,22 @@ def format_value(value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "n/a"
   return f"{value:.5f}" if abs(value) <= 1 else f"{value:.3f}"
+
+
+def cell(values: dict, key: str) -> str:
+  """One metric of a summary's scope as the report writes it; a FID / FVD from fewer frames / clips than the
+  protocol's minimum (values[f"{key}_comparable"] False) is marked NOT_COMPARABLE."""
+  text = format_value(values.get(key))
+  value = values.get(key)
+  below_minimum = values.get(f"{key}_comparable") is False and isinstance(value, float) and math.isfinite(value)
+  return f"{text} {NOT_COMPARABLE}" if below_minimum else text
+
+
+def not_comparable_note(protocol: dict) -> str:
+  """What NOT_COMPARABLE means, with the configured minimums."""
+  fewest = [f"{protocol['fid']['minimum_frames']} frames (FID)"] if "fid" in protocol else []
+  fewest += [f"{protocol['fvd']['minimum_clips']} clips (FVD)"] if "fvd" in protocol else []
+  return f"{NOT_COMPARABLE} From fewer than {' / '.join(fewest)}: not comparable with published values."
 
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
@@ -51,9 +70,39 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
   fileio.write_text(path, buffer.getvalue())
 
 
-def markdown_report(summary: dict, skipped: dict[str, dict[str, str]]) -> str:
-  """summary[run][subset][scope][metric] and skipped {run: {clip: reason}} -> report.md text (one table per
-  subset, then the skipped videos)."""
+def _frechet_sources(values: dict) -> tuple[str, str]:
+  """(FID from, FVD from) of a summary's scope: how many frames / clips, marked when below the minimum."""
+  mark = lambda comparable: "" if comparable else f" {NOT_COMPARABLE}"
+  fid = NOT_CONFIGURED
+  if "fid_frames" in values:
+    fid = f"{values['fid_frames']} frames{mark(values['fid_comparable'])}"
+  fvd = NOT_CONFIGURED
+  if "fvd_clips" in values:
+    frames = " or ".join(map(str, values["fvd_frames_per_clip"])) or "no"
+    clips = "1 clip" if values["fvd_clips"] == 1 else f"{values['fvd_clips']} clips"
+    fvd = f"{clips} of {frames} frames{mark(values['fvd_comparable'])}"
+  return fid, fvd
+
+
+def _protocol_section(summary: dict, protocol: dict) -> list[str]:
+  """report.md's FID and FVD protocol: what each is computed from, then how many frames / clips per table row."""
+  lines = ["## FID and FVD protocol", ""]
+  for key, title in (("fid", "FID"), ("fvd", "FVD")):
+    if key in protocol:
+      lines += [f"{title}:", ""] + [f"- {name.replace('_', ' ')}: {value}" for name, value in protocol[key].items()]
+      lines.append("")
+  lines += ["| Subset | Scope | Run | FID from | FVD from |", "|---|---|---|---|---|"]
+  for subset, title in SUBSET_TITLES.items():
+    for scope in SCOPES:
+      for run, by_subset in summary.items():
+        fid, fvd = _frechet_sources(by_subset[subset][scope])
+        lines.append(f"| {title} | {SCOPE_TITLES[scope]} | {run} | {fid} | {fvd} |")
+  return lines + ["", not_comparable_note(protocol), ""]
+
+
+def markdown_report(summary: dict, skipped: dict[str, dict[str, str]], protocol: dict) -> str:
+  """summary[run][subset][scope][metric], skipped {run: {clip: reason}} and the FID / FVD protocol (scoring
+  .frechet_protocol) -> report.md text: one table per subset, the FID and FVD protocol, the skipped videos."""
   lines = ["# handi-jax evaluation", "",
            "Metrics on the L generated frames (context frame excluded). Full = whole frame; MA = motion area "
            "(frames masked to the ground-truth motion-area mask and cropped to its square bounding box).", ""]
@@ -61,12 +110,16 @@ def markdown_report(summary: dict, skipped: dict[str, dict[str, str]]) -> str:
   rule = "|" + "---|" * (4 + len(COLUMNS))
   for subset, title in SUBSET_TITLES.items():
     lines += [f"## {title}", "", header, rule]
-    for scope in SCOPES:
-      for run, by_subset in summary.items():
-        values = by_subset[subset][scope]
-        lines.append(f"| {SCOPE_TITLES[scope]} | {run} | {values['clips']} | {values['skipped']} | "
-                     + " | ".join(format_value(values.get(key)) for key, _, _ in COLUMNS) + " |")
+    rows = [(SCOPE_TITLES[scope], run, by_subset[subset][scope]) for scope in SCOPES
+            for run, by_subset in summary.items()]
+    cells = [[cell(values, key) for key, _, _ in COLUMNS] for _, _, values in rows]
+    lines += [f"| {scope} | {run} | {values['clips']} | {values['skipped']} | " + " | ".join(row_cells) + " |"
+              for (scope, run, values), row_cells in zip(rows, cells, strict=True)]
     lines.append("")
+    if any(NOT_COMPARABLE in text for row_cells in cells for text in row_cells):
+      lines += [not_comparable_note(protocol) + " See the FID and FVD protocol below.", ""]
+  if protocol:
+    lines += _protocol_section(summary, protocol)
   if any(skipped.values()):
     lines += ["## Skipped videos", "",
               "These videos were not scored: missing, unreadable, too few frames for the metrics or more than the "
@@ -82,19 +135,23 @@ def markdown_report(summary: dict, skipped: dict[str, dict[str, str]]) -> str:
 
 def closing_summary(summary: dict, out_dir: pathlib.Path) -> str:
   """A few lines for the console: where the outputs are and each run's full-frame numbers over all clips."""
-  lines = [f"Evaluation written to {out_dir}: report.md (tables, skipped videos), metrics.csv (per clip), "
-           "summary.json, metrics.png, hs_err.png, contact sheets."]
+  lines = [f"Evaluation written to {out_dir}: report.md (tables, FID and FVD protocol, skipped videos), metrics.csv "
+           "(per clip), summary.json, metrics.png, hs_err.png, contact sheets."]
   for run, by_subset in summary.items():
     values = by_subset["all"]["full"]
-    numbers = ", ".join(f"{title} {format_value(values.get(key))}" for key, title, _ in COLUMNS
+    numbers = ", ".join(f"{title} {cell(values, key)}" for key, title, _ in COLUMNS
                         if values.get(key) != NOT_CONFIGURED)
     lines.append(f"{run}: {values['clips']} clips, {values['skipped']} skipped; full frame: {numbers}")
+  if any(NOT_COMPARABLE in line for line in lines[1:]):
+    lines.append(f"{NOT_COMPARABLE} Too few frames / clips for a FID / FVD comparable with published values: see "
+                 "report.md's FID and FVD protocol.")
   return "\n".join(lines)
 
 
-def write_summary(out_dir: pathlib.Path, summary: dict, skipped: dict[str, dict[str, str]]) -> None:
-  fileio.write_json(out_dir / "summary.json", summary, indent=1, sort_keys=True)
-  fileio.write_text(out_dir / "report.md", markdown_report(summary, skipped))
+def write_summary(out_dir: pathlib.Path, summary: dict, skipped: dict[str, dict[str, str]], protocol: dict) -> None:
+  """summary.json {"protocol": the FID / FVD protocol, "runs": summary} and report.md."""
+  fileio.write_json(out_dir / "summary.json", dict(protocol=protocol, runs=summary), indent=1, sort_keys=True)
+  fileio.write_text(out_dir / "report.md", markdown_report(summary, skipped, protocol))
 
 
 def _pyplot():

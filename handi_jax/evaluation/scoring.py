@@ -4,16 +4,15 @@ summary.json, report.md, plots and contact sheets. handi_jax/evaluate.py's docst
 
 import collections
 import dataclasses
-import importlib
 import pathlib
 
 import cv2
 import numpy as np
 from absl import logging
 
+from handi_jax.evaluation import blip, egovlp, metrics, report
 from handi_jax.evaluation import clips as clips_lib
 from handi_jax.evaluation import extractors as extractors_lib
-from handi_jax.evaluation import metrics, report
 from handi_jax.media import files as media_files
 from handi_jax.media import hand_detection
 from handi_jax.media import hand_masks as mask_rules
@@ -117,7 +116,8 @@ class GroundTruthFeatures:
 
 def evaluate_scope(gen, gt, gt_features: dict, prompt, detector, ex: extractors_lib.Extractors) -> ScopeResult:
   gen_kp, gen_presence = detect_keypoints(detector, gen)
-  values = dict(hs_err=metrics.hs_err(gen_kp, gen_presence, gt_features["keypoints"], gt_features["presence"]),
+  values = dict(frames=len(gen),
+                hs_err=metrics.hs_err(gen_kp, gen_presence, gt_features["keypoints"], gt_features["presence"]),
                 **metrics.hand_detection_rates(gen_presence, gt_features["presence"]))
   if ex.clip is not None:
     gen_embeddings = ex.clip.image_embeddings(gen)
@@ -170,9 +170,22 @@ def _frechet(extractor, name: str, scoped: list[ScopeResult]) -> float | str:
   return metrics.frechet_distance_of_features(gen, gt) if min(len(gen), len(gt)) >= 2 else float("nan")
 
 
+def _frechet_counts(ex: extractors_lib.Extractors, scoped: list[ScopeResult]) -> dict:
+  """How many frames FID and how many clips (of how many frames) FVD come from, and whether that many make them
+  comparable with published values (metrics.FID_MINIMUM_FRAMES, metrics.FVD_MINIMUM_CLIPS)."""
+  counts = {}
+  if ex.inception is not None:
+    frames = sum(len(r.features["inception"]) for r in scoped)
+    counts.update(fid_frames=frames, fid_comparable=frames >= metrics.FID_MINIMUM_FRAMES)
+  if ex.i3d is not None:
+    counts.update(fvd_clips=len(scoped), fvd_frames_per_clip=sorted({r.values["frames"] for r in scoped}),
+                  fvd_comparable=len(scoped) >= metrics.FVD_MINIMUM_CLIPS)
+  return counts
+
+
 def aggregate(results: dict[str, dict], names: list[str], ex: extractors_lib.Extractors) -> dict:
-  """Means of per-clip metrics over `names`, FID over their frames and FVD over their clips, per scope; the clips
-  of `names` without results were skipped."""
+  """Means of per-clip metrics over `names`, FID over their frames and FVD over their clips (with the counts
+  _frechet_counts gives), per scope; the clips of `names` without results were skipped."""
   summary = {}
   for scope in report.SCOPES:
     scoped = [results[n][scope] for n in names if n in results and results[n][scope] is not None]
@@ -186,6 +199,7 @@ def aggregate(results: dict[str, dict], names: list[str], ex: extractors_lib.Ext
         values[key] = extractors_lib.NOT_CONFIGURED
     values["fid"] = _frechet(ex.inception, "inception", scoped)
     values["fvd"] = _frechet(ex.i3d, "i3d", scoped)
+    values.update(_frechet_counts(ex, scoped))
     summary[scope] = values
   return summary
 
@@ -194,23 +208,43 @@ def aggregate(results: dict[str, dict], names: list[str], ex: extractors_lib.Ext
 # Extractors from the config.
 
 
-def _plugin(spec: str, what: str):
-  """A scorer from "package.module:factory" (factory() returns an object with .score)."""
-  module_name, sep, factory = spec.partition(":")
-  if not sep:
-    raise ValueError(f"config.evaluate.{what}={spec!r}: expected 'package.module:factory', a function returning "
-                     f"a {what} scorer with .score(generated, reference) (handi-jax has no {what} port)")
-  return getattr(importlib.import_module(module_name), factory)()
-
-
 def extractors_from_config(config) -> extractors_lib.Extractors:
+  """The extractors config.evaluate names weights for (None where its field is empty); a path that does not exist
+  is a FileNotFoundError naming the field."""
   e = config.evaluate
   return extractors_lib.Extractors(
       clip=extractors_lib.ClipExtractor.from_directory(e.clip, e.batch_size) if e.clip else None,
       inception=extractors_lib.InceptionExtractor.from_file(e.inception, e.batch_size) if e.inception else None,
       i3d=extractors_lib.I3dExtractor.from_file(e.i3d) if e.i3d else None,
-      egovlp=_plugin(e.egovlp, "egovlp") if e.egovlp else None,
-      blip=_plugin(e.blip, "blip") if e.blip else None)
+      egovlp=egovlp.EgoVlpScorer.from_file(e.egovlp, num_frames=int(e.egovlp_frames)) if e.egovlp else None,
+      blip=blip.BlipScorer.from_directory(e.blip, e.batch_size) if e.blip else None)
+
+
+# What FID and FVD are fed of each clip (evaluate_clip's alignment), for the report's protocol.
+FID_FRAME_SAMPLING = ("every scored frame of every clip, pooled: frames 1..F-1 of each generated video (frame 0, "
+                      "the context image, left out) against the same frames of its ground truth sampled evenly to the "
+                      "video's F frames and resized to its size")
+FVD_FRAME_SAMPLING = ("one clip per video: its L = F - 1 scored frames in order, all of them (no temporal "
+                      "subsampling or cropping), against the same frames of its ground truth sampled evenly to F "
+                      "frames")
+
+
+def frechet_protocol(ex: extractors_lib.Extractors) -> dict:
+  """summary.json's "protocol": what the configured FID and FVD are computed from, and the fewest frames / clips
+  for a value comparable with published ones (the counts of each run and scope are in its summary)."""
+  protocol = {}
+  if ex.inception is not None:
+    protocol["fid"] = dict(
+        ex.inception.protocol(), frame_sampling=FID_FRAME_SAMPLING, minimum_frames=metrics.FID_MINIMUM_FRAMES,
+        minimum_source="the FID authors' recommended minimum sample size (bioinf-jku/TTUR); FID of fewer frames is "
+                       "biased (it falls as samples grow) and not comparable with published values")
+  if ex.i3d is not None:
+    protocol["fvd"] = dict(
+        ex.i3d.protocol(), frame_sampling=FVD_FRAME_SAMPLING, minimum_clips=metrics.FVD_MINIMUM_CLIPS,
+        minimum_source=f"StyleGAN-V's protocol (fvd2048_16f: {metrics.FVD_MINIMUM_CLIPS} clips of "
+                       f"{metrics.FVD_CONVENTION_FRAMES} frames a side), the convention of recent video papers; FVD "
+                       "of fewer clips is biased (it falls as clips grow) and not comparable with published values")
+  return protocol
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,8 +314,9 @@ def per_clip_rows(run: str, clips: list[clips_lib.Clip], results: dict, skipped:
 
 def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.Path], out_dir: pathlib.Path,
                   ex: extractors_lib.Extractors | None = None) -> dict:
-  """Metrics of every run over `clips`; writes every output into out_dir and returns the summary
-  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value, "clips": scored, "skipped": count}}}}."""
+  """Metrics of every run over `clips`; writes every output into out_dir and returns summary.json's "runs"
+  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value, "clips": scored, "skipped": count, FID / FVD
+  counts}}}} (its "protocol" is frechet_protocol's)."""
   ex = ex if ex is not None else extractors_from_config(config)
   detector = hand_detection.HandDetector(hand_detection.DetectorSettings.from_config(config.data.build))
   truth = GroundTruthFeatures(detector, ex)
@@ -300,7 +335,8 @@ def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.P
     rows += per_clip_rows(run, clips, results, skipped, subset)
   out_dir.mkdir(parents=True, exist_ok=True)
   report.write_csv(out_dir / "metrics.csv", rows)
-  report.write_summary(out_dir, summary, {run: skipped for run, (_, skipped) in scored.items()})
+  report.write_summary(out_dir, summary, {run: skipped for run, (_, skipped) in scored.items()},
+                       frechet_protocol(ex))
   report.plot_metric_bars(summary, out_dir / "metrics.png")
   report.plot_hs_err_distribution(rows, out_dir / "hs_err.png")
   for run, (results, _) in scored.items():
