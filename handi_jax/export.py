@@ -5,9 +5,14 @@ initialisation training starts from (handi_jax.components decides, as for traini
 text encoder: config.model.pretrained's, else the random ones training used. Tokenizer and scheduler: copied
 from config.model.pretrained, else the demo tokenizer and the config's DPM-Solver++ settings. The UNet is
 written in the release's keys when it is a HANDI UNet (conv_in2 + motion), else in stock diffusers keys.
+
+The size the UNet was trained at, where its source records one, goes with it: `unet/training_size.json`
+(height, width, frames: generation from the export defaults to it), and as diffusers' `sample_size`, the latent
+side of a square of the same area (diffusers' video pipelines default to `sample_size` x the VAE's factor).
 """
 
 import json
+import math
 import os
 import pathlib
 
@@ -17,6 +22,7 @@ from handi_jax import tokenizers
 from handi_jax.components import frozen
 from handi_jax.components import unet as unet_lib
 from handi_jax.convert import pipeline
+from handi_jax.media import files as media_files
 
 
 def scheduler_config(config) -> dict:
@@ -38,10 +44,16 @@ def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
   if pretrained is not None:
     pipeline.check_pipeline_dir(pretrained, "config.model.pretrained pipeline")
   source = workdir if (workdir / "checkpoints").is_dir() else pretrained
+  training_size = unet_lib.training_size(config, source, "the UNet to export")
+  if training_size is not None:
+    config = config.copy_and_resolve_references()
+    config.model.unet.sample_size = round(math.sqrt(training_size.area) / media_files.VAE_FACTOR)
   unet = unet_lib.load_unet(config, source, "the UNet to export")
   vae, text_encoder, _ = frozen.load_vae_and_text_encoder(config)
 
-  def demo_files(tmp: pathlib.Path):
+  def extra_files(tmp: pathlib.Path):
+    if training_size is not None:
+      unet_lib.write_training_size(tmp / "unet", training_size)
     if not (tmp / "tokenizer").is_dir():
       tokenizers.write_demo_tokenizer_files(tmp / "tokenizer")
     if not (tmp / "scheduler").is_dir():
@@ -49,8 +61,9 @@ def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
       (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(config), indent=2))
 
   destination = pipeline.write_pipeline(dict(unet=unet, vae=vae, text_encoder=text_encoder), workdir / "export",
-                                        copy_from=pretrained, extra_files=demo_files)
+                                        copy_from=pretrained, extra_files=extra_files)
   logging.info("exported to %s:\n%s", destination, pipeline.describe_directory(destination))
-  print(f"exported to {destination} (a diffusers pipeline directory; `python -m handi_jax.convert inspect` "
-        "describes it)")
+  trained_at = f", its UNet trained at {training_size}" if training_size else ""
+  print(f"exported to {destination} (a diffusers pipeline directory{trained_at}; `python -m handi_jax.convert "
+        "inspect` describes it)")
   return destination

@@ -1,7 +1,7 @@
 """Generation: one image + an action text -> a hand video, with HANDI's two stages.
 
     python -m handi_jax.generate --image=kitchen.png --prompt="julienne the carrot" --output_dir=out
-    python -m handi_jax.generate --prompts_file=prompt.json --image_dir=frames --output_dir=out
+    python -m handi_jax.generate --prompts_file=prompt.json --image_dir=frames --output_dir=out --size=384x680
     python -m handi_jax.main --config=configs/stage2.py:paper --mode=generate --workdir=runs/g \\
         --config.generate.prompts_file=prompt.json --config.model.pretrained=/path/to/pipeline
 
@@ -18,10 +18,16 @@ Per sample, in `output_dir/<image stem>/` (default output_dir: `<workdir>/genera
                          Farneback flow exceeds config.generate.flow_threshold px, as a heat map on the image
   done.json              written last: prompt, sizes, mask source, seconds
 
+Size: by default the area the UNet was trained at, in the image's aspect ratio (a square image gets the training
+size itself; handi_jax.pipeline says where the size is recorded). `--size=HEIGHTxWIDTH` fixes the size
+(config.sampling.height and width); `--size=S` asks for an area of S x S pixels in the image's aspect ratio
+(config.sampling.target_area = S * S). Sides are multiples of 8.
+
 The pipeline itself (sizes, stages, sampling, where the models come from) is handi_jax.pipeline.
 """
 
 import pathlib
+import re
 
 import tqdm
 from absl import logging
@@ -58,7 +64,23 @@ def predict_masks_from_config(config, workdir) -> list[pathlib.Path]:
   return _run_all(config, workdir, "predict_masks")
 
 
-def _print_folders(config, workdir) -> None:
+def set_size(sampling, size: str) -> None:
+  """--size into config.sampling (see the module docstring); empty leaves it as it is."""
+  if not size:
+    return
+  match = re.fullmatch(r"(\d+)(?:x(\d+))?", size.strip())
+  if match is None:
+    raise ValueError(f"--size={size!r}: expected HEIGHTxWIDTH (e.g. 384x680) or S for an area of S x S px in the "
+                     "image's aspect ratio (e.g. 256)")
+  side, width = match.groups()
+  if width:
+    sampling.height, sampling.width = int(side), int(width)
+  else:
+    sampling.target_area, sampling.height, sampling.width = int(side) ** 2, 0, 0
+
+
+def _print_folders(config, workdir, size: str) -> None:
+  set_size(config.sampling, size)
   for folder in generate_from_config(config, workdir):
     print(folder)
 
@@ -66,4 +88,7 @@ def _print_folders(config, workdir) -> None:
 if __name__ == "__main__":
   command_line.run("generate", ("image", "prompt", "mask", "prompts_file", "image_dir", "mask_dir", "output_dir",
                                 "stage1_pretrained", "stage2_pretrained"),
-                   "runs/generate", "Working directory (default output_dir, demo tokenizer).", _print_folders)
+                   "runs/generate", "Working directory (default output_dir, demo tokenizer).", _print_folders,
+                   options=(command_line.Option(
+                       "size", "", "HEIGHTxWIDTH (e.g. 384x680), or S for an area of S x S px in the image's aspect "
+                       "ratio (e.g. 256); default: the area the UNet was trained at."),))

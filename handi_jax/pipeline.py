@@ -1,15 +1,19 @@
 """HANDI's two-stage generation pipeline: image + action text -> motion-area mask -> hand video.
 
-Pipeline: the image is resized to about config.sampling.target_area pixels keeping its aspect ratio (sides
-multiples of 8, Lanczos; or config.sampling.height x width) and encoded to the context latent. Stage 1 samples
+Pipeline: the image is resized (Lanczos) to config.sampling.height x width, or to about config.sampling.target_area
+pixels keeping its aspect ratio (sides multiples of 8), and encoded to the context latent. With neither set (the
+default: target_area 0), the area is the one the UNet was trained at (train_state.TrainingSize, recorded with its
+checkpoint or export; stage 2's when both stages run), in the image's aspect ratio: a square image gets exactly
+the training size. A UNet that records no size falls back to config.sampling.fallback_area. A size more than
+FAR_FROM_TRAINING times the training area, or less than its 1 / FAR_FROM_TRAINING, gets a warning. Stage 1 samples
 the mask video conditioned on the prior mask (config.generate.prior_mask; all ones when empty, the release's
 no-mask rule), which is decoded and cleaned up (handi_jax.mask_cleanup) into the motion-area mask. Stage 2
 samples the RGB video conditioned on that mask (conv_in2), decodes it and, with
 config.sampling.replace_background (the paper's rule), replaces every pixel outside the mask by the context
 image; frame 0 is the context image and levels are rounded, unless config.generate.release_frames (with
-replace_background off: the release's written frames). Sampling: DPM-Solver++ 2M (or DDIM), config.sampling.num_inference_steps
-steps, classifier-free guidance config.sampling.guidance_scale, all steps in one compiled loop
-(handi_jax.diffusion.guided_sampling).
+replace_background off: the release's written frames). Sampling: DPM-Solver++ 2M (or DDIM),
+config.sampling.num_inference_steps steps, classifier-free guidance config.sampling.guidance_scale, all steps in
+one compiled loop (handi_jax.diffusion.guided_sampling).
 
 Models: VAE, text encoder, tokenizer and scheduler config from config.model.pretrained (a diffusers pipeline
 directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
@@ -35,12 +39,16 @@ from absl import logging
 from flax import nnx
 
 from handi_jax import conditioning, fileio, mask_cleanup, prompts, tokenizers
-from handi_jax.components import common, frozen
+from handi_jax.components import common, frozen, train_state
 from handi_jax.components import unet as unet_lib
 from handi_jax.diffusion import guided_sampling, samplers, schedules
 from handi_jax.media import files as media_files
 from handi_jax.models import unet3d
 from handi_jax.models import vae as vae_lib
+
+# How many times the training area (or its inverse) a generation size may be before a warning: the UNet has not
+# seen objects at that scale.
+FAR_FROM_TRAINING = 2.0
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -109,13 +117,18 @@ def sampling_plan(config):
   return settings, plan
 
 
-def load_stage_unet(config, stage: int) -> unet3d.UNet3DConditionModel:
-  """The stage-1 or stage-2 UNet config.generate names (see the module docstring), or a random one."""
+def stage_unet_source(config, stage: int) -> str:
+  """Where the stage-1 or stage-2 UNet comes from (see the module docstring); empty: randomly initialised."""
   source = config.generate.stage1_pretrained if stage == 1 else config.generate.stage2_pretrained
   release_unet = pathlib.Path(config.model.pretrained) / "unet" if config.model.pretrained else None
   if not source and stage == 2 and release_unet is not None and release_unet.is_dir():
     source = str(release_unet)
-  return unet_lib.load_unet(config, source, f"the stage-{stage} UNet")
+  return source
+
+
+def load_stage_unet(config, stage: int) -> unet3d.UNet3DConditionModel:
+  """The stage-1 or stage-2 UNet config.generate names (see the module docstring), or a random one."""
+  return unet_lib.load_unet(config, stage_unet_source(config, stage), f"the stage-{stage} UNet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +155,8 @@ def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, 
 
 class Generator:
   """The models and the sampling plan; `run` produces one sample's outputs. A stage's UNet that was not handed in
-  is loaded on first use as config.generate names it (load_stage_unet)."""
+  is loaded on first use as config.generate names it (load_stage_unet); one handed in is the one training with
+  this config, so its training size is config.data's."""
 
   def __init__(self, config, frozen_models: frozen.FrozenModels, tokenizer,
                unets: dict[int, nnx.Module] | None = None):
@@ -152,6 +166,8 @@ class Generator:
     self.settings, self.plan = sampling_plan(config)
     self.uncond = self._text(config.sampling.negative_prompt)
     self._unets = {stage: common.canonical_split(unet) for stage, unet in (unets or {}).items()}
+    self._training_sizes = {stage: train_state.TrainingSize.of_config(config) for stage in self._unets}
+    self._size_warnings = set()
 
   @classmethod
   def from_config(cls, config, workdir: str | pathlib.Path) -> "Generator":
@@ -168,6 +184,7 @@ class Generator:
     other.config = config
     other.settings, other.plan = sampling_plan(config)
     other.unet = self.unet  # UNets load lazily, once, from this generator's config
+    other.training_size = self.training_size
     return other
 
   def unet(self, stage: int):
@@ -175,6 +192,37 @@ class Generator:
     if stage not in self._unets:
       self._unets[stage] = common.canonical_split(load_stage_unet(self.config, stage))
     return self._unets[stage]
+
+  def training_size(self, stage: int) -> train_state.TrainingSize | None:
+    """The size a stage's UNet was trained at, where it records one (read on first use)."""
+    if stage not in self._training_sizes:
+      self._training_sizes[stage] = unet_lib.training_size(self.config, stage_unet_source(self.config, stage),
+                                                           f"the stage-{stage} UNet")
+    return self._training_sizes[stage]
+
+  def model_size(self, image_size: tuple[int, int], stages: tuple[int, ...] = (1, 2)) -> tuple[int, int]:
+    """(height, width) the `stages` run at for an image of (width, height) `image_size` (see the module
+    docstring); warns, once a size, about a stage trained far from it."""
+    sampling = self.config.sampling
+    area = int(sampling.target_area)
+    if not area:  # the training area of the stage that makes the output, in the image's aspect ratio
+      recorded = [size for size in map(self.training_size, sorted(stages, reverse=True)) if size]
+      area = recorded[0].area if recorded else int(sampling.fallback_area)
+    height, width = media_files.model_size(*image_size, area, int(sampling.height), int(sampling.width))
+    for stage in stages:
+      self._warn_if_far_from_training(stage, height, width)
+    return height, width
+
+  def _warn_if_far_from_training(self, stage: int, height: int, width: int) -> None:
+    trained = self.training_size(stage)
+    if trained is None or (stage, height, width) in self._size_warnings:
+      return
+    ratio = height * width / trained.area
+    if not 1 / FAR_FROM_TRAINING <= ratio <= FAR_FROM_TRAINING:
+      self._size_warnings.add((stage, height, width))
+      logging.warning("generating at %d x %d px, %.2g times the area the stage-%d UNet was trained at (%d x %d px): "
+                      "expect worse videos; with config.sampling.target_area, height and width at 0 generation "
+                      "runs at the training area", height, width, ratio, stage, trained.height, trained.width)
 
   def _text(self, prompt: str) -> jax.Array:
     ids = jnp.asarray(tokenizers.tokenize(self.tokenizer, [prompt]))
@@ -209,8 +257,8 @@ class Generator:
     key = jax.random.fold_in(jax.random.key(config.seed), sample.index)
     stage1_key, stage2_key = jax.random.split(key)
     image = media_files.load_image(sample.image)
-    height, width = media_files.model_size(image.width, image.height, int(config.sampling.target_area),
-                                        int(config.sampling.height), int(config.sampling.width))
+    stages = (1,) * (sample.mask is None) + (2,) * (mode == "generate")
+    height, width = self.model_size(image.size, stages)
     pixels = media_files.image_to_model_input(image, height, width)
     context_latent = _encode_image(self.frozen.vae_graphdef, self.frozen.vae, jnp.asarray(pixels))
     text = self._text(sample.prompt)

@@ -52,7 +52,11 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
                       "it to train on)", latest, manager.directory, config.train.num_steps)
       target, _ = train_state.abstract_train_state(config, mesh, unet_lib.abstract_unet(config))
       return train_state.restore_checkpoint(manager, latest, target)[0]
-    unet = unet_lib.load_unet(config, config.model.pretrained, "the UNet to train")
+    quiet = jax.process_index() > 0
+    if latest is None:
+      unet = unet_lib.load_unet(config, config.model.pretrained, "the UNet to train")
+    else:  # only the structure counts: the checkpoint's weights replace these
+      unet = unet_lib.build_unet(config)
     state, unet_graphdef, rng_state, state_sh = train_state.create_train_state(config, mesh, unet)
     del unet
     frozen, frozen_sh, tokenizer = frozen_lib.place_frozen_models(config, mesh)
@@ -64,12 +68,14 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
       state, data_state = train_state.restore_checkpoint(manager, latest, target)
       position = data_state["position"]
       logging.info("resumed from step %d (input position %d)", int(state.step), position)
+      if not quiet:
+        print(f"stage {config.stage}: resumed from step {latest} ({manager.directory / str(latest)})")
     data = input_pipeline.InputPipeline(config, mesh, tokenizer=tokenizer, position=position)
 
     step_fn = train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items() if np.isscalar(v)})
-    quiet = jax.process_index() > 0
+    training_size = train_state.TrainingSize.of_config(config)
     first, num_steps = int(state.step), config.train.num_steps
     stopped = False
     with jax.transfer_guard(config.train.transfer_guard), preemption_notice(manager) as preempted, \
@@ -97,12 +103,13 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
           if not all(np.isfinite(v) for v in scalars.values()):
             raise FloatingPointError(f"non-finite training metrics at step {step}: {scalars}")
           writer.write_scalars(step, scalars)
-          bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          loss = scalars["loss"]
+          bar.set_postfix(loss=f"{loss:.4f}")
         evaluating = bool(evaluators) and bool(config.train.eval_every) and step % config.train.eval_every == 0
         stopped = step < num_steps and preempted(step)
         # Our interval, not orbax's: orbax also saves the first step of every run (a full save on a pod).
         if step % config.train.checkpoint_every == 0 or step == num_steps or evaluating or stopped:
-          train_state.save_checkpoint(manager, step, state, data.state())
+          train_state.save_checkpoint(manager, step, state, data.state(), training_size)
         if evaluating:
           manager.wait_until_finished()  # the step is on disk before evaluation, which may take long
           unet = nnx.merge(unet_graphdef, state.params, state.frozen_params, rng_state)
@@ -121,6 +128,9 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
     if stopped:
       logging.warning("SIGTERM: stopped after step %d of %d and saved it to %s; run the same command to resume",
                       step, num_steps, manager.directory / str(step))
+    elif not quiet:
+      print(f"stage {config.stage}: trained to step {step}, loss {loss:.4f}; checkpoint "
+            f"{manager.directory / str(step)}")
   return state
 
 @contextlib.contextmanager

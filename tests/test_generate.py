@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import common
-from handi_jax import generate, pipeline, prompts, tokenizers
+from handi_jax import export, generate, pipeline, prompts, sharding, tokenizers
+from handi_jax.components import train_state
+from handi_jax.components import unet as unet_lib
 from handi_jax.convert import core
 from handi_jax.diffusion import guided_sampling as video_sampling
 from handi_jax.media import files as media_files
@@ -182,3 +184,97 @@ def test_command_line_generates_with_25_steps(tmp_path, shared_data):
   record = json.loads((tmp_path / "out" / "kitchen" / "done.json").read_text())
   assert record["steps"] == 25 and record["mask_source"] == "stage 1"
   assert media_files.read_video(tmp_path / "out" / "kitchen" / "video.mp4").shape == (FRAMES, HEIGHT, WIDTH, 3)
+
+
+
+def _size_config(tmp_path, **generate_fields):
+  """_config with no size asked for, 4 frames and a UNet that exports: 32 channels in 32 groups (as the release's
+  UNet class builds its temporal norms), 8 transformer_in heads (as diffusers hard-codes them)."""
+  config = _config(tmp_path, **generate_fields)
+  config.sampling.target_area = 0
+  config.data.num_frames = 4
+  config.model.unet.update(block_out_channels=(32,), norm_num_groups=32, transformer_in_heads=8)
+  return config
+
+
+@pytest.fixture(scope="module")
+def training_workdirs(tmp_path_factory):
+  """Two training workdirs of _size_config's untrained UNet: "trained" records a 32 x 32 training size, "old"
+  records none, as checkpoints written before the record."""
+  root = tmp_path_factory.mktemp("runs")
+  config = _size_config(root)
+  state, *_ = train_state.create_train_state(config, sharding.make_mesh(config), unet_lib.build_unet(config))
+  for name, size in (("trained", train_state.TrainingSize(32, 32, 4)), ("old", None)):
+    manager = train_state.checkpoint_manager(config, root / name)
+    train_state.save_checkpoint(manager, 1, state, {"position": 1}, size)
+    manager.wait_until_finished()
+  return root
+
+
+def _square_sample(tmp_path, shared_data):
+  """A 64 x 64 crop of a release test image and a mask for it (a user mask: stage 2 alone runs)."""
+  image = Image.open(shared_data / "ek_frames" / "1.png").convert("RGB").crop((100, 60, 228, 188)).resize((64, 64))
+  image.save(tmp_path / "square.png")
+  mask = np.zeros((64, 64), np.uint8)
+  mask[16:48, 8:40] = 255
+  Image.fromarray(mask).save(tmp_path / "square_mask.png")
+  return prompts.Sample(0, "square", tmp_path / "square.png", "cut the carrot", tmp_path / "square_mask.png")
+
+
+def test_generation_defaults_to_the_size_the_checkpoint_trained_at(tmp_path, training_workdirs, caplog):
+  config = _size_config(tmp_path, stage2_pretrained=str(training_workdirs / "trained"))
+  generator = pipeline.Generator.from_config(config, tmp_path)
+  assert generator.training_size(2) == train_state.TrainingSize(32, 32, 4)
+  assert generator.model_size((64, 64)) == (32, 32)      # a square image: the training size itself
+  assert generator.model_size((448, 256)) == (24, 40)    # the training area in the image's aspect ratio
+  # The random stage-1 UNet records no size: stage 1 alone runs at config.sampling.fallback_area.
+  config.sampling.fallback_area = 16 * 16
+  assert generator.with_config(config).model_size((64, 64), stages=(1,)) == (16, 16)
+  assert "times the area" not in caplog.text
+
+  # A size the user asks for wins; one far from the training size gets a warning, once.
+  config.sampling.target_area = 40 * 40
+  assert generator.with_config(config).model_size((64, 64)) == (40, 40)
+  assert "times the area" not in caplog.text                                  # 1.6 x: near enough
+  config.sampling.height, config.sampling.width = 48, 88
+  for _ in range(2):
+    assert generator.with_config(config).model_size((448, 256)) == (48, 88)
+  warnings = [r.getMessage() for r in caplog.records if "times the area" in r.getMessage()]
+  assert warnings == ["generating at 48 x 88 px, 4.1 times the area the stage-2 UNet was trained at (32 x 32 px): "
+                      "expect worse videos; with config.sampling.target_area, height and width at 0 generation "
+                      "runs at the training area"]
+
+
+def test_checkpoint_without_a_size_record_still_loads(tmp_path, training_workdirs):
+  config = _size_config(tmp_path)
+  assert unet_lib.training_size(config, training_workdirs / "old") is None
+  assert unet_lib.restore_unet(config, training_workdirs / "old") is not None
+
+
+def test_export_records_the_training_size_and_generation_from_it_uses_it(tmp_path, training_workdirs, shared_data):
+  import diffusers
+
+  config = _size_config(tmp_path)
+  run = tmp_path / "run"
+  shutil.copytree(training_workdirs / "trained", run)
+  export_dir = export.export_from_config(config, run)
+  record = json.loads((export_dir / "unet" / unet_lib.TRAINING_SIZE_FILE).read_text())
+  assert record == {"height": 32, "width": 32, "num_frames": 4}
+  assert diffusers.UNet3DConditionModel.load_config(export_dir / "unet")["sample_size"] == 4  # latents of 32 px
+
+  config.model.pretrained = str(export_dir)   # stage 2 from <pretrained>/unet
+  result = pipeline.Generator.from_config(config, tmp_path).run(_square_sample(tmp_path, shared_data),
+                                                                tmp_path / "out" / "square")
+  assert (result.record["height"], result.record["width"]) == (32, 32)
+  assert media_files.read_video(tmp_path / "out" / "square" / "video.mp4").shape == (4, 32, 32, 3)
+
+def test_size_flag_sets_a_fixed_size_or_an_area():
+  sampling = common.get_config(stage=2).sampling
+  generate.set_size(sampling, "")
+  assert (sampling.target_area, sampling.height, sampling.width) == (0, 0, 0)
+  generate.set_size(sampling, "384x680")
+  assert (sampling.height, sampling.width) == (384, 680)
+  generate.set_size(sampling, "256")
+  assert (sampling.target_area, sampling.height, sampling.width) == (256 * 256, 0, 0)
+  with pytest.raises(ValueError, match="expected HEIGHTxWIDTH"):
+    generate.set_size(sampling, "big")

@@ -41,7 +41,7 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
-def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_dir, monkeypatch):
+def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, capsys, demo_dir, monkeypatch):
   caplog.set_level(logging.INFO)
   config = tiny_train_config(stage=stage, steps=2)
   config.data.dir = demo_dir
@@ -78,9 +78,23 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, demo_di
   leaves = jax.tree.leaves(first_params)
   assert all(np.isfinite(x).all() for x in leaves)
 
-  # Resume: two more steps continue from step 2 and its input position, not from scratch.
+  # The console's closing line; every checkpoint records the size trained at.
+  last_loss = [c.args[1]["loss"] for c in writers[0].write_scalars.call_args_list if "loss" in c.args[1]][-1]
+  assert f"stage {stage}: trained to step 2, loss {last_loss:.4f}; checkpoint {tmp_path / 'checkpoints' / '2'}" in (
+      capsys.readouterr().out)
+  manager = train_state.checkpoint_manager(config, tmp_path)
+  assert [train_state.recorded_training_size(manager, step) for step in (1, 2)] == [
+      train_state.TrainingSize(height=32, width=32, num_frames=3)] * 2
+
+  # Resume: two more steps continue from step 2 and its input position, not from scratch. The console says so,
+  # and not that the UNet was randomly initialised (its weights come from the checkpoint).
   config.train.num_steps = 4
+  caplog.clear()
   resumed = train.train_and_evaluate(config, str(tmp_path))
+  console = capsys.readouterr().out
+  assert f"stage {stage}: resumed from step 2 ({tmp_path / 'checkpoints' / '2'})" in console
+  assert f"stage {stage}: trained to step 4, loss " in console
+  assert "randomly initialised from config.model.unet" not in caplog.text
   assert int(resumed.step) == 4
   assert (tmp_path / "checkpoints" / "4").is_dir()
   changed = [not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(jax.device_get(resumed.params)),

@@ -2,10 +2,11 @@
 
 The UNet is trained (all of it, or the release's subset: config.train.trainable); the optimizer is AdamW
 with warm-up and global-norm clipping from config.train. Checkpoints are orbax directories
-`<workdir>/checkpoints/<step>/` holding the state and the input position; a checkpoint written on one mesh
-restores onto another.
+`<workdir>/checkpoints/<step>/` holding the state and, in the JSON item "data", the input position and the clip
+size trained at (TrainingSize); a checkpoint written on one mesh restores onto another.
 """
 
+import dataclasses
 import functools
 import pathlib
 
@@ -31,6 +32,27 @@ class TrainState:
   params: nnx.State         # trainable UNet parameters
   frozen_params: nnx.State  # UNet parameters outside config.train.trainable
   opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSize:
+  """The clip size a UNet was trained at (config.data): recorded with every checkpoint and export, so that
+  generation defaults to it."""
+
+  height: int
+  width: int
+  num_frames: int
+
+  @classmethod
+  def of_config(cls, config) -> "TrainingSize":
+    return cls(int(config.data.height), int(config.data.width), int(config.data.num_frames))
+
+  @property
+  def area(self) -> int:
+    return self.height * self.width
+
+  def __str__(self) -> str:
+    return f"{self.height} x {self.width} px, {self.num_frames} frames"
 
 
 def trainable_filter(config):
@@ -114,11 +136,14 @@ def checkpoint_manager(config, workdir) -> ocp.CheckpointManager:
                                item_names=("state", "data"))
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict) -> bool:
-  """Save `state` and the input pipeline's state as checkpoint `step`, asynchronously (the caller decides when).
-  True when a save started."""
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict,
+                    training_size: TrainingSize | None = None) -> bool:
+  """Save `state`, the input pipeline's state and the size trained at (None: no record, as checkpoints written
+  before it was recorded) as checkpoint `step`, asynchronously (the caller decides when). True when a save
+  started."""
+  data = dict(data_state, training_size=dataclasses.asdict(training_size)) if training_size else data_state
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)), force=True)
+                                                    data=ocp.args.JsonSave(data)), force=True)
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: TrainState) -> tuple[TrainState, dict]:
@@ -127,6 +152,12 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: TrainS
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                            data=ocp.args.JsonRestore()))
   return restored.state, restored.data
+
+
+def recorded_training_size(manager: ocp.CheckpointManager, step: int) -> TrainingSize | None:
+  """The size checkpoint `step` was trained at; None when it records none (written before the record existed)."""
+  recorded = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data.get("training_size")
+  return TrainingSize(**recorded) if recorded else None
 
 
 def restore_weights(manager: ocp.CheckpointManager, step: int, target: tuple[nnx.State, nnx.State]):

@@ -1,6 +1,10 @@
 """The UNet: randomly initialised from config.model.unet, loaded from a diffusers directory, or restored from the
-latest checkpoint of a training workdir; always checked against the config."""
+latest checkpoint of a training workdir; always checked against the config. A trained UNet also records the size
+it was trained at (train_state.TrainingSize): a checkpoint in its "data" item, a diffusers UNet directory written by
+--mode=export in TRAINING_SIZE_FILE beside its config.json."""
 
+import dataclasses
+import json
 import os
 import pathlib
 
@@ -8,10 +12,13 @@ import jax
 from absl import logging
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.components import common, train_state
 from handi_jax.convert import core
 from handi_jax.convert import unet as convert_unet
 from handi_jax.models import unet3d
+
+TRAINING_SIZE_FILE = "training_size.json"
 
 
 def unet_rngs(config) -> nnx.Rngs:
@@ -31,21 +38,29 @@ def abstract_unet(config) -> unet3d.UNet3DConditionModel:
   return nnx.eval_shape(lambda: build_unet(config))
 
 
+def _locate(source: str | os.PathLike, what: str) -> tuple[bool, pathlib.Path]:
+  """(is a training workdir, its path) or (False, the diffusers UNet directory) of a non-empty `source`."""
+  path = pathlib.Path(source)
+  if (path / "checkpoints").is_dir():
+    return True, path
+  if (path / "unet").is_dir():
+    path = path / "unet"
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{what}: {path} is neither a training workdir (with checkpoints/), a pipeline "
+                            "directory (with unet/) nor a diffusers UNet directory (with config.json)")
+  return False, path
+
+
 def load_unet(config, source: str | os.PathLike | None, what: str = "the UNet") -> unet3d.UNet3DConditionModel:
   """The UNet in `source`: a training workdir (its latest checkpoint), a pipeline directory (its unet/) or a
   diffusers UNet directory; empty `source` means a random initialisation. Checked against config.model.unet."""
   if not source:
     logging.warning("%s: no pretrained weights given, randomly initialised from config.model.unet", what)
     return build_unet(config)
-  path = pathlib.Path(source)
-  if (path / "checkpoints").is_dir():
+  is_workdir, path = _locate(source, what)
+  if is_workdir:
     logging.info("%s: latest training checkpoint in %s", what, path)
     return restore_unet(config, path)
-  if (path / "unet").is_dir():
-    path = path / "unet"
-  if not (path / "config.json").is_file():
-    raise FileNotFoundError(f"{what}: {path} is neither a training workdir (with checkpoints/), a pipeline "
-                            "directory (with unet/) nor a diffusers UNet directory (with config.json)")
   logging.info("%s: %s", what, path)
   try:
     return convert_unet.load_pretrained(path, expected_config=config.model.unet, attention=config.model.attention,
@@ -70,3 +85,23 @@ def restore_unet(config, workdir, step: int | None = None) -> unet3d.UNet3DCondi
   unet = nnx.merge(graphdef, params, frozen_params, rng_state)
   unet.eval()
   return unet
+
+
+def training_size(config, source: str | os.PathLike | None,
+                  what: str = "the UNet") -> train_state.TrainingSize | None:
+  """The size the UNet `load_unet(config, source)` loads was trained at, where it records one (see the module
+  docstring); None for a random UNet and for checkpoints and directories that record none."""
+  if not source:
+    return None
+  is_workdir, path = _locate(source, what)
+  if is_workdir:
+    manager = train_state.checkpoint_manager(config, path)
+    step = manager.latest_step()
+    return None if step is None else train_state.recorded_training_size(manager, step)
+  record = path / TRAINING_SIZE_FILE
+  return train_state.TrainingSize(**json.loads(record.read_text())) if record.is_file() else None
+
+
+def write_training_size(unet_dir: pathlib.Path, size: train_state.TrainingSize) -> None:
+  """Record `size` beside the config.json of a diffusers UNet directory (diffusers ignores the file)."""
+  fileio.write_json(unet_dir / TRAINING_SIZE_FILE, dataclasses.asdict(size))
