@@ -228,7 +228,9 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_equals_an_uninterrup
 
   manager = train_state.checkpoint_manager(config, tmp_path)
   state, data_state = train_state.restore_checkpoint(manager, NUM_STEPS, straight)
-  assert data_state == {"position": NUM_STEPS}
+  assert data_state == {"position": NUM_STEPS,
+                        "training_size": {"height": config.data.height, "width": config.data.width,
+                                          "num_frames": config.data.num_frames}}
   for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(state)), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
