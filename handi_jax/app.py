@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from handi_jax import fileio, pipeline, prompts
+from handi_jax.convert import hub
 from handi_jax.data import demo_clips
 from handi_jax.media import files as media_files
 from handi_jax.media import hand_masks as masks_lib
@@ -78,7 +79,7 @@ class Response:
 def weight_sources(config) -> dict[str, str]:
   """Where each model's weights come from ("" = randomly initialised), by pipeline.load_stage_unet's rule."""
   pretrained = config.model.pretrained
-  release_unet = pathlib.Path(pretrained) / "unet" if pretrained else None
+  release_unet = pathlib.Path(hub.pretrained_pipeline(config)) / "unet" if pretrained else None
   return {"VAE and text encoder": pretrained, "stage-1 UNet": config.generate.stage1_pretrained,
           "stage-2 UNet": config.generate.stage2_pretrained or (
               str(release_unet) if release_unet is not None and release_unet.is_dir() else "")}

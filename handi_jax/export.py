@@ -21,7 +21,7 @@ from absl import logging
 from handi_jax import tokenizers
 from handi_jax.components import frozen
 from handi_jax.components import unet as unet_lib
-from handi_jax.convert import pipeline
+from handi_jax.convert import hub, pipeline
 from handi_jax.media import files as media_files
 
 
@@ -40,7 +40,7 @@ def scheduler_config(config) -> dict:
 def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
   """Write `workdir/export/` (see the module docstring) and print what it holds."""
   workdir = pathlib.Path(workdir)
-  pretrained = pathlib.Path(config.model.pretrained) if config.model.pretrained else None
+  pretrained = pathlib.Path(hub.pretrained_pipeline(config)) if config.model.pretrained else None
   if pretrained is not None:
     pipeline.check_pipeline_dir(pretrained, "config.model.pretrained pipeline")
   source = workdir if (workdir / "checkpoints").is_dir() else pretrained

@@ -17,10 +17,11 @@ one compiled loop (handi_jax.diffusion.guided_sampling).
 
 Models: VAE, text encoder, tokenizer and scheduler config from config.model.pretrained (a diffusers pipeline
 directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
-directory or a training workdir with checkpoints/; stage 2 falls back to <pretrained>/unet). Anything not
-given is randomly initialised from the (tiny) config, and a log line says so; without a pretrained directory
-the tokenizer is handi_jax.tokenizers.demo_tokenizer(), written into <workdir>/demo_tokenizer. All models
-come through handi_jax.components, as in training and export; training's evaluator hands its models in memory.
+directory or a training workdir with checkpoints/); each may be a Hugging Face repo id (convert.hub); stage 2 falls
+back to <pretrained>/unet. Anything not given is randomly initialised from the (tiny) config, and a log line says
+so; without a pretrained directory the tokenizer is handi_jax.tokenizers.demo_tokenizer(), written into
+<workdir>/demo_tokenizer. All models come through handi_jax.components, as in training and export; training's
+evaluator hands its models in memory.
 """
 
 import contextlib
@@ -41,6 +42,7 @@ from flax import nnx
 from handi_jax import conditioning, fileio, mask_cleanup, prompts, tokenizers
 from handi_jax.components import common, frozen, train_state
 from handi_jax.components import unet as unet_lib
+from handi_jax.convert import hub
 from handi_jax.diffusion import guided_sampling, samplers, schedules
 from handi_jax.media import files as media_files
 from handi_jax.models import unet3d
@@ -106,7 +108,7 @@ def _sample_video_reporting(graphdef, state, plan, context_latent, text, uncond_
 
 def sampling_plan(config):
   """(settings, plan) of config.sampling, with the scheduler config of config.model.pretrained if it has one."""
-  root = pathlib.Path(config.model.pretrained) if config.model.pretrained else None
+  root = pathlib.Path(hub.pretrained_pipeline(config)) if config.model.pretrained else None
   scheduler_file = config.sampling.scheduler_config or (
       root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
   scheduler_json = samplers.read_scheduler_config(scheduler_file) if scheduler_file else None
@@ -119,8 +121,8 @@ def sampling_plan(config):
 
 def stage_unet_source(config, stage: int) -> str:
   """Where the stage-1 or stage-2 UNet comes from (see the module docstring); empty: randomly initialised."""
-  source = config.generate.stage1_pretrained if stage == 1 else config.generate.stage2_pretrained
-  release_unet = pathlib.Path(config.model.pretrained) / "unet" if config.model.pretrained else None
+  source = hub.stage_unet(config, stage)
+  release_unet = pathlib.Path(hub.pretrained_pipeline(config)) / "unet" if config.model.pretrained else None
   if not source and stage == 2 and release_unet is not None and release_unet.is_dir():
     source = str(release_unet)
   return source

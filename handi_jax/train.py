@@ -27,6 +27,7 @@ from handi_jax import chips, sharding, train_step, xla_stats
 from handi_jax.components import common, train_state
 from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import unet as unet_lib
+from handi_jax.convert import hub
 from handi_jax.data import input_pipeline
 
 # evaluator(step, unet, frozen models, tokenizer) -> (scalars, images): called at every config.train.eval_every
@@ -54,7 +55,7 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
       return train_state.restore_checkpoint(manager, latest, target)[0]
     quiet = jax.process_index() > 0
     if latest is None:
-      unet = unet_lib.load_unet(config, config.model.pretrained, "the UNet to train")
+      unet = unet_lib.load_unet(config, hub.pretrained_pipeline(config), "the UNet to train")
     else:  # only the structure counts: the checkpoint's weights replace these
       unet = unet_lib.build_unet(config)
     state, unet_graphdef, rng_state, state_sh = train_state.create_train_state(config, mesh, unet)

@@ -3,8 +3,9 @@ Loss) MediaPipe's hand landmark network, and the empty prompt's token ids.
 
 Training passes FrozenModels to its jitted step as an argument (never as constants), generation and the app sample
 with it, the compile report lays it out abstractly. Weights come from config.model.pretrained (a diffusers pipeline
-directory); without it the VAE is the fixed block-mean autoencoder (config.model.vae_without_weights) and the text
-encoder is random from `common.component_key`, so training, generation and export see the same models.
+directory or a Hugging Face repo id: convert.hub); without it the VAE is the fixed block-mean autoencoder
+(config.model.vae_without_weights) and the text encoder is random from `common.component_key`, so training,
+generation and export see the same models.
 """
 
 import os
@@ -19,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from handi_jax import sharding, tokenizers
 from handi_jax.components import common
 from handi_jax.convert import clip_text as convert_clip_text
+from handi_jax.convert import hub
 from handi_jax.convert import vae as convert_vae
 from handi_jax.hand_landmarks import network as landmarks_lib
 from handi_jax.models import clip_text
@@ -53,8 +55,8 @@ def load_vae_and_text_encoder(config, tokenizer_dir: str | os.PathLike | None = 
   .text_encoder; without it the weight-free VAE, a random text encoder and the demo tokenizer (written to
   `tokenizer_dir`, default a temporary directory)."""
   model, dtypes = config.model, common.model_dtypes(config)
-  if model.pretrained:
-    root = os.fspath(model.pretrained)
+  root = hub.pretrained_pipeline(config)
+  if root:
     vae = convert_vae.load_pretrained(os.path.join(root, "vae"), expected_config=model.vae, **dtypes)
     text_encoder = convert_clip_text.load_pretrained(os.path.join(root, "text_encoder"),
                                                      expected_config=model.text_encoder, **dtypes)

@@ -23,7 +23,7 @@ import shutil
 import numpy as np
 
 from handi_jax import fileio
-from handi_jax.convert import clip_text, core, unet, vae
+from handi_jax.convert import clip_text, core, hub, unet, vae
 
 MODELS = ("vae", "text_encoder", "unet")  # small ones first: a bad directory fails fast
 COPIED = ("tokenizer", "scheduler")
@@ -89,7 +89,7 @@ def normalize_pipeline(source: str | os.PathLike, destination: str | os.PathLike
   Every model goes through its converter (so a checkpoint that does not match its config fails here, naming
   the keys); `init_missing_handi_params` starts a stock UNet's HANDI parameters (see convert.unet).
   """
-  source = pathlib.Path(source)
+  source = pathlib.Path(hub.resolve(source, "the source pipeline"))
   check_pipeline_dir(source, "pipeline")
   models = {}
   for name in MODELS:
