@@ -1,8 +1,8 @@
 """`python -m handi_jax.convert {import,inspect}`: pipeline directories on the command line.
 
-`import` rewrites a PyTorch pipeline directory (legacy .bin weights, a stock ModelScope UNet) as one that
-`config.model.pretrained` reads: safetensors, the HANDI UNet in the release's keys. Export from a training run
-is `python -m handi_jax.main --mode=export`.
+`import` rewrites a PyTorch pipeline directory or Hugging Face repo id (legacy .bin weights, a stock ModelScope
+UNet) as one that `config.model.pretrained` reads: safetensors, the HANDI UNet in the release's keys. Export
+from a training run is `python -m handi_jax.main --mode=export`.
 
 Subcommands with their own positional arguments are argparse's; the console, the log file and the one-line input
 errors are handi_jax.command_line's, as for every command.
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
   commands = parser.add_subparsers(dest="command", required=True)
   imp = commands.add_parser("import", parents=[shared],
                             help="PyTorch pipeline directory -> pipeline directory handi-jax loads")
-  imp.add_argument("source", help="diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+  imp.add_argument("source", help="diffusers pipeline directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+                   "or Hugging Face repo id namespace/name[@revision]")
   imp.add_argument("destination", help="pipeline directory to write (safetensors)")
   imp.add_argument("--init_missing_handi_params", action="store_true",
                    help="a stock diffusers UNet (e.g. ModelScope): start the HANDI mask/motion parameters as the "
