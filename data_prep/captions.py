@@ -18,6 +18,10 @@ import os
 import pathlib
 import re
 
+from etils import epath
+
+from handi_jax import fileio
+
 FORMATS = ("auto", "json", "epic100", "ego4d")
 # The columns of EPIC-KITCHENS-100's annotation CSV that a clip needs.
 EPIC100_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
@@ -42,7 +46,7 @@ def _is_number(value) -> bool:
   return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: epath.Path) -> str:
   data = path.read_bytes()
   try:
     return data.decode("utf-8-sig")
@@ -60,7 +64,7 @@ def _json_whole(text: str):
     return None
 
 
-def detect_format(path: pathlib.Path, text: str) -> str:
+def detect_format(path: epath.Path, text: str) -> str:
   """epic100 for a .csv file or one whose first line names EPIC's columns, ego4d for a JSON object with
   "videos", else json."""
   if path.suffix.lower() == ".csv" or text.lstrip().startswith("narration_id"):
@@ -69,7 +73,7 @@ def detect_format(path: pathlib.Path, text: str) -> str:
   return "ego4d" if isinstance(whole, dict) and "videos" in whole else "json"
 
 
-def _json_entries(path: pathlib.Path, text: str) -> list[tuple[str, object, str]]:
+def _json_entries(path: epath.Path, text: str) -> list[tuple[str, object, str]]:
   """(where, entry, problem) per entry of a JSON list or JSON lines, where = "line 3" (JSON lines) or "index 2"
   (0-based, in a JSON list); a line that is not JSON has a problem instead of an entry."""
   try:
@@ -133,11 +137,11 @@ class VideoFinder:
   once, so that 10^5 segments of a few hundred videos cost a few hundred listings."""
 
   def __init__(self):
-    self._listings: dict[pathlib.Path, dict[str, str]] = {}
+    self._listings: dict[epath.Path, dict[str, str]] = {}
 
-  def _listing(self, folder: pathlib.Path) -> dict[str, str]:
+  def _listing(self, folder: epath.Path) -> dict[str, str]:
     if folder not in self._listings:
-      names = sorted(os.listdir(folder)) if folder.is_dir() else []
+      names = sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
       self._listings[folder] = {}
       for name in names:  # sorted: the same file wins on every run when two differ only in their suffix
         stem, suffix = os.path.splitext(name)
@@ -145,7 +149,7 @@ class VideoFinder:
           self._listings[folder].setdefault(stem, name)
     return self._listings[folder]
 
-  def find(self, name: str, folders: tuple[pathlib.Path, ...], usual_suffix: str) -> str:
+  def find(self, name: str, folders: tuple[epath.Path, ...], usual_suffix: str) -> str:
     """The first folder's match; where none has one, the path it was expected at (rejected as missing_file)."""
     for folder in folders:
       if name in (listing := self._listing(folder)):
@@ -160,13 +164,13 @@ def _segment_job(clip_id: str, video: str, caption: str, start: float, end: floa
   return ClipJob(clip_id=clip_id, video=video, caption=caption, segment=Segment(start, end))
 
 
-def _bad_entry(path: pathlib.Path, where: str, video: str, problem: str):
+def _bad_entry(path: epath.Path, where: str, video: str, problem: str):
   from data_prep.clips import ClipJob
 
   return ClipJob(clip_id=f"{path.name} {where}", video=video, caption="", problem=f"{where} of {path} {problem}")
 
 
-def _json_jobs(path: pathlib.Path, text: str, root: pathlib.Path) -> list:
+def _json_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
   """Clip ids are the video paths without extension."""
   from data_prep.clips import ClipJob
 
@@ -186,7 +190,7 @@ def _json_jobs(path: pathlib.Path, text: str, root: pathlib.Path) -> list:
   return jobs
 
 
-def _epic100_jobs(path: pathlib.Path, text: str, root: pathlib.Path) -> list:
+def _epic100_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
   """Clip id = narration_id; the video is <root>/<participant_id>/videos/<video_id>.MP4 (the published layout)
   or <root>/<video_id>.<ext>."""
   rows = csv.DictReader(io.StringIO(text, newline=""))
@@ -212,7 +216,7 @@ def _epic100_jobs(path: pathlib.Path, text: str, root: pathlib.Path) -> list:
   return jobs
 
 
-def _ego4d_jobs(path: pathlib.Path, text: str, root: pathlib.Path) -> list:
+def _ego4d_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
   """Clip id = <video_uid>_<n> (n counts the video's segments from 0); the video is <root>/<video_uid>.<ext>."""
   whole = _json_whole(text)
   videos = whole.get("videos") if isinstance(whole, dict) else None
@@ -254,12 +258,12 @@ def read_caption_index(captions: str | os.PathLike, video_dir: str | os.PathLike
                        captions_format: str = "auto") -> list:
   """ClipJobs of a caption file in any of FORMATS (auto: detect_format), in file order; video paths are relative
   to `video_dir` (default: the caption file's folder)."""
-  path = pathlib.Path(captions)
+  path = fileio.as_path(captions)
   if not path.is_file():
     raise CaptionFileError(f"caption file {path} not found; check --captions")
   if captions_format not in FORMATS:
     raise CaptionFileError(f"caption format {captions_format!r} is not one of {', '.join(FORMATS)}")
-  root = pathlib.Path(video_dir) if video_dir else path.parent
+  root = fileio.as_path(video_dir) if video_dir else path.parent
   text = _read_text(path)
   if captions_format == "auto":
     captions_format = detect_format(path, text)

@@ -4,11 +4,11 @@ Everything here runs in worker processes without TensorFlow; frames and masks le
 """
 
 import dataclasses
-import pathlib
 
 import cv2
 import numpy as np
 
+from handi_jax import fileio
 from handi_jax.data.records import ClipRecord, Rejection, make_record
 from handi_jax.data.schema import NO_HAND, NUM_HANDS
 from handi_jax.media.clip_frames import ClipRejected, CropGeometry, Segment, read_sampled_frames
@@ -109,8 +109,8 @@ def _process_video(job: ClipJob, settings: BuildSettings) -> ClipRecord:
 def job_key(job: ClipJob) -> str:
   """What identifies a job's input for the restart fingerprint: id, caption, file name and size (and the segment,
   or the problem of a bad caption entry)."""
-  path = pathlib.Path(job.video)
-  stat = f"{path.stat().st_size}" if job.video and path.is_file() else "missing"
+  path = fileio.as_path(job.video)
+  stat = f"{path.stat().length}" if job.video and path.is_file() else "missing"
   key = f"{job.clip_id}\t{job.caption}\t{path.name}\t{stat}"
   if job.segment is not None:
     key += f"\t{job.segment.start!r}\t{job.segment.end!r}"

@@ -56,7 +56,6 @@ outlined), config.json. The console gets where they are and each run's headline 
 """
 
 import json
-import pathlib
 
 from handi_jax import command_line, fileio, pipeline
 from handi_jax.evaluation import clips as clips_lib
@@ -66,7 +65,7 @@ from handi_jax.evaluation import report, scoring
 def evaluate(config, workdir) -> dict:
   """--mode=evaluate: see the module docstring; returns summary.json's "runs"."""
   e = config.evaluate
-  out_dir = pathlib.Path(e.output_dir or pathlib.Path(workdir) / "evaluate")
+  out_dir = fileio.as_path(e.output_dir or fileio.as_path(workdir) / "evaluate")
   clips = clips_lib.load_clips(config)
   runs = clips_lib.parse_runs(e.runs) or {"generated": clips_lib.generate_run(
       lambda: pipeline.Generator.from_config(config, workdir), clips, out_dir / "generated")}

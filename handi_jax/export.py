@@ -17,8 +17,9 @@ import os
 import pathlib
 
 from absl import logging
+from etils import epath
 
-from handi_jax import tokenizers
+from handi_jax import fileio, tokenizers
 from handi_jax.components import frozen
 from handi_jax.components import unet as unet_lib
 from handi_jax.convert import hub, pipeline
@@ -37,10 +38,10 @@ def scheduler_config(config) -> dict:
           "steps_offset": sampling.steps_offset}
 
 
-def export_from_config(config, workdir: str | os.PathLike) -> pathlib.Path:
-  """Write `workdir/export/` (see the module docstring) and print what it holds."""
-  workdir = pathlib.Path(workdir)
-  pretrained = pathlib.Path(hub.pretrained_pipeline(config)) if config.model.pretrained else None
+def export_from_config(config, workdir: str | os.PathLike) -> epath.Path:
+  """Write `workdir/export/` (see the module docstring; local or remote, handi_jax.fileio) and print what it holds."""
+  workdir = fileio.as_path(workdir)
+  pretrained = fileio.as_path(hub.pretrained_pipeline(config)) if config.model.pretrained else None
   if pretrained is not None:
     pipeline.check_pipeline_dir(pretrained, "config.model.pretrained pipeline")
   source = workdir if (workdir / "checkpoints").is_dir() else pretrained

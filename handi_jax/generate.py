@@ -32,13 +32,13 @@ import re
 import tqdm
 from absl import logging
 
-from handi_jax import command_line, pipeline, prompts
+from handi_jax import command_line, fileio, pipeline, prompts
 
 
 def generate_samples(config, workdir, samples: list[prompts.Sample], out_root: pathlib.Path,
                      mode: str = "generate") -> list[pathlib.Path]:
   """Every sample not yet done into out_root/<sample name>/ with config's models; returns the output folders."""
-  todo = [s for s in samples if not (out_root / s.name / prompts.DONE_FILE[mode]).is_file()]
+  todo = [s for s in samples if not fileio.is_committed(out_root / s.name / prompts.DONE_FILE[mode])]
   if len(todo) < len(samples):
     logging.info("resuming: %d of %d samples already done in %s", len(samples) - len(todo), len(samples), out_root)
   if todo:
@@ -50,7 +50,7 @@ def generate_samples(config, workdir, samples: list[prompts.Sample], out_root: p
 
 def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
   default_dir = "generate" if mode == "generate" else "masks"
-  out_root = pathlib.Path(config.generate.output_dir or pathlib.Path(workdir) / default_dir)
+  out_root = fileio.as_path(config.generate.output_dir or fileio.as_path(workdir) / default_dir)
   return generate_samples(config, workdir, prompts.samples_from_config(config), out_root, mode)
 
 

@@ -108,7 +108,7 @@ def _sample_video_reporting(graphdef, state, plan, context_latent, text, uncond_
 
 def sampling_plan(config):
   """(settings, plan) of config.sampling, with the scheduler config of config.model.pretrained if it has one."""
-  root = pathlib.Path(hub.pretrained_pipeline(config)) if config.model.pretrained else None
+  root = fileio.as_path(hub.pretrained_pipeline(config)) if config.model.pretrained else None
   scheduler_file = config.sampling.scheduler_config or (
       root / "scheduler" / "scheduler_config.json" if root and (root / "scheduler").is_dir() else "")
   scheduler_json = samplers.read_scheduler_config(scheduler_file) if scheduler_file else None
@@ -122,7 +122,7 @@ def sampling_plan(config):
 def stage_unet_source(config, stage: int) -> str:
   """Where the stage-1 or stage-2 UNet comes from (see the module docstring); empty: randomly initialised."""
   source = hub.stage_unet(config, stage)
-  release_unet = pathlib.Path(hub.pretrained_pipeline(config)) / "unet" if config.model.pretrained else None
+  release_unet = fileio.as_path(hub.pretrained_pipeline(config)) / "unet" if config.model.pretrained else None
   if not source and stage == 2 and release_unet is not None and release_unet.is_dir():
     source = str(release_unet)
   return source
@@ -174,7 +174,7 @@ class Generator:
   @classmethod
   def from_config(cls, config, workdir: str | pathlib.Path) -> "Generator":
     """The frozen models of config.model (the demo tokenizer, if needed, written into <workdir>/demo_tokenizer)."""
-    frozen_models, tokenizer = frozen.load_frozen_models(config, pathlib.Path(workdir) / "demo_tokenizer",
+    frozen_models, tokenizer = frozen.load_frozen_models(config, fileio.as_path(workdir) / "demo_tokenizer",
                                                          hand_landmarks=False)
     return cls(config, frozen_models, tokenizer)
 

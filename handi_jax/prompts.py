@@ -9,6 +9,10 @@ import dataclasses
 import json
 import pathlib
 
+from etils import epath
+
+from handi_jax import fileio
+
 DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
 
 
@@ -16,14 +20,14 @@ DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
 class Sample:
   index: int                       # position in the input list: seeds the sample's random key
   name: str                        # output folder name (the image stem)
-  image: pathlib.Path
+  image: epath.Path                # local or remote (handi_jax.fileio)
   prompt: str
-  mask: pathlib.Path | None        # a user mask skips stage 1
+  mask: epath.Path | None          # a user mask skips stage 1
 
 
-def find_mask(mask_dir: str, stem: str, field: str) -> pathlib.Path:
+def find_mask(mask_dir: str, stem: str, field: str) -> epath.Path:
   """The mask of image `stem` in `mask_dir` (config field `field`): <stem>_mask.png or <stem>.png."""
-  candidates = [pathlib.Path(mask_dir) / f"{stem}_mask.png", pathlib.Path(mask_dir) / f"{stem}.png"]
+  candidates = [fileio.as_path(mask_dir) / f"{stem}_mask.png", fileio.as_path(mask_dir) / f"{stem}.png"]
   for candidate in candidates:
     if candidate.is_file():
       return candidate
@@ -31,7 +35,7 @@ def find_mask(mask_dir: str, stem: str, field: str) -> pathlib.Path:
                           "(or leave it empty)")
 
 
-def prompt_rows(path: pathlib.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
+def prompt_rows(path: epath.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
   """(where, row) for each line of a prompts file in the release's format (one JSON object per line, with
   `keys`, each a string); `field` is the config field that names the file. The file must be UTF-8 (a byte-order
   mark is allowed): another encoding is an error naming the line, as guessing it could garble the prompts."""
@@ -61,10 +65,10 @@ def prompt_rows(path: pathlib.Path, keys: tuple[str, ...], field: str) -> list[t
   return rows
 
 
-def find_input(root: str, relative: str, what: str, field: str) -> pathlib.Path:
+def find_input(root: str, relative: str, what: str, field: str) -> epath.Path:
   """`root/relative`, else `root/<its file name>` (the release's prompt.json names files in sub-folders); `what`
   says where the name came from, `field` is the config field that sets `root`."""
-  candidates = [pathlib.Path(root) / relative, pathlib.Path(root) / pathlib.Path(relative).name]
+  candidates = [fileio.as_path(root) / relative, fileio.as_path(root) / pathlib.PurePosixPath(relative).name]
   for candidate in candidates:
     if candidate.is_file():
       return candidate
@@ -77,13 +81,13 @@ def samples_from_config(config) -> list[Sample]:
   g = config.generate
   if g.prompts_file:
     samples = []
-    for where, row in prompt_rows(pathlib.Path(g.prompts_file), ("source", "prompt"), "config.generate.prompts_file"):
+    for where, row in prompt_rows(fileio.as_path(g.prompts_file), ("source", "prompt"), "config.generate.prompts_file"):
       image = find_input(g.image_dir, row["source"], f"{where}: image", "config.generate.image_dir")
       mask = find_mask(g.mask_dir, image.stem, "config.generate.mask_dir") if g.mask_dir else None
       samples.append(Sample(len(samples), image.stem, image, row["prompt"], mask))
   elif g.image:
-    image = pathlib.Path(g.image)
-    samples = [Sample(0, image.stem, image, g.prompt, pathlib.Path(g.mask) if g.mask else None)]
+    image = fileio.as_path(g.image)
+    samples = [Sample(0, image.stem, image, g.prompt, fileio.as_path(g.mask) if g.mask else None)]
   else:
     raise ValueError("nothing to generate: set config.generate.image and config.generate.prompt, or "
                      "config.generate.prompts_file (JSON lines with 'source' and 'prompt')")

@@ -18,6 +18,8 @@ import numpy as np
 from absl import logging
 from transformers import CLIPTokenizer
 
+from handi_jax import fileio
+
 # CLIP's context length (the text encoder has this many position embeddings).
 CONTEXT_LENGTH = 77
 
@@ -50,23 +52,26 @@ def write_demo_tokenizer_files(directory: str | pathlib.Path) -> pathlib.Path:
   return directory
 
 
-def demo_tokenizer(directory: str | pathlib.Path | None = None) -> CLIPTokenizer:
-  """The demo tokenizer, its files written to `directory` (default: a new temporary directory)."""
-  directory = write_demo_tokenizer_files(directory or tempfile.mkdtemp(prefix="handi_jax_tokenizer_"))
+def demo_tokenizer(directory: str | os.PathLike | None = None) -> CLIPTokenizer:
+  """The demo tokenizer, its files written to `directory` (default, or when `directory` is remote: a new local
+  temporary directory, as transformers reads local files only)."""
+  local = directory if directory and fileio.is_local(directory) else None
+  directory = write_demo_tokenizer_files(local or tempfile.mkdtemp(prefix="handi_jax_tokenizer_"))
   # transformers 5 takes `vocab=` / `merges=` paths (the v4 `vocab_file=` keywords are silently ignored).
   return CLIPTokenizer(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
 
 
 def load_tokenizer(directory: str | os.PathLike):
   """transformers' CLIPTokenizer from a pipeline's `tokenizer/` folder (vocab.json + merges.txt or tokenizer.json)."""
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
           or (directory / "tokenizer.json").is_file()):
     raise FileNotFoundError(f"tokenizer directory {directory} has no vocab.json + merges.txt (or tokenizer.json): "
                             "expected the tokenizer/ folder of a diffusers pipeline")
   # from_pretrained reads the folder's tokenizer_config.json too (lower-casing, pad token); transformers 5
   # silently ignores the v4 `vocab_file=` / `merges_file=` constructor keywords.
-  return CLIPTokenizer.from_pretrained(str(directory))
+  with fileio.local_copy(directory) as local:  # transformers reads local files only
+    return CLIPTokenizer.from_pretrained(str(local))
 
 
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = CONTEXT_LENGTH) -> np.ndarray:

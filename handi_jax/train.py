@@ -8,7 +8,6 @@ imports an evaluation job.
 """
 
 import contextlib
-import pathlib
 import signal
 import threading
 import time
@@ -20,10 +19,11 @@ import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from handi_jax import chips, sharding, train_step, xla_stats
+from handi_jax import chips, fileio, sharding, train_step, xla_stats
 from handi_jax.components import common, train_state
 from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import unet as unet_lib
@@ -38,7 +38,7 @@ Evaluator = Callable[[int, nnx.Module, frozen_lib.FrozenModels, object], tuple[d
 def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = ()) -> train_state.TrainState:
   """Train config.train.num_steps steps, resuming from the latest checkpoint in workdir; every
   config.train.eval_every steps, run `evaluators` and write what they return (scalars, images) to the metrics."""
-  workdir = pathlib.Path(workdir)
+  workdir = fileio.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.devices.size)
@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
     data = input_pipeline.InputPipeline(config, mesh, tokenizer=tokenizer, position=position)
 
     step_fn = train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items() if np.isscalar(v)})
     training_size = train_state.TrainingSize.of_config(config)
     first, num_steps = int(state.step), config.train.num_steps
@@ -218,7 +218,7 @@ class ProfileWindow:
   """config.train.profile_start_step > 0: a jax.profiler trace of the profile_num_steps steps after that step in
   <workdir>/profile (TensorBoard's Profile tab); it ends early with the run. Call it after every step."""
 
-  def __init__(self, train_config, workdir: pathlib.Path):
+  def __init__(self, train_config, workdir: epath.Path):
     self.start = train_config.profile_start_step
     self.end = self.start + train_config.profile_num_steps
     self.directory = workdir / "profile"

@@ -8,16 +8,17 @@ size trained at (TrainingSize); a checkpoint written on one mesh restores onto a
 
 import dataclasses
 import functools
-import pathlib
+import os
 
 import flax
 import jax
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from handi_jax import sharding
+from handi_jax import fileio, sharding
 from handi_jax.components import common
 
 # The release trains modules whose names contain one of these (H:train.py:232-252): 643.8M of 1.41B.
@@ -130,9 +131,24 @@ def create_train_state(config, mesh, unet) -> tuple[TrainState, nnx.GraphDef, nn
   return state, graphdef, rng_state, state_sh
 
 
+# Orbax writes arrays through TensorStore, whose own drivers reach a local disk, gs:// and s3:// (not tf.io.gfile's
+# other schemes).
+CHECKPOINT_SCHEMES = ("gs", "s3")
+
+
+def checkpoint_directory(workdir) -> epath.Path:
+  """<workdir>/checkpoints, absolute; a ValueError naming the fix for a filesystem orbax cannot store arrays on."""
+  if fileio.is_local(workdir):
+    return fileio.as_path(os.path.abspath(workdir)) / "checkpoints"
+  if os.fspath(workdir).split("://", 1)[0] not in CHECKPOINT_SCHEMES:
+    raise ValueError(f"training checkpoints cannot go under {workdir}: orbax stores them on a local disk, gs:// or "
+                     "s3:// only; use such a workdir (the other outputs may be anywhere tf.io.gfile reads)")
+  return fileio.as_path(workdir) / "checkpoints"
+
+
 def checkpoint_manager(config, workdir) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
+  return ocp.CheckpointManager(checkpoint_directory(workdir), options=options,
                                item_names=("state", "data"))
 
 

@@ -6,10 +6,10 @@ it was trained at (train_state.TrainingSize): a checkpoint in its "data" item, a
 import dataclasses
 import json
 import os
-import pathlib
 
 import jax
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from handi_jax import fileio
@@ -38,9 +38,9 @@ def abstract_unet(config) -> unet3d.UNet3DConditionModel:
   return nnx.eval_shape(lambda: build_unet(config))
 
 
-def _locate(source: str | os.PathLike, what: str) -> tuple[bool, pathlib.Path]:
+def _locate(source: str | os.PathLike, what: str) -> tuple[bool, epath.Path]:
   """(is a training workdir, its path) or (False, the diffusers UNet directory) of a non-empty `source`."""
-  path = pathlib.Path(source)
+  path = fileio.as_path(source)
   if (path / "checkpoints").is_dir():
     return True, path
   if (path / "unet").is_dir():
@@ -76,7 +76,7 @@ def restore_unet(config, workdir, step: int | None = None) -> unet3d.UNet3DCondi
   manager = train_state.checkpoint_manager(config, workdir)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no training checkpoint under {pathlib.Path(workdir) / 'checkpoints'}; "
+    raise FileNotFoundError(f"no training checkpoint under {manager.directory}; "
                             "train first (--mode=train) or point config.model.pretrained at weights")
   graphdef, params, frozen_params, rng_state = train_state.split_unet(abstract_unet(config), config)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -102,6 +102,6 @@ def training_size(config, source: str | os.PathLike | None,
   return train_state.TrainingSize(**json.loads(record.read_text())) if record.is_file() else None
 
 
-def write_training_size(unet_dir: pathlib.Path, size: train_state.TrainingSize) -> None:
+def write_training_size(unet_dir: epath.Path, size: train_state.TrainingSize) -> None:
   """Record `size` beside the config.json of a diffusers UNet directory (diffusers ignores the file)."""
   fileio.write_json(unet_dir / TRAINING_SIZE_FILE, dataclasses.asdict(size))

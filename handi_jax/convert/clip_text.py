@@ -8,7 +8,6 @@ store the `position_ids` buffer; it carries no weights and is dropped.
 """
 
 import os
-import pathlib
 
 import jax.numpy as jnp
 from flax import nnx
@@ -52,7 +51,7 @@ def config_to_transformers(config) -> dict:
 def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                       expected_config=None) -> CLIPTextModel:
   """The text encoder in `directory`; with `expected_config` (config.model.text_encoder) the architecture must agree."""
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"text encoder directory {directory} does not exist: expected a transformers "
                             "CLIPTextModel folder with config.json and model.safetensors (or pytorch_model.bin)")

@@ -155,7 +155,7 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   header = read_safetensors_header(path)
-  with open(path, "rb") as f:
+  with fileio.as_path(path).open("rb") as f:
     (header_size,) = struct.unpack("<Q", f.read(8))
     f.seek(8 + header_size)
     data = f.read()
@@ -193,7 +193,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 def read_safetensors_header(path: str | os.PathLike) -> dict:
   """{key: {"dtype", "shape", "data_offsets"}} of a safetensors file, without reading its tensors."""
-  with open(path, "rb") as f:
+  with fileio.as_path(path).open("rb") as f:
     (header_size,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(header_size))
   header.pop("__metadata__", None)
@@ -206,13 +206,14 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(f"{path} is a legacy PyTorch .bin checkpoint; reading it needs torch "
                       "(pip install torch==2.13.0), or convert it to safetensors first.") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  with fileio.local_copy(path) as local:
+    state = torch.load(local, map_location="cpu", weights_only=True)
   return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """A state dict from a weights file, or from a model directory (single or sharded weights)."""
-  path = pathlib.Path(path)
+  """A state dict from a weights file, or from a model directory (single or sharded weights); local or remote."""
+  path = fileio.as_path(path)
   if path.is_dir():
     for index in sorted(path.glob("*.safetensors.index.json")) + sorted(path.glob("*.bin.index.json")):
       shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -235,7 +236,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_config(directory: str | os.PathLike) -> dict:
-  file = pathlib.Path(directory) / "config.json"
+  file = fileio.as_path(directory) / "config.json"
   if not file.is_file():
     raise FileNotFoundError(f"{file} not found: a diffusers/transformers model directory has a config.json")
   return json.loads(file.read_text())

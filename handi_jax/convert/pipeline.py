@@ -63,7 +63,7 @@ def write_pipeline(models: dict, destination: str | os.PathLike, *, copy_from: p
 
   tokenizer/, scheduler/ and model_index.json come from `copy_from`; `extra_files(tmp)` may write what it lacks.
   """
-  destination = pathlib.Path(destination)
+  destination = fileio.as_path(destination)
   with fileio.atomic_directory(destination) as tmp:
     for name in MODELS:
       options = {"key_format": unet_key_format(models[name].config, unet_format)} if name == "unet" else {}
@@ -71,9 +71,10 @@ def write_pipeline(models: dict, destination: str | os.PathLike, *, copy_from: p
     if copy_from is not None:
       for name in COPIED:
         if (copy_from / name).is_dir():
-          shutil.copytree(copy_from / name, tmp / name)
+          with fileio.local_copy(copy_from / name) as local:
+            shutil.copytree(local, tmp / name)
       if (copy_from / "model_index.json").is_file():
-        shutil.copy2(copy_from / "model_index.json", tmp / "model_index.json")
+        (tmp / "model_index.json").write_bytes((copy_from / "model_index.json").read_bytes())
     if extra_files is not None:
       extra_files(tmp)
     if not (tmp / "model_index.json").is_file():
@@ -89,7 +90,7 @@ def normalize_pipeline(source: str | os.PathLike, destination: str | os.PathLike
   Every model goes through its converter (so a checkpoint that does not match its config fails here, naming
   the keys); `init_missing_handi_params` starts a stock UNet's HANDI parameters (see convert.unet).
   """
-  source = pathlib.Path(hub.resolve(source, "the source pipeline"))
+  source = fileio.as_path(hub.resolve(source, "the source pipeline"))
   check_pipeline_dir(source, "pipeline")
   models = {}
   for name in MODELS:
@@ -102,7 +103,7 @@ def normalize_pipeline(source: str | os.PathLike, destination: str | os.PathLike
 
 def describe_directory(directory: str | os.PathLike) -> str:
   """What a pipeline directory holds: per model its config and parameter count."""
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   check_pipeline_dir(directory, "pipeline", MODELS)
   lines = [f"{directory}: pipeline directory"]
   for name in MODELS:

@@ -17,7 +17,6 @@ export refuses a model that the target class would build differently. The releas
 
 import logging
 import os
-import pathlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -186,7 +185,7 @@ def load_pretrained(directory: str | os.PathLike, *, dtype=np.float32, param_dty
   `expected_config` (config.model.unet) the checkpoint's architecture must agree with it; its mask_channels is
   also the only way to accept a conv_in2 wider than the release's (1 mask channel).
   """
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"UNet directory {directory} does not exist: expected a diffusers UNet folder with "
                             "config.json and diffusion_pytorch_model.safetensors (or .bin)")

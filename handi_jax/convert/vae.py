@@ -6,7 +6,6 @@ as diffusers does, and export writes the current names.
 """
 
 import os
-import pathlib
 import re
 
 import jax.numpy as jnp
@@ -75,7 +74,7 @@ def rename_legacy_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
 def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                    expected_config=None) -> AutoencoderKL:
   """The VAE in `directory`; with `expected_config` (config.model.vae) its architecture fields must agree."""
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"VAE directory {directory} does not exist: expected a diffusers AutoencoderKL "
                             "folder with config.json and diffusion_pytorch_model.safetensors (or .bin)")

@@ -13,13 +13,13 @@ Batch keys (B = global batch, F frames, H x W pixels):
   both:    input_ids (B, 77) int32 when a tokenizer is given; host-side lists "caption" and "clip_id" (str).
 """
 
-import json
-import pathlib
+import io
+import os
 
 import jax
 import numpy as np
 
-from handi_jax import sharding
+from handi_jax import fileio, sharding
 from handi_jax.data import schema
 
 CONDITIONING_MASKS = ("union", "prior")
@@ -57,15 +57,15 @@ def per_host_batch_size(config, mesh, process_count: int) -> int:
   return global_batch // process_count
 
 
-def load_prior_mask(data_dir: str | pathlib.Path, split: str) -> np.ndarray:
+def load_prior_mask(data_dir: str | os.PathLike, split: str) -> np.ndarray:
   """(H, W, 1) float32 prior mask: the training split's if the dataset has one, else `split`'s."""
-  data_dir = pathlib.Path(data_dir)
-  manifest = json.loads((data_dir / schema.MANIFEST).read_text())
+  data_dir = fileio.as_path(data_dir)
+  manifest = schema.read_manifest(data_dir)
   prior_split = PRIOR_SPLIT if PRIOR_SPLIT in manifest["splits"] else split
   path = data_dir / prior_split / schema.PRIOR_MASK_NPY
-  if not path.is_file():
+  if not fileio.is_committed(path):
     raise FileNotFoundError(f"prior mask {path} not found; it is written by data_prep.build for each split")
-  return np.load(path).astype(np.float32)[..., None]
+  return np.load(io.BytesIO(path.read_bytes())).astype(np.float32)[..., None]
 
 
 def batch_shapes(config, stage: int | None = None, with_input_ids: bool = False, mesh=None) -> dict:
@@ -97,7 +97,7 @@ class InputPipeline:
   """Iterator of training batches; see the module docstring for the keys."""
 
   def __init__(self, config, mesh, *, stage: int | None = None, split: str | None = None,
-               data_dir: str | pathlib.Path | None = None, tokenizer=None, position: int = 0,
+               data_dir: str | os.PathLike | None = None, tokenizer=None, position: int = 0,
                process_index: int | None = None, process_count: int | None = None):
     import tensorflow as tf
 
@@ -108,11 +108,11 @@ class InputPipeline:
     if config.data.conditioning_mask not in CONDITIONING_MASKS:
       raise ValueError(f"config.data.conditioning_mask={config.data.conditioning_mask!r}; expected one of "
                        f"{CONDITIONING_MASKS}")
-    data_dir = pathlib.Path(data_dir or config.data.dir)
-    if not str(data_dir) or str(data_dir) == ".":
+    if not str(data_dir or config.data.dir):
       raise ValueError("config.data.dir is empty: point it at a dataset built by `python -m data_prep.build` "
                        "or by handi_jax.data.demo_clips.write_demo_dataset")
     split = split or config.data.split
+    data_dir = fileio.as_path(data_dir or config.data.dir)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     self.mesh = mesh
@@ -140,8 +140,8 @@ class InputPipeline:
     self._iterator = iter(self._dataset.as_numpy_iterator())
 
   @staticmethod
-  def _splits(data_dir: pathlib.Path) -> dict:
-    return json.loads((data_dir / schema.MANIFEST).read_text())["splits"]
+  def _splits(data_dir) -> dict:
+    return schema.read_manifest(data_dir)["splits"]
 
   def _make_dataset(self, tf, features, files: list[str], config):
     import tensorflow_datasets as tfds

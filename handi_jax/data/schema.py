@@ -20,10 +20,13 @@ Per clip (F frames of H x W, frame 0 = the context image):
   source_height, source_width, num_source_frames  int64
 """
 
+import json
 import os
-import pathlib
 
 import numpy as np
+from etils import epath
+
+from handi_jax import fileio
 
 # tensorflow_datasets is imported inside the functions: data_prep's worker processes use the constants
 # below and must not pay for (or initialise) TensorFlow.
@@ -100,24 +103,34 @@ def filename_template(data_dir: str | os.PathLike, split: str):
   """TFDS's default naming: <data_dir>/handi-<split>.tfrecord-00000-of-00004."""
   import tensorflow_datasets as tfds
 
-  return tfds.core.ShardedFileTemplate(data_dir=pathlib.Path(data_dir), dataset_name=DATASET_NAME, split=split,
+  return tfds.core.ShardedFileTemplate(data_dir=fileio.as_path(data_dir), dataset_name=DATASET_NAME, split=split,
                                        filetype_suffix=FILE_FORMAT)
 
 
-def shard_path(data_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> pathlib.Path:
-  return pathlib.Path(filename_template(data_dir, split).sharded_filepath(shard_index=index, num_shards=num_shards))
+def shard_path(data_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> epath.Path:
+  return fileio.as_path(filename_template(data_dir, split).sharded_filepath(shard_index=index, num_shards=num_shards))
 
 
-def split_files(data_dir: str | os.PathLike, split: str) -> list[pathlib.Path]:
-  """The shard files of one split, in shard order."""
-  return sorted(pathlib.Path(data_dir).glob(f"{DATASET_NAME}-{split}.{FILE_FORMAT}-*-of-*"))
+def split_files(data_dir: str | os.PathLike, split: str) -> list[epath.Path]:
+  """The committed shard files of one split (handi_jax.fileio), in shard order."""
+  return sorted(filter(fileio.is_committed,
+                       fileio.as_path(data_dir).glob(f"{DATASET_NAME}-{split}.{FILE_FORMAT}-*-of-*")))
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+  """manifest.json, written last by a build: a dataset without a committed one (handi_jax.fileio) is unfinished."""
+  path = fileio.as_path(data_dir) / MANIFEST
+  if not fileio.is_committed(path):
+    raise FileNotFoundError(f"{path} not found or not finished: {data_dir} is not a finished handi dataset; run "
+                            "`python -m data_prep.build` into it (again)")
+  return json.loads(path.read_text())
 
 
 def load_features(data_dir: str | os.PathLike):
   """The feature spec stored with a dataset (its `features.json`)."""
   import tensorflow_datasets as tfds
 
-  path = pathlib.Path(data_dir)
+  path = fileio.as_path(data_dir)
   if not (path / "features.json").is_file():
     raise FileNotFoundError(f"{path} is not a handi dataset: no features.json there. Build one with "
                             "`python -m data_prep.build` (or write the demo data with handi_jax.data.demo_clips).")

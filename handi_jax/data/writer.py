@@ -2,9 +2,10 @@
 
 Jobs are cut into shards of `frames_per_shard // num_frames` clips in input order, so shard k always holds the
 same clips. A shard is finished when its progress file `<split>/_progress/shard-0000k.json` exists; it is
-written (atomically, like every file here) after the shard itself, and carries a fingerprint of the shard's
-inputs and settings. A rerun skips finished shards with a matching fingerprint and redoes the rest; identical
-input and config give byte-identical shards.
+written (under handi_jax.fileio's commit rule, like every file here, local or remote) after the shard itself,
+and carries a fingerprint of the shard's inputs and settings; only committed files count. A rerun skips
+finished shards with a matching fingerprint and redoes the rest; identical input and config give
+byte-identical shards.
 
 write_split runs the clips on a local pool of processes. Its pieces, plan_split (which clips go where),
 ShardWriter (one shard and its progress files) and finish_split (the summary files), are also those of
@@ -21,10 +22,10 @@ import io
 import json
 import multiprocessing
 import os
-import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from handi_jax import fileio
@@ -37,7 +38,7 @@ PROGRESS_DIR = "_progress"
 
 @dataclasses.dataclass(frozen=True)
 class SplitSummary:
-  data_dir: pathlib.Path
+  data_dir: epath.Path
   split: str
   num_clips: int
   num_rejected: int
@@ -99,7 +100,7 @@ class ShardPlan:
   """Which jobs each shard of a split holds (by index into the job list) and the fingerprint of each shard's
   inputs and settings. Both builds, local and Apache Beam, write from it: shard k always holds the same clips."""
 
-  data_dir: pathlib.Path
+  data_dir: epath.Path
   split: str
   shard_jobs: tuple[range, ...]
   fingerprints: tuple[str, ...]
@@ -109,15 +110,15 @@ class ShardPlan:
     return len(self.shard_jobs)
 
   @property
-  def progress_dir(self) -> pathlib.Path:
+  def progress_dir(self) -> epath.Path:
     return self.data_dir / self.split / PROGRESS_DIR
 
-  def shard_path(self, shard: int) -> pathlib.Path:
+  def shard_path(self, shard: int) -> epath.Path:
     return schema.shard_path(self.data_dir, self.split, shard, self.num_shards)
 
   def finished(self, shard: int) -> bool:
     state = self.progress_dir / f"shard-{shard:05d}.json"
-    return (state.is_file() and self.shard_path(shard).is_file()
+    return (fileio.is_committed(state) and fileio.is_committed(self.shard_path(shard))
             and json.loads(state.read_text()).get("fingerprint") == self.fingerprints[shard])
 
   def pending(self) -> list[int]:
@@ -135,7 +136,7 @@ def plan_split(data_dir: str | os.PathLike, split: str, jobs: Sequence, *, confi
     raise ValueError(f"{len(job_keys)} job keys for {len(jobs)} jobs")
   per_shard = clips_per_shard(config)
   shard_jobs = tuple(range(s, min(len(job_keys), s + per_shard)) for s in range(0, len(job_keys), per_shard))
-  plan = ShardPlan(pathlib.Path(data_dir), split, shard_jobs,
+  plan = ShardPlan(fileio.as_path(data_dir), split, shard_jobs,
                    tuple(_fingerprint(settings_key, [job_keys[i] for i in r]) for r in shard_jobs))
   plan.progress_dir.mkdir(parents=True, exist_ok=True)
   return plan
@@ -176,7 +177,7 @@ class ShardWriter:
     progress_dir = self.plan.progress_dir
     fileio.write_bytes(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
     state = dict(
-        fingerprint=self.plan.fingerprints[shard], num_bytes=path.stat().st_size,
+        fingerprint=self.plan.fingerprints[shard], num_bytes=path.stat().length,
         clips=[dict(clip_id=r.fields["clip_id"], mask_area=float(r.fields["mask_area"]),
                     hands_per_frame=r.hands_per_frame) for r in records],
         rejected=[dataclasses.asdict(r) for r in results if isinstance(r, Rejection)])
@@ -231,7 +232,7 @@ def finish_split(plan: ShardPlan, config, shards_reused: int) -> SplitSummary:
   return finalize_split(plan.data_dir, plan.split, plan.num_shards, config, shards_reused=shards_reused)
 
 
-def _remove_stale(data_dir: pathlib.Path, split: str, num_shards: int) -> None:
+def _remove_stale(data_dir: epath.Path, split: str, num_shards: int) -> None:
   """Shards and progress files of an earlier run with a different number of shards."""
   planned = {schema.shard_path(data_dir, split, s, num_shards) for s in range(num_shards)}
   for path in schema.split_files(data_dir, split):
@@ -242,7 +243,7 @@ def _remove_stale(data_dir: pathlib.Path, split: str, num_shards: int) -> None:
       path.unlink()
 
 
-def finalize_split(data_dir: pathlib.Path, split: str, num_shards: int, config,
+def finalize_split(data_dir: epath.Path, split: str, num_shards: int, config,
                    shards_reused: int = 0) -> SplitSummary:
   """rejected.jsonl, prior mask, motion-intensive index, report, TFDS metadata and manifest for one split."""
   progress_dir = data_dir / split / PROGRESS_DIR
@@ -254,19 +255,20 @@ def finalize_split(data_dir: pathlib.Path, split: str, num_shards: int, config,
                      b"".join(_json_bytes(r).replace(b"\n", b"") + b"\n" for r in rejected))
   by_reason = dict(collections.Counter(r["reason"] for r in rejected))
   if clips:
-    union_count = sum(np.load(progress_dir / f"shard-{s:05d}.npy") for s in range(num_shards))
+    union_count = sum(np.load(io.BytesIO((progress_dir / f"shard-{s:05d}.npy").read_bytes()))
+                      for s in range(num_shards))
     prior = (union_count / len(clips)).astype(np.float32)
     report_lib.write_split_files(split_dir, clips, rejected, prior, config, fileio.write_bytes)
     _write_metadata(data_dir, split, states, config)
   return SplitSummary(data_dir, split, len(clips), len(rejected), by_reason, num_shards, shards_reused)
 
 
-def _write_metadata(data_dir: pathlib.Path, split: str, states: list[dict], config) -> None:
+def _write_metadata(data_dir: epath.Path, split: str, states: list[dict], config) -> None:
   """manifest.json (all splits built into this folder) and the TFDS folder-dataset metadata."""
   import tensorflow_datasets as tfds
 
   manifest_path = data_dir / schema.MANIFEST
-  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+  manifest = json.loads(manifest_path.read_text()) if fileio.is_committed(manifest_path) else {}
   size = dict(num_frames=config.data.num_frames, height=config.data.height, width=config.data.width)
   if manifest and any(manifest[k] != v for k, v in size.items()):
     raise ValueError(f"{data_dir} holds clips of {[manifest[k] for k in size]} (frames, height, width) but this "

@@ -14,7 +14,7 @@ sigmas, Heun, SDE or third-order DPM) are rejected with an error rather than ign
 
 import dataclasses
 import json
-import pathlib
+import os
 from collections.abc import Callable, Mapping
 
 import flax.struct
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from handi_jax import fileio
 from handi_jax.diffusion import schedules
 
 SAMPLERS = ("dpmsolver++", "ddim")
@@ -76,9 +77,9 @@ _REQUIRED = {"algorithm_type": ("dpmsolver++", "deis"), "solver_type": ("midpoin
              "trained_betas": (None,), "variance_type": (None,)}
 
 
-def read_scheduler_config(path: str | pathlib.Path) -> dict:
+def read_scheduler_config(path: str | os.PathLike) -> dict:
   """A diffusers scheduler_config.json as a dict; options handi-jax does not implement raise here."""
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"scheduler config {path} not found (expected a diffusers scheduler_config.json)")
   scheduler_config = json.loads(path.read_text())

@@ -3,12 +3,12 @@ each run, found on disk or generated now with the pipeline."""
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Callable
 
 import numpy as np
+from etils import epath
 
-from handi_jax import pipeline, prompts
+from handi_jax import fileio, pipeline, prompts
 from handi_jax.data import schema
 from handi_jax.media import files as media_files
 
@@ -19,18 +19,18 @@ VIDEO_NAMES = ("video.mp4", "video.gif")
 class Clip:
   name: str
   prompt: str
-  gt: np.ndarray | pathlib.Path   # (F_src, H, W, 3) uint8 (frame 0 = the context image), or its video file
+  gt: np.ndarray | epath.Path     # (F_src, H, W, 3) uint8 (frame 0 = the context image), or its video file
   mask: np.ndarray | None         # (H, W) bool ground-truth motion area; None = from the ground truth's hands
-  image: pathlib.Path | None      # the source image file (generation), None for TFRecord clips
+  image: epath.Path | None        # the source image file (generation), None for TFRecord clips
 
   def frames(self) -> np.ndarray:
     """The ground-truth frames; a video file is read on use, so a long test set is never all in memory."""
-    return media_files.read_video(self.gt) if isinstance(self.gt, pathlib.Path) else self.gt
+    return self.gt if isinstance(self.gt, np.ndarray) else media_files.read_video(self.gt)
 
 
 def clips_from_prompts_file(e) -> list[Clip]:
   clips = []
-  for where, row in prompts.prompt_rows(pathlib.Path(e.prompts_file), ("source", "target", "prompt"),
+  for where, row in prompts.prompt_rows(fileio.as_path(e.prompts_file), ("source", "target", "prompt"),
                                          "config.evaluate.prompts_file"):
     image = prompts.find_input(e.image_dir, row["source"], f"{where}: source image", "config.evaluate.image_dir")
     video = prompts.find_input(e.gt_dir, row["target"], f"{where}: ground-truth video", "config.evaluate.gt_dir")
@@ -45,7 +45,7 @@ def clips_from_prompts_file(e) -> list[Clip]:
 def clips_from_tfrecords(e) -> list[Clip]:
   import tensorflow_datasets as tfds
 
-  if not pathlib.Path(e.data_dir).is_dir():
+  if not fileio.as_path(e.data_dir).is_dir():
     raise FileNotFoundError(f"config.evaluate.data_dir {e.data_dir} does not exist (a data_prep output folder)")
   builder = tfds.builder_from_directory(e.data_dir)
   if e.split not in builder.info.splits:
@@ -72,8 +72,8 @@ def load_clips(config) -> list[Clip]:
 def motion_intensive_from_data(config) -> set[str] | None:
   """The data's own motion_intensive.json clip ids, when evaluating a TFRecord split that has one."""
   e = config.evaluate
-  index = pathlib.Path(e.data_dir) / e.split / schema.MOTION_INTENSIVE if e.data_dir and not e.prompts_file else None
-  if index is None or not index.is_file():
+  index = fileio.as_path(e.data_dir) / e.split / schema.MOTION_INTENSIVE if e.data_dir and not e.prompts_file else None
+  if index is None or not fileio.is_committed(index):
     return None
   return {c["clip_id"] for c in json.loads(index.read_text())["clips"]}
 
@@ -82,15 +82,15 @@ def motion_intensive_from_data(config) -> set[str] | None:
 # Generated videos.
 
 
-def parse_runs(runs: str) -> dict[str, pathlib.Path]:
+def parse_runs(runs: str) -> dict[str, epath.Path]:
   parsed = {}
   for item in filter(None, (part.strip() for part in runs.split(","))):
     name, sep, folder = item.partition("=")
     if not sep or not name or not folder:
       raise ValueError(f"config.evaluate.runs: {item!r} is not name=folder (e.g. handi=runs/g/generate)")
-    if not pathlib.Path(folder).is_dir():
+    if not fileio.as_path(folder).is_dir():
       raise FileNotFoundError(f"config.evaluate.runs: folder {folder!r} of run {name!r} does not exist")
-    parsed[name] = pathlib.Path(folder)
+    parsed[name] = fileio.as_path(folder)
   return parsed
 
 
@@ -99,19 +99,19 @@ class UnusableVideo(ValueError):
   shape); evaluate_runs skips that clip for that run and reports this reason."""
 
 
-def find_generated(folder: pathlib.Path, name: str) -> pathlib.Path:
+def find_generated(folder: epath.Path, name: str) -> epath.Path:
   candidates = [folder / name / v for v in VIDEO_NAMES] + [folder / f"{name}{s}" for s in (".mp4", ".gif")]
   for candidate in candidates:
-    if candidate.is_file():
+    if fileio.is_committed(candidate):
       return candidate
   raise UnusableVideo(f"missing: none of {', '.join(str(c.relative_to(folder)) for c in candidates)}")
 
 
-def read_generated(folder: pathlib.Path, name: str) -> np.ndarray:
+def read_generated(folder: epath.Path, name: str) -> np.ndarray:
   return media_files.read_video(find_generated(folder, name))
 
 
-def read_checked(video: pathlib.Path, minimum_frames: int) -> np.ndarray:
+def read_checked(video: epath.Path, minimum_frames: int) -> np.ndarray:
   """The frames of a run's video; UnusableVideo when it cannot be decoded or has fewer than minimum_frames."""
   try:
     frames = media_files.read_video(video)
@@ -124,10 +124,10 @@ def read_checked(video: pathlib.Path, minimum_frames: int) -> np.ndarray:
 
 
 def generate_run(make_generator: Callable[[], pipeline.Generator], clips: list[Clip],
-                 out_dir: pathlib.Path) -> pathlib.Path:
+                 out_dir: epath.Path) -> epath.Path:
   """Generate every clip not yet done in out_dir (stage 1 predicts the mask); the generator is made only when a
   clip is left to generate."""
-  todo = [c for c in clips if not (out_dir / c.name / prompts.DONE_FILE["generate"]).is_file()]
+  todo = [c for c in clips if not fileio.is_committed(out_dir / c.name / prompts.DONE_FILE["generate"])]
   if todo:
     generator = make_generator()
     for index, clip in enumerate(clips):

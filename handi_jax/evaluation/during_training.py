@@ -8,12 +8,12 @@ train step's). With several processes those arrays span hosts that one process c
 restores the step's weights from the checkpoint training has just written and evaluates on its own devices.
 """
 
-import pathlib
+import os
 
 import jax
 import numpy as np
 
-from handi_jax import pipeline
+from handi_jax import fileio, pipeline
 from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import unet as unet_lib
 from handi_jax.evaluation import clips as clips_lib
@@ -24,9 +24,9 @@ from handi_jax.media import files as media_files
 class GenerationEvaluator:
   """evaluator(step, unet, frozen models, tokenizer) -> (scalars, images) for train.train_and_evaluate."""
 
-  def __init__(self, config, workdir: str | pathlib.Path):
+  def __init__(self, config, workdir: str | os.PathLike):
     self.config = config
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = fileio.as_path(workdir)
     self.clips = clips_lib.load_clips(config)  # read once: a bad prompts file fails before training starts
 
   def __call__(self, step: int, unet, frozen_models, tokenizer) -> tuple[dict, dict]:

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 
 import cv2
 import numpy as np
+from etils import epath
+
+from handi_jax import fileio
 
 
 class ClipRejected(Exception):  # noqa: N818 - a verdict on the clip, not a program error
@@ -170,10 +173,10 @@ def _decode(capture: cv2.VideoCapture, keep: set[int], segment: Segment | None, 
   return _Decoded(frames, count, last_ms, seen_ms + period_ms, reached_segment_end=False)
 
 
-def _decode_again(path: pathlib.Path, wanted: np.ndarray, segment: Segment | None, fps: float
+def _decode_again(local: pathlib.Path, path: epath.Path, wanted: np.ndarray, segment: Segment | None, fps: float
                   ) -> dict[int, np.ndarray | None]:
   """The frames at `wanted` from a second pass, for a clip whose decoded count differs from the predicted one."""
-  capture = cv2.VideoCapture(str(path))
+  capture = cv2.VideoCapture(str(local))
   try:
     frames = _decode(capture, set(wanted.tolist()), segment, fps).frames
   finally:
@@ -184,7 +187,7 @@ def _decode_again(path: pathlib.Path, wanted: np.ndarray, segment: Segment | Non
   return frames
 
 
-def _check_segment_inside(path: pathlib.Path, segment: Segment, decoded: _Decoded, fps: float) -> None:
+def _check_segment_inside(path: epath.Path, segment: Segment, decoded: _Decoded, fps: float) -> None:
   """A segment must lie in the video, to within a frame at its end (annotations round their times)."""
   if decoded.reached_segment_end:
     return
@@ -203,15 +206,25 @@ def read_sampled_frames(path: str | pathlib.Path, num_frames: int, segment: Segm
   constant rate; only a clip whose decoded count differs is decoded a second time. A segment is reached by
   seeking, so only the keyframe interval before it is decoded besides the segment itself; its frames are those of
   the segment cut into a file of its own.
+
+  A remote video (gs://..., handi_jax.fileio) is first copied to a local temporary file, since OpenCV reads
+  local files only: a segment of a long recording in a bucket costs the download of the whole recording.
   """
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   if segment is not None:
     segment.check()
   if not path.is_file():
     raise ClipRejected("missing_file", f"{path} does not exist")
-  if path.stat().st_size == 0 or not _looks_like_video(path):
+  with fileio.local_copy(path) as local:
+    return _sampled_frames(path, local, num_frames, segment)
+
+
+def _sampled_frames(path: epath.Path, local: pathlib.Path, num_frames: int, segment: Segment | None
+                    ) -> SampledClip:
+  """read_sampled_frames' decoding of `local`, the file of `path` (which the errors name)."""
+  if local.stat().st_size == 0 or not _looks_like_video(local):
     raise ClipRejected("not_a_video", f"{path} has no known video container signature")
-  capture = cv2.VideoCapture(str(path))
+  capture = cv2.VideoCapture(str(local))
   try:
     if not capture.isOpened():
       raise ClipRejected("corrupt_video", f"OpenCV/FFmpeg cannot open {path} (truncated or damaged file)")
@@ -238,7 +251,7 @@ def read_sampled_frames(path: str | pathlib.Path, num_frames: int, segment: Segm
   wanted = sample_indices(decoded.count, num_frames)
   frames = decoded.frames
   if not all(int(i) in frames for i in wanted):
-    frames = _decode_again(path, wanted, segment, fps)
+    frames = _decode_again(local, path, wanted, segment, fps)
   for index in wanted:
     if frames[int(index)] is None:
       raise ClipRejected("corrupt_video", f"{where}: frame {index} cannot be decoded")

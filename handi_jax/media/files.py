@@ -1,7 +1,8 @@
 """Images and videos on disk: loading and sizing inputs, writing mp4/gif/png outputs, motion-flow maps.
 
-Frames are uint8 (F, H, W, 3) RGB on the host. Every writer goes through a temporary file and a rename, so an
-interrupted run never leaves a half-written output that a resumed run would take for a finished one.
+Frames are uint8 (F, H, W, 3) RGB on the host. Paths may be local or remote (`gs://...`; handi_jax.fileio). Every
+writer goes through fileio's commit rule, so an interrupted run never leaves a half-written output that a resumed
+run would take for a finished one.
 
 Input images of any mode Pillow reads become 8-bit RGB the same way everywhere: 16-bit greyscale is scaled
 (65535 -> 255), and transparency is composited on black (a transparent pixel is absent: black in an image,
@@ -10,7 +11,6 @@ outside the motion area in a mask). A user's mask must have its image's shape (`
 
 import math
 import os
-import pathlib
 
 import cv2
 import imageio.v2 as imageio
@@ -31,11 +31,11 @@ ROUNDING_MODES = ("round", "truncate")
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
   """A PIL image converted to `mode` ("RGB" or "L") by the rules above; a clear error when the file is missing,
   not an image, or over Pillow's decompression-bomb limit (about 179 Mpx; a 6000 x 4000 photo is 24)."""
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"image {path} does not exist; check the path (or config.generate.image_dir)")
   try:
-    with Image.open(path) as image:
+    with fileio.local_copy(path) as local, Image.open(local) as image:
       image.load()
   except Image.DecompressionBombError as e:
     raise ValueError(f"image {path} is too large to read safely ({e}); downscale it: the models run at about "
@@ -176,7 +176,8 @@ def _gif_update(frame: Image.Image, shown: np.ndarray, previous: np.ndarray):
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
   """All frames of an mp4 or gif as uint8 (F, H, W, 3)."""
-  return np.stack([np.asarray(frame)[..., :3] for frame in imageio.mimread(path, memtest=False)])
+  with fileio.local_copy(path) as local:
+    return np.stack([np.asarray(frame)[..., :3] for frame in imageio.mimread(local, memtest=False)])
 
 
 def motion_flow_map(frames: np.ndarray, threshold: float) -> np.ndarray:
