@@ -4,8 +4,11 @@ norm conventions, and logical axis names on every parameter (the sharding rules 
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from handi_jax.models import attention
 
 # LeCun normal, N(0, 1 / fan_in). Real runs load converted weights, so the random init only matters to tests and the
 # demo: this is what the UNet and the CLIP text encoder have always drawn (the demo's random text encoder, and so its
@@ -37,9 +40,31 @@ def conv(in_features: int, out_features: int, opts: LayerOptions, rngs: nnx.Rngs
       rngs=rngs)
 
 
+class TemporalConv(nnx.Conv):
+  """nnx.Conv with kernel (3, 1, 1) and padding (1, 0, 0) over (batch, frames, h, w, C), the same parameters.
+
+  On CPU it runs as one matmul of every frame with the three taps side by side, (C, 3 C), whose outputs are added
+  shifted by a frame: XLA:CPU runs the (3, 1, 1) convolution and its gradients 3-4x slower (fwd + bwd at 9 x 16 x
+  16 x 32: 1.3 instead of 5.1 ms CPU). Other platforms keep the convolution.
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if attention.target_platform() != "cpu":
+      return super().__call__(inputs)
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel.value, self.bias.value), dtype=self.dtype)
+    c_in, c_out = kernel.shape[-2:]
+    taps = jnp.dot(x, kernel.reshape(3, c_in, c_out).transpose(1, 0, 2).reshape(c_in, 3 * c_out),
+                   precision=self.precision)
+    taps = taps.reshape(x.shape[:-1] + (3, c_out))
+    taps = jnp.pad(taps, ((0, 0), (1, 1)) + ((0, 0),) * (taps.ndim - 2))  # frame t + 1 of taps is frame t of x
+    frames = x.shape[1]
+    # output frame t = x[t - 1] @ W_0 + x[t] @ W_1 + x[t + 1] @ W_2
+    return taps[:, :frames, ..., 0, :] + taps[:, 1:frames + 1, ..., 1, :] + taps[:, 2:, ..., 2, :] + bias
+
+
 def temporal_conv(features: int, opts: LayerOptions, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.Conv:
   """torch Conv3d(k=(3, 1, 1), padding=(1, 0, 0)) over (batch, frames, h, w, C)."""
-  return nnx.Conv(
+  return TemporalConv(
       features, features, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)),
       kernel_init=nnx.with_partitioning(_zeros if zero_init else KERNEL_INIT,
                                         (None, None, None, "conv_in", "conv_out")),

@@ -75,6 +75,12 @@ class TemporalConvLayer(nnx.Module):
     return (identity + h).reshape(x.shape)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU as torch writes it, x (1 + erf(x / sqrt 2)) / 2. jax.nn.gelu's erfc form gives the same values but
+  costs XLA:CPU exponentials and selects: the demo's feed-forward fwd + bwd 3.4 instead of 5.6 ms CPU."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
+
+
 class GEGLU(nnx.Module):
   """proj -> [hidden, gate] halves -> hidden * GELU(gate), exact (erf) GELU."""
 
@@ -83,7 +89,7 @@ class GEGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
-    return hidden * jax.nn.gelu(gate, approximate=False)
+    return hidden * gelu(gate)
 
 
 class FeedForward(nnx.Module):
