@@ -35,11 +35,12 @@ lint: $(STAMP)
 demo: $(RUNTIME)  ## the main job on the embedded default: tiny model, demo data, CPU
 	$(PY) -m handi_jax.main --config=configs/stage2.py --workdir=runs/demo --mode=demo
 
-# After `make demo`, the page generates with the demo's trained stage-2 UNet (the page says which weights it uses).
-DEMO_STAGE2 = $(if $(wildcard runs/demo/checkpoints),--config.generate.stage2_pretrained=runs/demo)
+# After `make demo`, the page generates with the demo's trained UNets (the page says which weights it uses).
+DEMO_WEIGHTS = $(if $(wildcard runs/demo/checkpoints),--config.generate.stage2_pretrained=runs/demo) \
+  $(if $(wildcard runs/demo/stage1/checkpoints),--config.generate.stage1_pretrained=runs/demo/stage1)
 
 app: $(RUNTIME)  ## the web page on http://127.0.0.1:7860 (embedded default: tiny models); ARGS=--port=N ...
-	$(PY) -m handi_jax.app --config=configs/stage2.py --workdir=runs/app $(DEMO_STAGE2) $(ARGS)
+	$(PY) -m handi_jax.app --config=configs/stage2.py --workdir=runs/app $(DEMO_WEIGHTS) $(ARGS)
 
 # Debian's chromium + chromium-driver for tests/test_app.py's browser test. Where apt-get cannot install them
 # (not root, no network) this says so and the test skips with the reason; it never fails the test run.

@@ -41,7 +41,8 @@ STAGE1, DRAWN, UPLOADED, PRIOR = "predicted by stage 1", "drawn on the image", "
 MASK_SOURCES = (STAGE1, DRAWN, UPLOADED, PRIOR)
 # Size presets: the area the image is resized to (aspect kept, sides multiples of 8), as config.sampling.target_area.
 SIZES = {"64 x 64 px area (quick on CPU)": 64 * 64, "128 x 128 px area": 128 * 128,
-         "256 x 256 px area (the training size)": 256 * 256, "512 x 512 px area (the release)": 512 * 512}
+         "256 x 256 px area (the paper's training size)": 256 * 256, "512 x 512 px area (the release)": 512 * 512}
+TRAINING_SIZE = "the area the UNet was trained at"  # config.sampling.target_area 0: pipeline.Generator.model_size
 NUM_DEMO_EXAMPLES = 3
 # The mask and flow images are at the model size (88 x 48 px for a 448 x 256 photo at 64 x 64): show them large.
 CSS = "#mask_overlay img, #flow img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
@@ -108,6 +109,8 @@ class App:
     sampling = config.sampling
     if sampling.height > 0 and sampling.width > 0:   # a fixed size: area 0 keeps it
       own_size, area = f"the config's {sampling.height} x {sampling.width} px", 0
+    elif not sampling.target_area:   # area 0 keeps the config's 0: the training area
+      own_size, area = TRAINING_SIZE, 0
     else:
       area = int(sampling.target_area)
       own_size = next((name for name, a in SIZES.items() if a == area), f"the config's {area} px area")
@@ -143,8 +146,7 @@ class App:
     try:
       sample = self._write_inputs(request, self.root / "inputs" / request_id)
       config = self.request_config(request)
-      size = media_files.model_size(*media_files.load_image(sample.image).size, int(config.sampling.target_area),
-                                 int(config.sampling.height), int(config.sampling.width))
+      size = self.generator.with_config(config).model_size(media_files.load_image(sample.image).size)
     except (FileNotFoundError, ValueError) as e:   # AppError, or an input generate itself refuses
       logging.info("request %s: refused (%s)", request_id, e)
       raise (e if isinstance(e, AppError) else AppError(str(e).split("\n")[0])) from e

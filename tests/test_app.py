@@ -45,6 +45,7 @@ def small_config():
   config.model.unet.transformer_in_heads = 2
   config.model.vae.block_out_channels = (8, 8, 8, 8)
   config.model.vae_without_weights = "random"  # 2 channels a norm group: too few for block_mean_weights
+  config.sampling.fallback_area = app_lib.SIZES[SMALL]  # the random UNet records no training size: this area
   return config
 
 
@@ -123,6 +124,13 @@ def test_progress_reports_stage_1_clean_up_and_stage_2_steps(app, example):
   phases = [(phase.split(" (")[0], done, total) for phase, done, total in events]
   assert phases == ([("encoding", 0, 1)] + [("stage 1", i, STEPS) for i in range(STEPS + 1)] + [("clean-up", 0, 1)] +
                     [("stage 2", i, STEPS) for i in range(STEPS + 1)] + [("writing files", 0, 1)])
+
+
+def test_the_configs_own_size_is_the_training_area_when_its_target_area_is_0(app, example):
+  assert small_config().sampling.target_area == 0 and app.sizes[app_lib.TRAINING_SIZE] == 0
+  response = app.handle(request(example, size=app_lib.TRAINING_SIZE))
+  # the UNet records no training size: config.sampling.fallback_area, which small_config sets to the smallest preset
+  assert (response.result.record["height"], response.result.record["width"]) == (HEIGHT, WIDTH)
 
 
 def test_drawn_and_prior_masks(app, example):
@@ -316,9 +324,13 @@ def test_make_app_uses_the_demo_checkpoint_and_the_page_names_every_weight(tmp_p
                                    text=True, check=True).stdout
   assert "stage2_pretrained" not in dry_run()                    # before make demo: the config's own weights
   (tmp_path / "runs" / "demo" / "checkpoints").mkdir(parents=True)
-  assert "--config.generate.stage2_pretrained=runs/demo" in dry_run()
+  assert "--config.generate.stage2_pretrained=runs/demo" in dry_run() and "stage1_pretrained" not in dry_run()
+  (tmp_path / "runs" / "demo" / "stage1" / "checkpoints").mkdir(parents=True)   # the demo trains stage 1 too
+  assert "--config.generate.stage1_pretrained=runs/demo/stage1" in dry_run()
   config = common.get_config(stage=2)
   config.generate.stage2_pretrained = "runs/demo"
   assert app_lib.weight_sources(config) == {"VAE and text encoder": "", "stage-1 UNet": "",
                                             "stage-2 UNet": "runs/demo"}
   assert app_lib.random_components(config) == ["VAE and text encoder", "stage-1 UNet"]
+  config.generate.stage1_pretrained = "runs/demo/stage1"
+  assert app_lib.random_components(config) == ["VAE and text encoder"]
