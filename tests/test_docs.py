@@ -140,6 +140,51 @@ def test_readme_generation_and_evaluation_defaults():
   _agrees("handi_jax/evaluate.py", "egovlp_frames: {frames} with egovlp.pth", frames="evaluate.egovlp_frames")
 
 
+def _constant(path: str, name: str):
+  """The value of a module-level `NAME = literal` in `path`, read from the source."""
+  for node in ast.parse(_text(path)).body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+      return ast.literal_eval(node.value)
+  raise AssertionError(f"{path} has no {name}")
+
+
+def test_docs_state_the_code_constants():
+  far = _constant("handi_jax/pipeline.py", "FAR_FROM_TRAINING")
+  assert re.search(_regex("A size over twice (or under half) the training area gets a warning"), _text(README)), (
+      "README.md: the sentence on the size warning ('over twice (or under half)') is gone")
+  assert far == 2, f"README.md says a size over twice the training area gets a warning; FAR_FROM_TRAINING is {far}"
+  metrics = "handi_jax/evaluation/metrics.py"
+  frames = (f"{metrics}'s FID_MINIMUM_FRAMES", _constant(metrics, "FID_MINIMUM_FRAMES"))
+  clips = (f"{metrics}'s FVD_MINIMUM_CLIPS", _constant(metrics, "FVD_MINIMUM_CLIPS"))
+  _agrees(README, "A FID from fewer than {frames} frames", frames=frames)
+  _agrees(README, "a FVD from fewer than {clips} clips", clips=clips)
+  _agrees("handi_jax/evaluate.py", "A value from fewer than {frames} frames (FID", frames=frames)
+  _agrees("handi_jax/evaluate.py", "or {clips} clips (FVD", clips=clips)
+
+
+def _pins() -> dict[str, str]:
+  """package -> version pinned in requirements.txt and requirements-dev.txt."""
+  lines = (_text("requirements.txt") + _text("requirements-dev.txt")).splitlines()
+  return dict(re.match(r"([\w.-]+)==(\S+)", line).groups() for line in lines if "==" in line)
+
+
+def test_docs_state_the_pinned_versions():
+  pins, checked = _pins(), 0
+  for doc in (README, DATA_PREP_README):
+    text = _text(doc)
+    # **mediapipe 0.10.21**, **jax/jaxlib at 0.7.1**, **pillow is 12.3.0**: statements of the pins themselves;
+    # "jax[cuda12]==0.7.1" in install commands; the dev pins the prose names with their versions.
+    stated = re.findall(r"\*\*([\w/.-]+) (?:at |is )?(\d[\w.]*)\*\*", text)
+    stated += re.findall(r"([\w.-]+)(?:\[\w+\])?==(\d[\w.]*)", text)
+    stated += re.findall(r"\b(torch|diffusers|selenium|tensorflow-datasets) (\d+\.\d+\.\d+)", text)
+    for names, version in stated:
+      for package in names.split("/"):
+        assert package in pins, f"{doc} states {package} {version}, which the requirements files do not pin"
+        assert pins[package] == version, f"{doc} says {package} {version}; the requirements pin {pins[package]}"
+        checked += 1
+  assert checked >= 15
+
+
 def test_data_prep_readme_states_the_data_config():
   _agrees(DATA_PREP_README, "`config.data.num_frames` evenly sampled frames per clip ({frames} in the default "
           "`demo` variant", frames="data.num_frames")
