@@ -178,7 +178,8 @@ def _generate_config() -> ml_collections.ConfigDict:
       # True: frames written as the release writes them (with sampling.replace_background=False, its files):
       # frame 0 as decoded, not the context image; levels truncated as diffusers' tensor2vid, not rounded.
       release_frames=False,
-      fps=8))
+      fps=8,
+      batch_size=1))                  # samples sampled at once per device (samples of one size share a batch)
 
 
 def _evaluate_config() -> ml_collections.ConfigDict:

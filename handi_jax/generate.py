@@ -10,6 +10,13 @@ JSON-lines file in the original release's format (`{"source": "source/1.png", "t
 per line; images at `image_dir/source`, or `image_dir/<file name>`; masks, if `mask_dir` is set, at
 `mask_dir/<stem>_mask.png` or `<stem>.png`). A batch resumes: a sample whose `done.json` exists is skipped.
 
+Devices and processes: with several processes (multi-host, or processes started by hand), the sample at global
+index i (its line in the prompts file) belongs to process i % process_count, which alone generates and writes it;
+each process logs the names of the samples it owns. A process samples config.generate.batch_size samples per local
+device at once (samples of one model size share a batch). A sample's video depends only on its inputs, config.seed
+and its global index, not on how many devices or processes ran the job. Processes write into one output_dir: a
+shared (or bucket) path when they run on different hosts.
+
 Per sample, in `output_dir/<image stem>/` (default output_dir: `<workdir>/generate`):
   video.mp4, video.gif   config.data.num_frames frames at config.generate.fps; frame 0 is the context image itself
   mask.png               the binary motion-area mask stage 2 used (stage 1's, cleaned; or the user's)
@@ -29,23 +36,14 @@ The pipeline itself (sizes, stages, sampling, where the models come from) is han
 import pathlib
 import re
 
-import tqdm
-from absl import logging
-
 from handi_jax import command_line, fileio, pipeline, prompts
 
 
 def generate_samples(config, workdir, samples: list[prompts.Sample], out_root: pathlib.Path,
                      mode: str = "generate") -> list[pathlib.Path]:
-  """Every sample not yet done into out_root/<sample name>/ with config's models; returns the output folders."""
-  todo = [s for s in samples if not fileio.is_committed(out_root / s.name / prompts.DONE_FILE[mode])]
-  if len(todo) < len(samples):
-    logging.info("resuming: %d of %d samples already done in %s", len(samples) - len(todo), len(samples), out_root)
-  if todo:
-    generator = pipeline.Generator.from_config(config, workdir)
-    for sample in tqdm.tqdm(todo, desc=mode, unit="sample"):
-      generator.run(sample, out_root / sample.name, mode)
-  return [out_root / s.name for s in samples]
+  """pipeline.generate_owned with config's models; returns the output folders of this process's samples."""
+  owned = pipeline.generate_owned(lambda: pipeline.Generator.from_config(config, workdir), samples, out_root, mode)
+  return [out_root / s.name for s in owned]
 
 
 def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
@@ -55,7 +53,7 @@ def _run_all(config, workdir, mode: str) -> list[pathlib.Path]:
 
 
 def generate_from_config(config, workdir) -> list[pathlib.Path]:
-  """--mode=generate: every sample of config.generate; returns the output folders."""
+  """--mode=generate: every sample of config.generate (this process's share); returns their output folders."""
   return _run_all(config, workdir, "generate")
 
 

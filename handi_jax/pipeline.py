@@ -15,6 +15,11 @@ replace_background off: the release's written frames). Sampling: DPM-Solver++ 2M
 config.sampling.num_inference_steps steps, classifier-free guidance config.sampling.guidance_scale, all steps in
 one compiled loop (handi_jax.diffusion.guided_sampling).
 
+Batches: Generator.batches groups samples by model size (samples of different sizes cannot share a batch) in batches
+of config.generate.batch_size per device; run_batch samples a batch split over the generator's devices (default:
+this process's own), the models replicated. A sample's random key is derived from config.seed and its global
+index alone, so its video does not depend on the batch, the devices or the processes that made it.
+
 Models: VAE, text encoder, tokenizer and scheduler config from config.model.pretrained (a diffusers pipeline
 directory); the stage UNets from config.generate.stage1_pretrained / stage2_pretrained (a diffusers `unet/`
 directory or a training workdir with checkpoints/); each may be a Hugging Face repo id (convert.hub); stage 2 falls
@@ -36,10 +41,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from handi_jax import conditioning, fileio, mask_cleanup, prompts, tokenizers
+from handi_jax import conditioning, fileio, mask_cleanup, prompts, sharding, tokenizers
 from handi_jax.components import common, frozen, train_state
 from handi_jax.components import unet as unet_lib
 from handi_jax.convert import hub
@@ -92,7 +99,7 @@ def _listening(report, total: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_frames", "init"))
 def _sample_video_reporting(graphdef, state, plan, context_latent, text, uncond_text, mask, motion, guidance_scale,
-                            key, num_frames: int, init: str):
+                            keys, num_frames: int, init: str):
   """video.sample_video_jit with a host callback after each step's UNet call (one per step), so that a caller
   of Generator.run sees the steps go by; the loop is still one compiled scan."""
   unet = nnx.merge(graphdef, state)
@@ -103,7 +110,7 @@ def _sample_video_reporting(graphdef, state, plan, context_latent, text, uncond_
     return out
 
   return guided_sampling.sample_video(reporting_unet, plan, context_latent, text, uncond_text, mask, motion,
-                                     guidance_scale, key, num_frames, init)
+                                     guidance_scale, keys, num_frames, init)
 
 
 def sampling_plan(config):
@@ -155,14 +162,29 @@ def compose_video(generated: np.ndarray, context: np.ndarray, mask: np.ndarray, 
   return frames
 
 
+@dataclasses.dataclass
+class _Job:
+  """One sample of a batch between its stages."""
+  sample: prompts.Sample
+  out_dir: pathlib.Path
+  pixels: np.ndarray           # (H, W, 3) model input in [-1, 1]
+  context_latent: jax.Array    # (1, 1, h, w, C)
+  text: jax.Array              # (1, 77, D)
+  mask: np.ndarray | None      # (H, W) bool: the user's, then stage 1's
+  record: dict
+
+
 class Generator:
-  """The models and the sampling plan; `run` produces one sample's outputs. A stage's UNet that was not handed in
-  is loaded on first use as config.generate names it (load_stage_unet); one handed in is the one training with
-  this config, so its training size is config.data's."""
+  """The models and the sampling plan; `run` produces one sample's outputs, `run_batch` a batch's. A stage's UNet
+  that was not handed in is loaded on first use as config.generate names it (load_stage_unet); one handed in is the
+  one training with this config, so its training size is config.data's. `devices` (default: this process's) are
+  the ones a batch is split over."""
 
   def __init__(self, config, frozen_models: frozen.FrozenModels, tokenizer,
-               unets: dict[int, nnx.Module] | None = None):
+               unets: dict[int, nnx.Module] | None = None, devices=None):
     self.config = config
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    self._placed = {}  # (id of a model's arrays, devices) -> those arrays on the devices
     self.frozen = frozen_models
     self.tokenizer = tokenizer
     self.settings, self.plan = sampling_plan(config)
@@ -172,11 +194,11 @@ class Generator:
     self._size_warnings = set()
 
   @classmethod
-  def from_config(cls, config, workdir: str | pathlib.Path) -> "Generator":
+  def from_config(cls, config, workdir: str | pathlib.Path, devices=None) -> "Generator":
     """The frozen models of config.model (the demo tokenizer, if needed, written into <workdir>/demo_tokenizer)."""
     frozen_models, tokenizer = frozen.load_frozen_models(config, fileio.as_path(workdir) / "demo_tokenizer",
                                                          hand_landmarks=False)
-    return cls(config, frozen_models, tokenizer)
+    return cls(config, frozen_models, tokenizer, devices=devices)
 
   def with_config(self, config) -> "Generator":
     """These loaded models under another config's sampling and generate fields (steps, guidance, motion strength,
@@ -230,13 +252,51 @@ class Generator:
     ids = jnp.asarray(tokenizers.tokenize(self.tokenizer, [prompt]))
     return _encode_text(self.frozen.text_graphdef, self.frozen.text_encoder, ids)
 
-  def _sample(self, stage: int, context_latent, text, latent_mask, key, progress=None) -> np.ndarray:
-    """One stage: sample the latent video and decode it -> (F, H, W, 3) float32 in about [-1, 1]."""
+  @property
+  def batch_capacity(self) -> int:
+    """Samples in a full batch: config.generate.batch_size per device."""
+    return int(self.config.generate.batch_size) * len(self.devices)
+
+  def _stages(self, sample: prompts.Sample, mode: str) -> tuple[int, ...]:
+    return (1,) * (sample.mask is None) + (2,) * (mode == "generate")
+
+  def batches(self, samples: list[prompts.Sample], mode: str = "generate") -> list[list[prompts.Sample]]:
+    """`samples` grouped by model size, in their order within a size, cut into batches of batch_capacity."""
+    by_size = {}
+    for sample in samples:
+      size = self.model_size(media_files.load_image(sample.image).size, self._stages(sample, mode))
+      by_size.setdefault(size, []).append(sample)
+    capacity = self.batch_capacity
+    return [group[i:i + capacity] for group in by_size.values() for i in range(0, len(group), capacity)]
+
+  def _place(self, tree, devices: tuple):
+    """A model's arrays (or any pytree) on `devices`: as they are where they already span exactly those devices
+    (training's sharded state, one device's arrays on that device), else replicated there, once."""
+    key = (id(tree), devices)
+    if key not in self._placed:
+      replicated = NamedSharding(sharding.batch_mesh(devices), PartitionSpec())
+      self._placed[key] = (tree, jax.tree.map(
+          lambda x: x if getattr(x, "sharding", None) and x.sharding.device_set == set(devices)
+          else jax.device_put(x, replicated), tree))
+    return self._placed[key][1]
+
+  def _sample(self, stage: int, context_latents, texts, latent_masks, keys, progress=None) -> np.ndarray:
+    """One stage of a batch: sample the latent videos and decode them -> (B, F, H, W, 3) float32 in about [-1, 1].
+    The batch is split over min(B, devices) devices, padded to a multiple of them by repeating its last sample."""
     config = self.config
+    devices = tuple(self.devices[:min(len(keys), len(self.devices))])
+    mesh = sharding.batch_mesh(devices)
+    padding = -len(keys) % len(devices)
+
+    def split(rows):
+      rows = jnp.concatenate([rows, jnp.repeat(rows[-1:], padding, axis=0)]) if padding else rows
+      return jax.device_put(rows, sharding.batch_sharding(mesh, rows.ndim))
+
     motion = jnp.array([config.sampling.motion_strength], jnp.float32) if config.model.unet.motion_strength else None
     graphdef, state = self.unet(stage)
-    args = (graphdef, state, self.plan, context_latent, text, self.uncond, latent_mask, motion,
-            jnp.float32(config.sampling.guidance_scale), key)
+    args = (graphdef, self._place(state, devices), self.plan, split(context_latents), split(texts),
+            self._place(self.uncond, devices), split(latent_masks), motion,
+            jnp.float32(config.sampling.guidance_scale), split(keys))
     options = dict(num_frames=int(config.data.num_frames), init=config.sampling.init)
     if progress is None:
       latents = guided_sampling.sample_video_jit(*args, **options)
@@ -244,64 +304,113 @@ class Generator:
       progress(f"stage {stage}", 0, self.plan.num_steps)
       with _listening(functools.partial(progress, f"stage {stage}"), self.plan.num_steps):
         latents = _sample_video_reporting(*args, **options).block_until_ready()
-    frames = _decode(self.frozen.vae_graphdef, self.frozen.vae, latents, int(config.model.frame_chunk))
-    return np.asarray(frames[0], np.float32)
+    frames = _decode(self.frozen.vae_graphdef, self._place(self.frozen.vae, devices), latents,
+                     int(config.model.frame_chunk))
+    return np.asarray(frames, np.float32)[:len(keys)]
 
   def run(self, sample: prompts.Sample, out_dir: pathlib.Path, mode: str = "generate", progress=None) -> "Result":
     """All outputs of one sample into out_dir (`mode` "predict_masks" stops after the mask). `progress`, if
     given, is called as progress(phase, done, total): "encoding", "stage 1" / "stage 2" per sampling step,
     "clean-up", "writing files"."""
+    return self.run_batch([sample], [out_dir], mode, progress)[0]
+
+  def _prepare(self, sample: prompts.Sample, out_dir: pathlib.Path, mode: str) -> _Job:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = media_files.load_image(sample.image)
+    height, width = self.model_size(image.size, self._stages(sample, mode))
+    pixels = media_files.image_to_model_input(image, height, width)
+    record = dict(prompt=sample.prompt, image=str(sample.image), height=height, width=width,
+                  sampler=self.settings.sampler, steps=self.plan.num_steps,
+                  guidance_scale=float(self.config.sampling.guidance_scale))
+    mask = None
+    if sample.mask is not None:
+      mask = media_files.load_mask(sample.mask, height, width, binary=True, image_size=image.size) > 0
+      record["mask_source"] = str(sample.mask)
+    context_latent = _encode_image(self.frozen.vae_graphdef, self.frozen.vae, jnp.asarray(pixels))
+    return _Job(sample, out_dir, pixels, context_latent, self._text(sample.prompt), mask, record)
+
+  def _stage(self, stage: int, jobs: list[_Job], pixel_masks: list[np.ndarray], keys: list[jax.Array],
+             progress) -> np.ndarray:
+    """_sample over `jobs` (each with its pixel mask and key)."""
+    return self._sample(stage, jnp.concatenate([j.context_latent for j in jobs]),
+                        jnp.concatenate([j.text for j in jobs]),
+                        jnp.concatenate([self._latent_mask(m) for m in pixel_masks]), jnp.stack(keys), progress)
+
+  def run_batch(self, samples: list[prompts.Sample], out_dirs: list[pathlib.Path], mode: str = "generate",
+                progress=None) -> list["Result"]:
+    """run() for samples of one model size (one of `batches`), each stage sampled for all of them at once."""
     config = self.config
     report = progress or (lambda phase, done, total: None)
     report("encoding", 0, 1)
     start = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = jax.random.fold_in(jax.random.key(config.seed), sample.index)
-    stage1_key, stage2_key = jax.random.split(key)
-    image = media_files.load_image(sample.image)
-    stages = (1,) * (sample.mask is None) + (2,) * (mode == "generate")
-    height, width = self.model_size(image.size, stages)
-    pixels = media_files.image_to_model_input(image, height, width)
-    context_latent = _encode_image(self.frozen.vae_graphdef, self.frozen.vae, jnp.asarray(pixels))
-    text = self._text(sample.prompt)
-    record = dict(prompt=sample.prompt, image=str(sample.image), height=height, width=width,
-                  sampler=self.settings.sampler, steps=self.plan.num_steps,
-                  guidance_scale=float(config.sampling.guidance_scale))
+    jobs = [self._prepare(sample, out_dir, mode) for sample, out_dir in zip(samples, out_dirs, strict=True)]
+    sizes = {(j.record["height"], j.record["width"]) for j in jobs}
+    if len(sizes) > 1:
+      raise ValueError(f"a batch holds samples of sizes {sorted(sizes)}: group them with Generator.batches")
+    stage_keys = {j.sample.name: jax.random.split(jax.random.fold_in(jax.random.key(config.seed), j.sample.index))
+                  for j in jobs}
 
-    if sample.mask is not None:
-      mask = media_files.load_mask(sample.mask, height, width, binary=True, image_size=image.size) > 0
-      record["mask_source"] = str(sample.mask)
-    else:
+    stage1 = [j for j in jobs if j.mask is None]
+    if stage1:
+      height, width = sizes.pop()
       prior = (media_files.load_mask(config.generate.prior_mask, height, width, binary=False)
                if config.generate.prior_mask else np.ones((height, width), np.float32))
-      mask_frames = self._sample(1, context_latent, text, self._latent_mask(prior), stage1_key, progress)
+      all_mask_frames = self._stage(1, stage1, [prior] * len(stage1), [stage_keys[j.sample.name][0] for j in stage1],
+                                    progress)
       report("clean-up", 0, 1)
-      mask = mask_cleanup.clean_mask_video_from_config(mask_frames[1:], config.mask_cleanup)
-      media_files.write_mp4(out_dir / "mask_video.mp4", media_files.to_uint8(mask_frames), config.generate.fps)
-      record["mask_source"] = "stage 1"
-      if not mask.any():
-        logging.warning("sample %s: the stage-1 mask is empty after clean-up", sample.name)
-    media_files.write_png(out_dir / "mask.png", mask.astype(np.uint8) * 255)
-    record["mask_fraction"] = float(mask.mean())
+      for job, mask_frames in zip(stage1, all_mask_frames, strict=True):
+        job.mask = mask_cleanup.clean_mask_video_from_config(mask_frames[1:], config.mask_cleanup)
+        media_files.write_mp4(job.out_dir / "mask_video.mp4", media_files.to_uint8(mask_frames), config.generate.fps)
+        job.record["mask_source"] = "stage 1"
+        if not job.mask.any():
+          logging.warning("sample %s: the stage-1 mask is empty after clean-up", job.sample.name)
+    for job in jobs:
+      media_files.write_png(job.out_dir / "mask.png", job.mask.astype(np.uint8) * 255)
+      job.record["mask_fraction"] = float(job.mask.mean())
 
-    frames = None
+    all_frames = [None] * len(jobs)
     if mode == "generate":
-      generated = self._sample(2, context_latent, text, self._latent_mask(mask.astype(np.float32)), stage2_key,
-                               progress)
+      generated = self._stage(2, jobs, [j.mask.astype(np.float32) for j in jobs],
+                              [stage_keys[j.sample.name][1] for j in jobs], progress)
       report("writing files", 0, 1)
-      frames = compose_video(generated, pixels, mask, bool(config.sampling.replace_background),
-                             bool(config.generate.release_frames))
-      media_files.write_mp4(out_dir / "video.mp4", frames, config.generate.fps)
-      media_files.write_gif(out_dir / "video.gif", frames, config.generate.fps)
-      flow = media_files.motion_flow_map(frames, float(config.generate.flow_threshold))
-      media_files.write_png(out_dir / "flow.png", media_files.flow_heatmap(frames[0], flow))
-      record["mean_flow"] = float(flow.mean())
-    record["seconds"] = round(time.time() - start, 2)
-    done = out_dir / prompts.DONE_FILE[mode]
-    fileio.write_json(done, record)
-    return Result(frames=frames, mask=mask, context=media_files.to_uint8(pixels), record=record)
+      for i, job in enumerate(jobs):
+        frames = all_frames[i] = compose_video(generated[i], job.pixels, job.mask,
+                                               bool(config.sampling.replace_background),
+                                               bool(config.generate.release_frames))
+        media_files.write_mp4(job.out_dir / "video.mp4", frames, config.generate.fps)
+        media_files.write_gif(job.out_dir / "video.gif", frames, config.generate.fps)
+        flow = media_files.motion_flow_map(frames, float(config.generate.flow_threshold))
+        media_files.write_png(job.out_dir / "flow.png", media_files.flow_heatmap(frames[0], flow))
+        job.record["mean_flow"] = float(flow.mean())
+    results = []
+    for job, frames in zip(jobs, all_frames, strict=True):
+      job.record.update(seconds=round(time.time() - start, 2), batch=len(jobs))  # the batch's time
+      fileio.write_json(job.out_dir / prompts.DONE_FILE[mode], job.record)
+      results.append(Result(frames=frames, mask=job.mask, context=media_files.to_uint8(job.pixels),
+                            record=job.record))
+    return results
 
   @staticmethod
   def _latent_mask(pixel_mask: np.ndarray) -> jax.Array:
     """(H, W) pixel mask -> (1, h, w, 1) latent-grid mask, soft edges kept as in the release's inference."""
     return conditioning.latent_mask(jnp.asarray(pixel_mask, jnp.float32)[None, :, :, None], threshold=None)
+
+
+def generate_owned(make_generator, samples: list[prompts.Sample], out_root: pathlib.Path,
+                   mode: str = "generate") -> list[prompts.Sample]:
+  """The samples this process owns (sharding.process_share) that are not yet done, generated in batches into
+  out_root/<sample name>/ with make_generator()'s models (made only when one is left); returns the owned samples.
+  Each process logs the names of the samples it owns."""
+  owned = sharding.process_share(samples)
+  logging.info("process %d of %d owns %d of %d samples: %s", jax.process_index(), jax.process_count(), len(owned),
+               len(samples), " ".join(s.name for s in owned))
+  todo = [s for s in owned if not fileio.is_committed(out_root / s.name / prompts.DONE_FILE[mode])]
+  if len(todo) < len(owned):
+    logging.info("resuming: %d of %d samples already done in %s", len(owned) - len(todo), len(owned), out_root)
+  if todo:
+    generator = make_generator()
+    with tqdm.tqdm(total=len(todo), desc=mode, unit="sample") as bar:
+      for batch in generator.batches(todo, mode):
+        generator.run_batch(batch, [out_root / s.name for s in batch], mode)
+        bar.update(len(batch))
+  return owned

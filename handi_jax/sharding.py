@@ -7,9 +7,11 @@ out on a TPU pod or an H100 host; the model code never names a mesh axis.
 
 import dataclasses
 import math
+import pickle
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -73,6 +75,39 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
         "--config.mesh.data=-1 to use the devices there are.")
   # Auto axes: jit and the sharding rules place arrays; no explicit-sharding types in the model code.
   return jax.make_mesh(shape.values(), MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_mesh(devices: Sequence[jax.Device]) -> Mesh:
+  """`devices` all on the batch axes: generation and evaluation split a batch over one process's devices and
+  replicate the models."""
+  return jax.make_mesh((len(devices), 1, 1), MESH_AXES, devices=list(devices), axis_types=(AxisType.Auto,) * 3)
+
+
+def process_share(items: Sequence) -> list:
+  """The items this process owns when a job splits a list over processes (generation, evaluation): the item at
+  global index i belongs to process i % jax.process_count(), so no two processes handle the same item."""
+  return list(items[jax.process_index()::jax.process_count()])
+
+
+def gather_from_processes(value) -> list:
+  """`value` (any picklable object) of every process, in process order, on every process: the parts of a job split
+  with process_share brought together (through the devices' all-gather, so no shared disk is needed)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(pickle.dumps(value), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))[:, 0]
+  gathered = multihost_utils.process_allgather(np.pad(data, (0, int(sizes.max()) - data.size)))
+  return [pickle.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes, strict=True)]
+
+
+def wait_for_processes(name: str) -> None:
+  """Return once every process has reached wait_for_processes(name) (e.g. all have written their share)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules, shape: Sequence[int] | None = None,

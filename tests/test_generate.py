@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -99,16 +100,17 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   frames_dir = shared_data / "ek_frames"
   config = _config(tmp_path, prompts_file=str(frames_dir / "prompt.json"), image_dir=str(frames_dir),
                    mask_dir=str(frames_dir))
-  real_run = pipeline.Generator.run
+  monkeypatch.setattr(pipeline.Generator, "batch_capacity", 2)  # batches [1, 2], [3, 4], [5]
+  real_run_batch = pipeline.Generator.run_batch
   calls = []
 
-  def interrupted_run(self, sample, out_dir, mode="generate"):
-    if len(calls) == 2:
-      raise KeyboardInterrupt  # the user stops the batch during the third sample
-    calls.append(sample.name)
-    return real_run(self, sample, out_dir, mode)
+  def interrupted_run_batch(self, samples, out_dirs, mode="generate"):
+    if len(calls) == 1:
+      raise KeyboardInterrupt  # the user stops the job during the second batch
+    calls.append([s.name for s in samples])
+    return real_run_batch(self, samples, out_dirs, mode)
 
-  monkeypatch.setattr(pipeline.Generator, "run", interrupted_run)
+  monkeypatch.setattr(pipeline.Generator, "run_batch", interrupted_run_batch)
   with pytest.raises(KeyboardInterrupt):
     generate.generate_from_config(config, tmp_path)
   out = tmp_path / "out"
@@ -116,9 +118,9 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   finished = {name: (out / name / "done.json").stat().st_mtime_ns for name in ("1", "2")}
 
   results = []
-  monkeypatch.setattr(pipeline.Generator, "run",
-                      lambda self, sample, out_dir, mode="generate": results.append(
-                          real_run(self, sample, out_dir, mode)) or results[-1])
+  monkeypatch.setattr(pipeline.Generator, "run_batch",
+                      lambda self, samples, out_dirs, mode="generate": results.extend(
+                          real_run_batch(self, samples, out_dirs, mode)) or results)
   folders = generate.generate_from_config(config, tmp_path)
   assert [f.name for f in folders] == ["1", "2", "3", "4", "5"]
   assert [r.record["image"] for r in results] == [str(frames_dir / f"{i}.png") for i in (3, 4, 5)]
@@ -133,6 +135,32 @@ def test_batch_mode_resumes_without_redoing_finished_samples(tmp_path, shared_da
   # A finished batch is all skipped: no models are even loaded.
   monkeypatch.setattr(pipeline, "Generator", None)
   assert len(generate.generate_from_config(config, tmp_path)) == 5
+
+
+def test_one_device_and_eight_devices_generate_the_same_videos(tmp_path, shared_data):
+  """The release's five test images with a prompts file: stage 1 and stage 2 of each sample, one at a time on one
+  device, then all in one batch split over the 8 devices. Each sample's key comes from its global index, so the
+  files are the same."""
+  frames_dir = shared_data / "ek_frames"
+  outputs = {}
+  for devices in (jax.local_devices()[:1], jax.local_devices()):
+    config = _config(tmp_path / str(len(devices)), prompts_file=str(frames_dir / "prompt.json"),
+                     image_dir=str(frames_dir))
+    generator = pipeline.Generator.from_config(config, tmp_path, devices=devices)
+    samples = prompts.samples_from_config(config)
+    batches = generator.batches(samples)
+    assert [len(b) for b in batches] == ([1] * 5 if len(devices) == 1 else [5])
+    out = pathlib.Path(config.generate.output_dir)
+    results = [r for batch in batches for r in generator.run_batch(batch, [out / s.name for s in batch])]
+    outputs[len(devices)] = out, results
+  (one_out, one), (eight_out, eight) = outputs[1], outputs[8]
+  for a, b in zip(one, eight, strict=True):
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.frames.astype(float), b.frames.astype(float), atol=1)
+  assert len({r.record["mask_fraction"] for r in one}) > 1  # five different samples, not one repeated
+  for name in ("1", "2", "3", "4", "5"):
+    for file in ("video.gif", "video.mp4", "mask.png", "mask_video.mp4", "flow.png"):
+      assert (one_out / name / file).read_bytes() == (eight_out / name / file).read_bytes(), (name, file)
 
 
 def test_predict_masks_mode_runs_stage1_only(tmp_path, shared_data):
@@ -278,3 +306,70 @@ def test_size_flag_sets_a_fixed_size_or_an_area():
   assert (sampling.target_area, sampling.height, sampling.width) == (256 * 256, 0, 0)
   with pytest.raises(ValueError, match="expected HEIGHTxWIDTH"):
     generate.set_size(sampling, "big")
+
+
+def _main_generate(workdir, output_dir, frames_dir, cache_dir, env):
+  """`python -m handi_jax.main --mode=generate` of the five test images (user masks: stage 2 only), tiny and fast."""
+  args = ["--mode=generate", f"--workdir={workdir}", f"--config.generate.output_dir={output_dir}",
+          f"--config.generate.prompts_file={frames_dir / 'prompt.json'}", f"--config.generate.image_dir={frames_dir}",
+          f"--config.generate.mask_dir={frames_dir}", f"--config.data.num_frames={FRAMES}",
+          "--config.sampling.num_inference_steps=2", "--config.sampling.target_area=4096",
+          "--config.model.unet.block_out_channels=(16,)", "--config.model.unet.norm_num_groups=8",
+          "--config.model.unet.transformer_in_heads=2", f"--config.compilation_cache_dir={cache_dir}"]
+  return subprocess.Popen([sys.executable, "-m", "handi_jax.main", *args], cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _written(folder: pathlib.Path) -> dict[str, bytes]:
+  """{relative path: bytes} of the files a generation wrote (done.json holds timings: its keys only)."""
+  return {str(p.relative_to(folder)): json.dumps(sorted(json.loads(p.read_text()))).encode()
+          if p.name == "done.json" else p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tiny_batch_config(tmp_path, output_dir, shared_data):
+  """The five test images with their masks (stage 2 only): what _main_generate runs."""
+  frames_dir = shared_data / "ek_frames"
+  return _config(tmp_path, prompts_file=str(frames_dir / "prompt.json"), image_dir=str(frames_dir),
+                 mask_dir=str(frames_dir), output_dir=str(output_dir))
+
+
+def test_processes_split_the_samples_and_together_write_what_one_writes(tmp_path, shared_data, monkeypatch, caplog):
+  """Two processes of one job, one after the other in this process (jax.process_index / process_count faked)."""
+  caplog.set_level("INFO")
+  monkeypatch.setattr(pipeline.Generator, "batch_capacity", 1)  # one compiled shape (devices: the test above)
+  generate.generate_from_config(_tiny_batch_config(tmp_path, tmp_path / "one", shared_data), tmp_path)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for index in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    folders = generate.generate_from_config(_tiny_batch_config(tmp_path, tmp_path / "two", shared_data), tmp_path)
+    assert [f.name for f in folders] == [["1", "3", "5"], ["2", "4"]][index]  # global index i -> process i % 2
+    if index == 0:  # process 0 wrote its own samples only
+      assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["1", "3", "5"]
+  assert "process 0 of 2 owns 3 of 5 samples: 1 3 5" in caplog.text
+  assert "process 1 of 2 owns 2 of 5 samples: 2 4" in caplog.text
+  assert _written(tmp_path / "two") == _written(tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_two_processes_started_by_hand_split_the_samples_and_write_what_one_writes(tmp_path, shared_data):
+  frames_dir = shared_data / "ek_frames"
+  generate.generate_from_config(_tiny_batch_config(tmp_path, tmp_path / "one", shared_data), tmp_path)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "JAX_"))}
+  import socket
+
+  with socket.socket() as free:
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  processes = [_main_generate(tmp_path / f"w{i}", tmp_path / "two", frames_dir, tmp_path / "xla_cache",
+                              dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  owned = {}
+  for i in range(2):
+    (log,) = (tmp_path / f"w{i}" / "logs").glob("generate-*.log")
+    (line,) = [line for line in log.read_text().splitlines() if f"process {i} of 2 owns" in line]
+    owned[i] = line.split(": ")[-1].split()
+  assert owned == {0: ["1", "3", "5"], 1: ["2", "4"]}  # global index i -> process i % 2, disjoint
+  assert _written(tmp_path / "two") == _written(tmp_path / "one")

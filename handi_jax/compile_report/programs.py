@@ -224,7 +224,7 @@ def sampler_program(config, mesh, height: int, width: int):
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   args = (unet_state, plan, f32(1, 1, *latent, channels), f32(1, 77, context_dim), f32(1, 77, context_dim),
           f32(1, *latent, 1), f32(1) if config.model.unet.motion_strength else None, f32(),
-          jax.eval_shape(lambda: jax.random.key(0)))
+          jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1)))
   lower = functools.partial(guided_sampling.sample_video_jit.lower, unet_graphdef,
                             num_frames=int(config.data.num_frames), init=config.sampling.init)
   return lower, common.with_shardings(args, NamedSharding(mesh, PartitionSpec()))

@@ -220,12 +220,20 @@ def _to_x0_and_eps(plan: SamplerPlan, x, output, signal, noise):
   return output, (x - signal * output) / noise
 
 
+def _step_noise(key: jax.Array, index, shape, dtype) -> jax.Array:
+  """DDIM's noise of step `index` from one key, or from each sample's key of a (B,) key array."""
+  if key.ndim == 0:
+    return jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape[1:], dtype))(key)
+
+
 def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], plan: SamplerPlan, x_init: jax.Array,
            key: jax.Array | None = None) -> jax.Array:
   """Run all `plan.num_steps` steps from `x_init` in one lax.scan.
 
   model_fn(x, t) -> model output shaped like x, with t an int32 scalar (broadcast it to the batch inside).
-  `key` is needed (and used) only by DDIM with eta > 0. Returns the final sample.
+  `key` is needed (and used) only by DDIM with eta > 0: one key for the batch, or one per sample (a (B,) key array:
+  a sample's noise then does not depend on the batch it is in). Returns the final sample.
   """
   x_init = x_init.astype(jnp.float32)
   if plan.stochastic and key is None:
@@ -244,7 +252,7 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], plan: SamplerP
         x0 = jnp.clip(x0, -plan.clip_range, plan.clip_range)
       x_next = c["prev_signal"] * x0 + c["direction"] * eps
       if plan.stochastic:
-        x_next = x_next + c["std"] * jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
+        x_next = x_next + c["std"] * _step_noise(key, index, x.shape, x.dtype)
     return (x_next, x0), None
 
   steps = (jnp.arange(plan.num_steps), plan.timesteps, plan.signal, plan.noise, plan.coefficients)

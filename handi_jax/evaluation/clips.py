@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 from etils import epath
 
-from handi_jax import fileio, pipeline, prompts
+from handi_jax import fileio, pipeline, prompts, sharding
 from handi_jax.data import schema
 from handi_jax.media import files as media_files
 
@@ -125,18 +125,18 @@ def read_checked(video: epath.Path, minimum_frames: int) -> np.ndarray:
 
 def generate_run(make_generator: Callable[[], pipeline.Generator], clips: list[Clip],
                  out_dir: epath.Path) -> epath.Path:
-  """Generate every clip not yet done in out_dir (stage 1 predicts the mask); the generator is made only when a
-  clip is left to generate."""
-  todo = [c for c in clips if not fileio.is_committed(out_dir / c.name / prompts.DONE_FILE["generate"])]
-  if todo:
-    generator = make_generator()
-    for index, clip in enumerate(clips):
-      if clip not in todo:
-        continue
-      image = clip.image
-      if image is None:  # a TFRecord clip: its context frame becomes the source image
-        image = out_dir / "sources" / f"{clip.name}.png"
-        image.parent.mkdir(parents=True, exist_ok=True)
-        media_files.write_png(image, clip.frames()[0])
-      generator.run(prompts.Sample(index, clip.name, image, clip.prompt, None), out_dir / clip.name)
+  """Generate every clip this process owns that is not yet done in out_dir (stage 1 predicts the mask; clip i
+  belongs to process i % process_count, pipeline.generate_owned); the generator is made only when a clip is left to
+  generate. Every process must call this: the caller waits for the others before reading their videos."""
+  samples = []
+  for index, clip in enumerate(clips):
+    image = clip.image
+    if image is None:  # a TFRecord clip: its context frame becomes the source image
+      image = out_dir / "sources" / f"{clip.name}.png"
+    samples.append(prompts.Sample(index, clip.name, image, clip.prompt, None))
+  for sample, clip in zip(sharding.process_share(samples), sharding.process_share(clips), strict=True):
+    if clip.image is None and not fileio.is_committed(sample.image):
+      sample.image.parent.mkdir(parents=True, exist_ok=True)
+      media_files.write_png(sample.image, clip.frames()[0])
+  pipeline.generate_owned(make_generator, samples, out_dir)
   return out_dir

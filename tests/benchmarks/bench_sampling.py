@@ -58,15 +58,15 @@ def main():
 
   settings = samplers.SamplerSettings(num_inference_steps=args.steps)
   plan = samplers.make_plan(settings, schedules.make_schedule(config.diffusion))
-  key = jax.random.key(0)
-  # The start latent sample_video draws from `key`, recomputed here so the torch loop starts from it too.
-  x_init = np.asarray(video_sampling.initial_latents(plan, jnp.asarray(context), frames, jax.random.split(key)[0],
-                                                     "noised_context"))
+  keys = jax.random.split(jax.random.key(0), 1)  # one per sample
+  # The start latent sample_video draws from `keys`, recomputed here so the torch loop starts from it too.
+  x_init = np.asarray(video_sampling.initial_latents(plan, jnp.asarray(context), frames,
+                                                     video_sampling.split_keys(keys)[0], "noised_context"))
 
   def run_jax():
     return video_sampling.sample_video_jit(graphdef, state, plan, jnp.asarray(context), jnp.asarray(text),
                                            jnp.asarray(uncond), jnp.asarray(mask), jnp.asarray(motion),
-                                           jnp.float32(args.guidance), key, num_frames=frames).block_until_ready()
+                                           jnp.float32(args.guidance), keys, num_frames=frames).block_until_ready()
 
   start = time.perf_counter()
   run_jax()
