@@ -350,6 +350,13 @@ def test_config_fields_named_in_docs_exist(doc):
       _assert_field(_config(), match[1], f"{doc}:{line}")
 
 
+def test_make_targets_in_docs_exist():
+  targets = set(re.findall(r"^([\w-]+):", _text("Makefile"), re.M))
+  for doc in (README, DATA_PREP_README):
+    named = set(re.findall(r"(?:`|^)make ([\w-]+)", _text(doc), re.M))
+    assert named <= targets, f"{doc} names make targets the Makefile lacks: {sorted(named - targets)}"
+
+
 def test_readme_lists_every_mode():
   listed = re.search(r"`--mode` is one of (.*?)\.\s", _text(README), re.S)
   assert listed, "README.md: the sentence '`--mode` is one of ...' is gone"
