@@ -84,6 +84,7 @@ def test_readme_demo_section_states_the_demo_config():
           batch="train.global_batch_size", lr="train.learning_rate")
   _agrees(README, "soft mIoU loss (weight {alpha}) on {frames} decoded mask frames a clip", "stage1.py",
           alpha="loss.alpha_miou", frames="loss.miou_frames")
+  _agrees(README, "the mask is stage 1's: after {steps} steps", "stage1.py", steps="train.num_steps")
   _agrees(README, "mean colour of an {side} x {side2} pixel block", side=("the block-mean VAE's block", vae_block),
           side2=("the block-mean VAE's block", vae_block))
   last = ("config.data.num_frames - 1", demo.data.num_frames - 1)
