@@ -65,6 +65,11 @@ def _agrees(doc: str, template: str, spec: str = "stage2.py", **fields) -> None:
           f"(--config=configs/{spec}): make the docs say what the config does")
 
 
+def _batch(config) -> tuple[str, int]:
+  """The global batch of a hardware variant: per-device batch x the devices of the batch axes."""
+  return "per_device_batch_size x data x fsdp", config.train.per_device_batch_size * config.mesh.data * config.mesh.fsdp
+
+
 def _field(config, path: str):
   for key in path.split("."):
     config = config[key]
@@ -115,15 +120,13 @@ def test_readme_variants_table_states_the_variants():
   _agrees(README, "| `h100x8` | one host, {gpus} H100: mesh (data {data}, fsdp {fsdp}, tensor {tensor}), "
           "{per_device} clips a GPU ({batch})", "stage2.py:paper,h100x8", gpus="num_devices_expected",
           data="mesh.data", fsdp="mesh.fsdp", tensor="mesh.tensor", per_device="train.per_device_batch_size",
-          batch=("per_device_batch_size x data x fsdp",
-                 h100.train.per_device_batch_size * h100.mesh.data * h100.mesh.fsdp))
+          batch=_batch(h100))
   pod = _config("stage2.py:paper,tpu_v5p_64")
   _agrees(README, "| `tpu_v5p_64` | a v5p-64 slice ({chips} chips, ... mesh (data {data}, fsdp {fsdp}), "
           "{per_device} clips a chip ({batch}: {paper_batch} does not split over {chips2})",
           "stage2.py:paper,tpu_v5p_64", chips="num_devices_expected", chips2="num_devices_expected",
           data="mesh.data", fsdp="mesh.fsdp", per_device="train.per_device_batch_size",
-          batch=("per_device_batch_size x data x fsdp",
-                 pod.train.per_device_batch_size * pod.mesh.data * pod.mesh.fsdp),
+          batch=_batch(pod),
           paper_batch=("the paper variant's train.global_batch_size", paper.train.global_batch_size))
 
 
@@ -209,12 +212,10 @@ def test_config_docstrings_and_comments_state_their_own_numbers():
   _agrees(CONFIGS, "# {frames} of the {generated} generated frames", "stage2.py:paper", frames="loss.miou_frames",
           generated=("config.data.num_frames - 1", paper.data.num_frames - 1))
   _agrees(CONFIGS, "# {batch} clips on {gpus} GPUs", "stage2.py:paper,h100x8", gpus="num_devices_expected",
-          batch=("per_device_batch_size x data x fsdp",
-                 h100.train.per_device_batch_size * h100.mesh.data * h100.mesh.fsdp))
+          batch=_batch(h100))
   _agrees(CONFIGS, "# {batch} clips: the paper's {paper_batch} does not split over {chips} chips",
           "stage2.py:paper,tpu_v5p_64", chips="num_devices_expected",
-          batch=("per_device_batch_size x data x fsdp",
-                 pod.train.per_device_batch_size * pod.mesh.data * pod.mesh.fsdp),
+          batch=_batch(pod),
           paper_batch=("the paper variant's train.global_batch_size", paper.train.global_batch_size))
   _agrees(CONFIGS, "clip: {frames} for egovlp.pth", frames="evaluate.egovlp_frames")
   _agrees(CONFIGS, "the demo's {h} x {w} latents", h=("config.data.height / 8", demo.data.height / 8),
