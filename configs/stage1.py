@@ -8,8 +8,14 @@ from configs import common
 
 
 def get_config(arg=None):
-  config = common.get_config(stage=1, arg=arg)
+  return as_stage1(common.get_config(stage=1, arg=arg))
+
+
+def as_stage1(config):
+  """Stage 1's own fields over a config of either stage (--mode=demo trains stage 1 from its stage-2 config)."""
+  config.stage = 1
   config.data.conditioning_mask = "prior"
   # The mask video is the target everywhere; the soft prior is no motion area to freeze outside of.
   config.train.freeze_background = False
+  config.train.update(config.stage1_train)
   return config

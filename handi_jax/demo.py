@@ -3,14 +3,17 @@
 It does what a user would, in order:
 1. writes the procedural demo dataset (handi_jax.data.demo_clips) through the real TFRecord writer, unless
    config.data.dir names a dataset;
-2. trains the tiny stage-2 UNet on it for config.train.num_steps steps (the `demo` variant's settings), with
-   checkpoints;
-3. generates a video from the trained checkpoint for demo clip 0's first frame and caption, conditioned on
-   that clip's motion-area mask (a user mask skips stage 1, which the demo does not train), and measures how
-   far it is from the true clip inside the mask;
-4. exports the trained pipeline to a diffusers/PyTorch directory.
-The UNet and text encoder start random and the VAE is the fixed block-mean autoencoder (8 x 8 pixel blocks), so
-the video is blurry: what it shows is the hand's motion learned from the demo clips, not realistic hands.
+2. trains the tiny stage-2 UNet on it for config.train.num_steps steps (the `demo` variant's settings), then the
+   stage-1 UNet on the same data (configs/stage1.py's fields over this config: config.stage1_train's steps and
+   batch, soft mIoU loss), each with checkpoints (stage 1's under <workdir>/stage1);
+3. generates, from the trained checkpoints at the size they were trained at, two videos for demo clip 0's first
+   frame and caption: the main one from the image and text alone (stage 1 predicts the motion-area mask from the
+   dataset's prior mask, stage 2 the video) and one conditioned on the clip's true mask (stage 2 alone); and
+   measures how far each is from the true clip inside the true mask;
+4. exports the trained stage-2 pipeline to a diffusers/PyTorch directory.
+The UNets and text encoder start random and the VAE is the fixed block-mean autoencoder (8 x 8 pixel blocks), so
+the videos are blurry: what they show is the motion area and the hand's motion learned from the demo clips, not
+realistic hands.
 """
 
 import pathlib
@@ -19,11 +22,14 @@ import time
 import numpy as np
 from PIL import Image
 
+from configs import stage1 as stage1_config
 from handi_jax import export, fileio, generate, prompts, train
-from handi_jax.data import demo_clips
+from handi_jax.data import demo_clips, input_pipeline, schema
 from handi_jax.evaluation import during_training
 from handi_jax.media import files as media_files
 from handi_jax.media import hand_masks as masks
+
+FROM_TEXT, WITH_TRUE_MASK = "image_and_text", "true_mask"  # the two generated samples' folders
 
 
 def _demo_sample(config, workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict, np.ndarray]:
@@ -39,56 +45,67 @@ def _demo_sample(config, workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.P
   return image, mask, clip, union > 0
 
 
-def distance_inside_mask(video: np.ndarray, clip_frames: np.ndarray, mask: np.ndarray) -> dict:
-  """How far a generated video (F, H, W, 3) is from the true clip inside the (H, W) mask: the mean absolute
-  difference in 0-255 levels over frames 1.., and the same for the first frame held still (what an untrained
-  model that only keeps the context would score)."""
-  truth = clip_frames[1:].astype(np.float32)
-  still = np.broadcast_to(clip_frames[:1], truth.shape).astype(np.float32)
-  inside = lambda frames: float(np.abs(frames - truth)[:, mask].mean())
-  return dict(generated=round(inside(video[1:].astype(np.float32)), 2), still_first_frame=round(inside(still), 2))
+def distance_inside_mask(video: np.ndarray, clip_frames: np.ndarray, mask: np.ndarray) -> float:
+  """How far a video (F, H, W, 3) is from the true clip inside the (H, W) mask: the mean absolute difference in
+  0-255 levels over frames 1.."""
+  difference = np.abs(video[1:].astype(np.float32) - clip_frames[1:].astype(np.float32))
+  return round(float(difference[:, mask].mean()), 2)
 
 
 def run_demo(config, workdir: str) -> dict:
   """The four phases below, each timed; prints where the outputs are. Returns the summary it writes."""
+  if config.stage != 2:
+    raise ValueError("--mode=demo takes the stage-2 config (configs/stage2.py); it trains stage 1 from it")
   workdir = pathlib.Path(workdir)
+  stage1_dir = workdir / "stage1"
   seconds = {}
   started = time.perf_counter()
   data_dir = config.data.dir or str(demo_clips.write_demo_dataset(workdir / "demo_data", config, progress=True))
   # What a user would pass as flags, set once before any job runs: the data, and generation from this run's
-  # checkpoint at the size it trained at.
+  # checkpoints, stage 1 conditioned on the prior mask it trained with.
   config = config.copy_and_resolve_references()
   config.data.dir = data_dir
-  config.generate.stage2_pretrained = str(workdir)
-  config.sampling.height, config.sampling.width = config.data.height, config.data.width
+  config.generate.stage1_pretrained, config.generate.stage2_pretrained = str(stage1_dir), str(workdir)
+  config.generate.prior_mask = str(pathlib.Path(data_dir) / input_pipeline.PRIOR_SPLIT / schema.PRIOR_MASK_PNG)
   seconds["data"] = time.perf_counter() - started
 
-  started = time.perf_counter()
-  evaluators = during_training.evaluators_from_config(config, workdir)
-  train.train_and_evaluate(config, str(workdir), evaluators)  # compiling the step is part of this phase
-  seconds["train"] = time.perf_counter() - started
+  stages = {2: (config, workdir), 1: (stage1_config.as_stage1(config.copy_and_resolve_references()), stage1_dir)}
+  for stage, (stage_config, stage_dir) in stages.items():
+    started = time.perf_counter()
+    evaluators = during_training.evaluators_from_config(stage_config, stage_dir)
+    train.train_and_evaluate(stage_config, str(stage_dir), evaluators)  # compiling the step is part of this phase
+    seconds[f"train stage {stage}"] = time.perf_counter() - started
 
   started = time.perf_counter()
   image, mask, clip, inside = _demo_sample(config, workdir)
   caption = clip["caption"]
-  sample = prompts.Sample(0, image.stem, image, caption, mask)
-  (sample_dir,) = generate.generate_samples(config, str(workdir), [sample], workdir / "generate")
-  # The mp4 as a viewer decodes it: its compression adds about 2 levels everywhere.
-  distance = distance_inside_mask(media_files.read_video(sample_dir / "video.mp4"), clip["frames"], inside)
+  # One seed for both: the true-mask video is the one stage 2 alone made before the demo trained stage 1.
+  samples = [prompts.Sample(0, FROM_TEXT, image, caption, None),
+             prompts.Sample(0, WITH_TRUE_MASK, image, caption, mask)]
+  from_text, with_true_mask = generate.generate_samples(config, str(workdir), samples, workdir / "generate")
+  # The mp4s as a viewer decodes them: their compression adds about 2 levels everywhere.
+  distance = {name: distance_inside_mask(media_files.read_video(folder / "video.mp4"), clip["frames"], inside)
+              for name, folder in ((FROM_TEXT, from_text), (WITH_TRUE_MASK, with_true_mask))}
+  distance["still_first_frame"] = distance_inside_mask(np.broadcast_to(clip["frames"][:1], clip["frames"].shape),
+                                                       clip["frames"], inside)
   seconds["generate"] = time.perf_counter() - started
 
   started = time.perf_counter()
   export_dir = export.export_from_config(config, str(workdir))
   seconds["export"] = time.perf_counter() - started
 
-  summary = dict(prompt=caption, checkpoints=str(workdir / "checkpoints"), video=str(sample_dir / "video.mp4"),
-                 gif=str(sample_dir / "video.gif"), mask=str(sample_dir / "mask.png"),
-                 flow_map=str(sample_dir / "flow.png"), pytorch_export=str(export_dir),
+  summary = dict(prompt=caption, stage1_checkpoints=str(stage1_dir / "checkpoints"),
+                 stage2_checkpoints=str(workdir / "checkpoints"), video=str(from_text / "video.mp4"),
+                 gif=str(from_text / "video.gif"), mask=str(from_text / "mask.png"),
+                 mask_video=str(from_text / "mask_video.mp4"), flow_map=str(from_text / "flow.png"),
+                 video_with_true_mask=str(with_true_mask / "video.mp4"), pytorch_export=str(export_dir),
                  distance_to_true_clip_inside_mask=distance, seconds={k: round(v, 1) for k, v in seconds.items()})
   fileio.write_json(workdir / "demo_summary.json", summary)
   times = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
   paths = "\n".join(f"  {k}: {v}" for k, v in summary.items() if isinstance(v, str))
-  print(f"demo finished ({times}):\n{paths}\n  inside the mask, the video differs from the true clip by "
-        f"{distance['generated']} levels of 255 on average (the first frame held still: "
-        f"{distance['still_first_frame']})")
+  print(f"demo finished ({times}):\n{paths}\n  inside the clip's true motion area, the videos differ from the true "
+        f"clip by, in levels of 255 on average:\n"
+        f"    {distance[FROM_TEXT]}  from the image and text alone (stage 1's mask, then stage 2): video\n"
+        f"    {distance[WITH_TRUE_MASK]}  with the clip's true mask (stage 2 alone): video_with_true_mask\n"
+        f"    {distance['still_first_frame']}  the first frame held still")
   return summary

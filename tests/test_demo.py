@@ -18,25 +18,33 @@ def test_distance_inside_mask_by_hand():
   clip = np.zeros((3, 2, 2, 3), np.uint8)
   clip[1:, 0, 0] = 100                      # the true clip moves at pixel (0, 0) only
   video = clip.copy()
-  video[1, 0, 0] = 90                       # off by 10 levels in frame 1, exact in frame 2
+  video[1, 0, 0] = 90                       # off by 10 levels in frame 1, exact in frame 2; frame 0 not counted
   video[:, 1, 1] = 255                      # outside the mask: not counted
   mask = np.array([[True, False], [False, False]])
-  distance = demo.distance_inside_mask(video, clip, mask)
-  assert distance == dict(generated=5.0, still_first_frame=100.0)
+  assert demo.distance_inside_mask(video, clip, mask) == 5.0
 
 
 @pytest.mark.slow
-def test_demo_trains_generates_and_exports(tmp_path):
+def test_demo_trains_both_stages_generates_from_the_image_and_text_and_exports(tmp_path, capsys):
   config = tiny_train_config(stage=2, steps=1)
+  config.stage1_train.num_steps = 1
   config.data.num_frames = 4
   config.sampling.num_inference_steps = 2
   demo.run_demo(config, str(tmp_path))
   summary = json.loads((tmp_path / "demo_summary.json").read_text())
   frames = iio.imread(summary["gif"], index=None)
-  assert frames.shape[1:3] == (32, 32)
+  assert frames.shape[1:3] == (32, 32)   # the size both stages trained at: no size was asked for
+  assert json.loads((tmp_path / "generate" / demo.FROM_TEXT / "done.json").read_text())["mask_source"] == "stage 1"
+  assert (tmp_path / "generate" / demo.FROM_TEXT / "mask_video.mp4").is_file()
+  assert (tmp_path / "generate" / demo.WITH_TRUE_MASK / "video.mp4").is_file()
   assert (tmp_path / "export" / "unet" / "config.json").is_file()
-  assert (tmp_path / "checkpoints" / "1").is_dir()
-  assert set(summary["distance_to_true_clip_inside_mask"]) == {"generated", "still_first_frame"}
+  assert (tmp_path / "checkpoints" / "1").is_dir() and (tmp_path / "stage1" / "checkpoints" / "1").is_dir()
+  distance = summary["distance_to_true_clip_inside_mask"]
+  assert set(distance) == {demo.FROM_TEXT, demo.WITH_TRUE_MASK, "still_first_frame"}
+  console = capsys.readouterr().out
+  assert "stage 2: trained to step 1" in console and "stage 1: trained to step 1" in console
+  assert f"{distance[demo.FROM_TEXT]}  from the image and text alone" in console
+  assert f"{distance[demo.WITH_TRUE_MASK]}  with the clip's true mask" in console
 
 
 @pytest.mark.slow
@@ -47,4 +55,4 @@ def test_the_demo_learns_the_motion_of_its_clips(tmp_path):
   subprocess.run([sys.executable, "-m", "handi_jax.main", "--config=configs/stage2.py", f"--workdir={tmp_path}",
                   "--mode=demo"], cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=900)
   distance = json.loads((tmp_path / "demo_summary.json").read_text())["distance_to_true_clip_inside_mask"]
-  assert distance["generated"] < distance["still_first_frame"], distance
+  assert distance[demo.WITH_TRUE_MASK] < distance["still_first_frame"], distance
