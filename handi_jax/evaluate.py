@@ -15,6 +15,12 @@ Runs: `runs` = "name=folder,..." of already generated videos, `<folder>/<stem>/v
 writes) or `<folder>/<stem>.mp4|.gif`; empty = generate every clip now with pipeline.Generator (the models of
 config.model / config.generate, e.g. a trained stage-2 workdir) into `<output_dir>/generated/`, run "generated".
 
+Devices and processes: every process of a job runs the same command. Clip i belongs to process
+i % process_count: that process generates it (config.generate.batch_size clips per local device at once) and scores
+it (features batched over its devices, MediaPipe over config.evaluate.hand_workers worker processes); the per-clip
+results are gathered, and process 0 writes the outputs, the same as one process writes. output_dir must be one
+place every process reads (a shared disk or a bucket): the processes wait for each other's generated videos.
+
 Alignment: a generated video has F frames, frame 0 the context image. The ground truth is sampled evenly to
 F frames (data_prep's rule) and resized to the generated frame size (area interpolation; masks nearest).
 Every metric uses frames 1..F-1, the L generated frames.
@@ -57,7 +63,9 @@ outlined), config.json. The console gets where they are and each run's headline 
 
 import json
 
-from handi_jax import command_line, fileio, pipeline
+import jax
+
+from handi_jax import command_line, fileio, pipeline, sharding
 from handi_jax.evaluation import clips as clips_lib
 from handi_jax.evaluation import report, scoring
 
@@ -67,11 +75,15 @@ def evaluate(config, workdir) -> dict:
   e = config.evaluate
   out_dir = fileio.as_path(e.output_dir or fileio.as_path(workdir) / "evaluate")
   clips = clips_lib.load_clips(config)
-  runs = clips_lib.parse_runs(e.runs) or {"generated": clips_lib.generate_run(
-      lambda: pipeline.Generator.from_config(config, workdir), clips, out_dir / "generated")}
+  runs = clips_lib.parse_runs(e.runs)
+  if not runs:
+    runs = {"generated": clips_lib.generate_run(lambda: pipeline.Generator.from_config(config, workdir), clips,
+                                                out_dir / "generated")}
+    sharding.wait_for_processes("evaluate: generated")  # scoring reads every process's videos
   summary = scoring.evaluate_runs(config, clips, runs, out_dir)
-  fileio.write_json(out_dir / "config.json", json.loads(config.to_json_best_effort()), indent=1)
-  print(report.closing_summary(summary, out_dir))
+  if jax.process_index() == 0:
+    fileio.write_json(out_dir / "config.json", json.loads(config.to_json_best_effort()), indent=1)
+    print(report.closing_summary(summary, out_dir))
   return summary
 
 

@@ -13,11 +13,12 @@ import pathlib
 import types
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
 from configs import common
-from handi_jax import evaluate, tokenizers
+from handi_jax import evaluate, sharding, tokenizers
 from handi_jax.convert import clip as convert_clip
 from handi_jax.evaluation import clips as clips_lib
 from handi_jax.evaluation import extractors, metrics, report, scoring
@@ -533,3 +534,108 @@ def test_every_extractor_configured_fills_the_papers_eight_columns(shared_data, 
   assert printed.getvalue().rstrip().splitlines()[-1].startswith("† Too few frames / clips")
   assert {"eval/all/full/fid", "eval/all/full/fvd", "eval/all/full/fid_frames", "eval/all/full/blip"} <= \
       scoring.training_scalars(summary["same"]).keys()
+
+
+def _assert_same_summary(ours, reference, where="summary"):
+  """Equal, numbers to float tolerance (features batched differently over devices)."""
+  if isinstance(reference, dict):
+    assert ours.keys() == reference.keys(), where
+    for key in reference:
+      _assert_same_summary(ours[key], reference[key], f"{where}.{key}")
+  elif isinstance(reference, float) and not isinstance(ours, str):
+    assert ours == pytest.approx(reference, rel=1e-5, abs=1e-6, nan_ok=True), where
+  else:
+    assert ours == reference, where
+
+
+def test_summary_on_eight_devices_and_two_processes_equals_one_device_and_one_process(evaluation, clip_pair, tmp_path,
+                                                                                       monkeypatch, shared_data):
+  """The evaluation fixture's runs (a skipped clip in "broken", an off-size one in "odd") scored with CLIP and
+  HS-Err: on one device in one process, then on the 8 devices by two processes (faked one after the other; the
+  gather hands each both shares), process 1's MediaPipe first in a pool of two worker processes."""
+  config = common.get_config(2)
+  config.evaluate.update(prompts_file=str(evaluation.root / "prompt.json"), image_dir=str(shared_data / "clips"),
+                         gt_dir=str(shared_data / "clips"), clip=clip_pair[3], batch_size=8,
+                         runs=",".join(f"{run}={evaluation.root / run}" for run in RUNS))
+  clips = clips_lib.load_clips(config)
+  runs = clips_lib.parse_runs(config.evaluate.runs)
+  with monkeypatch.context() as one_device:
+    one_device.setattr(jax, "local_devices", lambda: jax.devices()[:1])
+    single = scoring.evaluate_runs(config, clips, runs, tmp_path / "single")
+  ex = scoring.extractors_from_config(config)  # a process loads its models once, for its own devices
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  shares, summaries = {}, {}
+
+  def gather(share):  # what every process receives: the shares of processes 0 and 1
+    shares[jax.process_index()] = share
+    return [shares[0], shares[1]]
+
+  monkeypatch.setattr(sharding, "gather_from_processes", gather)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  config.evaluate.hand_workers = 2
+  pool_detector = scoring.hand_detector
+
+  def pool_only(*args):  # every detection of the share must come from the pool: none left for this process
+    detector = pool_detector(*args)
+    detector.detector = None
+    return detector
+
+  monkeypatch.setattr(scoring, "hand_detector", pool_only)
+  shares[1] = scoring.score_share(config, clips, runs, ex)
+  monkeypatch.setattr(scoring, "hand_detector", pool_detector)
+  assert {run: sorted(share[0]) for run, share in shares[1].items()} == {
+      "same": ["36"], "shifted": ["36"], "broken": [], "odd": ["36"]}  # clip i: process i % 2
+  config.evaluate.hand_workers = 0
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  summaries[0] = scoring.evaluate_runs(config, clips, runs, tmp_path / "split", ex)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  summaries[1] = scoring.evaluate_runs(config, clips, runs, tmp_path / "split_1", ex)
+  assert not (tmp_path / "split_1").exists()  # process 0 alone writes
+  _assert_same_summary(summaries[1], single)
+  _assert_same_summary(summaries[0], single)
+  assert single["odd"]["all"]["full"]["skipped"] == 1 and single["broken"]["all"]["full"]["clips"] == 0
+  _assert_same_summary(json.loads((tmp_path / "split" / "summary.json").read_text(encoding="utf-8")),
+                       json.loads((tmp_path / "single" / "summary.json").read_text(encoding="utf-8")))
+  split_rows = list(csv.DictReader((tmp_path / "split" / "metrics.csv").open(encoding="utf-8")))
+  single_rows = list(csv.DictReader((tmp_path / "single" / "metrics.csv").open(encoding="utf-8")))
+  assert [(r["run"], r["clip"], r["scope"], r["skipped"], r["hs_err"]) for r in split_rows] == [
+      (r["run"], r["clip"], r["scope"], r["skipped"], r["hs_err"]) for r in single_rows]
+  for name in ("contact_same.png", "contact_odd.png"):
+    assert (tmp_path / "split" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_started_by_hand_write_the_summary_one_process_writes(evaluation, clip_pair, tmp_path,
+                                                                            shared_data):
+  """`python -m handi_jax.main --mode=evaluate` in two processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID; one CPU device each): process 0's summary.json equals one process's, the gather is the real one."""
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO_ROOT
+
+  fields = dict(prompts_file=evaluation.root / "prompt.json", image_dir=shared_data / "clips",
+                gt_dir=shared_data / "clips", clip=clip_pair[3], batch_size=8,
+                runs=",".join(f"{run}={evaluation.root / run}" for run in RUNS))
+  config = common.get_config(2)
+  config.evaluate.update({key: value if isinstance(value, int) else str(value) for key, value in fields.items()})
+  scoring.evaluate_runs(config, clips_lib.load_clips(config), clips_lib.parse_runs(config.evaluate.runs),
+                        tmp_path / "single")
+  with socket.socket() as free:
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "JAX_"))}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  args = [f"--config.evaluate.{key}={value}" for key, value in fields.items()]
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "handi_jax.main", "--mode=evaluate", f"--workdir={tmp_path / f'w{i}'}",
+       f"--config.evaluate.output_dir={tmp_path / 'two'}", *args], cwd=REPO_ROOT, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  _assert_same_summary(json.loads((tmp_path / "two" / "summary.json").read_text(encoding="utf-8")),
+                       json.loads((tmp_path / "single" / "summary.json").read_text(encoding="utf-8")))

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from handi_jax import tokenizers
+from handi_jax import fileio, sharding, tokenizers
 from handi_jax.convert import clip as convert_clip
 from handi_jax.convert import i3d as convert_i3d
 from handi_jax.convert import inception as convert_inception
@@ -66,17 +66,22 @@ def _clip_text_embeds(model: CLIPModel, input_ids: jax.Array) -> jax.Array:
 
 def weights_identity(path: str | os.PathLike) -> dict[str, str]:
   """{"weights": the file's path, "weights_sha256": its SHA-256}: which weights gave a number."""
-  with open(path, "rb") as file:
+  with fileio.local_copy(path) as local, open(local, "rb") as file:
     return dict(weights=str(path), weights_sha256=hashlib.file_digest(file, "sha256").hexdigest())
 
 
 def batched(function, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """function over `inputs` in batches of exactly batch_size (the last one padded): one compiled shape."""
+  """function over `inputs` in batches of exactly batch_size rounded up to a multiple of this process's devices (the
+  last one padded): one compiled shape, each batch split over the devices, the model replicated. Every row's output
+  depends on that row alone."""
+  devices = jax.local_devices()
+  batch_size = -(-batch_size // len(devices)) * len(devices)
+  split = sharding.batch_sharding(sharding.batch_mesh(devices), inputs.ndim)
   outputs = []
   for start in range(0, len(inputs), batch_size):
     chunk = inputs[start:start + batch_size]
     padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-    outputs.append(np.asarray(function(jnp.asarray(padded)))[:len(chunk)])
+    outputs.append(np.asarray(function(jax.device_put(padded, split)))[:len(chunk)])
   return np.concatenate(outputs)
 
 

@@ -1,15 +1,24 @@
 """Scoring generated videos against the ground truth: per clip and scope (full frame, motion area), then over the
 clips of each run (means, FID, FVD; all clips and the motion-intensive subset), written as metrics.csv,
-summary.json, report.md, plots and contact sheets. handi_jax/evaluate.py's docstring gives the protocol."""
+summary.json, report.md, plots and contact sheets. handi_jax/evaluate.py's docstring gives the protocol.
+
+Across processes and devices: each process scores the clips it owns (clip i: process i % process_count,
+sharding.process_share), its features batched over its own devices (extractors.batched) and its MediaPipe detection
+spread over config.evaluate.hand_workers processes; the per-clip results of all processes are gathered, and every
+process aggregates them in clip order (the same summary whatever the split); process 0 alone writes the outputs."""
 
 import collections
 import dataclasses
+import hashlib
+import multiprocessing
 import pathlib
 
 import cv2
+import jax
 import numpy as np
 from absl import logging
 
+from handi_jax import sharding
 from handi_jax.evaluation import blip, egovlp, metrics, report
 from handi_jax.evaluation import clips as clips_lib
 from handi_jax.evaluation import extractors as extractors_lib
@@ -265,36 +274,130 @@ def off_size_videos(sizes: dict[str, tuple[tuple[int, int], float]]) -> dict[str
           and abs(width / height / gt_aspect - 1) > ASPECT_TOLERANCE}
 
 
-def evaluate_run(run: str, folder: pathlib.Path, clips: list[clips_lib.Clip], detector, ex, truth, config):
-  """(results {clip: evaluate_clip's}, skipped {clip: reason}) of one run's videos; a video that cannot be scored
-  (clips_lib.UnusableVideo, off_size_videos) skips its clip, with a warning, and the other clips go on."""
-  results, skipped, videos, sizes = {}, {}, {}, {}
+def _skip(run: str, skipped: dict[str, str], name: str, video, reason) -> None:
+  skipped[name] = f"{video}: {reason}"
+  logging.warning("run %s, clip %s skipped: %s", run, name, skipped[name])
+
+
+def evaluate_run(run: str, folder: pathlib.Path, clips: list[clips_lib.Clip], detector, ex, truth, config,
+                 keep_frames: set[str]):
+  """(results {clip: evaluate_clip's}, skipped {clip: reason}, scored {clip: (video, (width, height), ground truth's
+  aspect ratio)}) of one run's videos of `clips`; a video that cannot be scored (clips_lib.UnusableVideo) skips its
+  clip, with a warning, and the other clips go on. Only the clips in `keep_frames` keep their frames (for the
+  contact sheets): of the others only features and numbers stay in memory."""
+  results, skipped, scored = {}, {}, {}
   fewest = minimum_frames(ex)
-
-  def skip(name: str, video: pathlib.Path, reason: str | Exception) -> None:
-    skipped[name] = f"{video}: {reason}"
-    logging.warning("run %s, clip %s skipped: %s", run, name, skipped[name])
-
-  for index, clip in enumerate(clips):
+  for clip in clips:
     video = folder
     try:
       video = clips_lib.find_generated(folder, clip.name)
       generated = clips_lib.read_checked(video, fewest)
       results[clip.name] = evaluate_clip(clip, generated, detector, ex, truth, config)
     except clips_lib.UnusableVideo as e:
-      skip(clip.name, video, e)
+      _skip(run, skipped, clip.name, video, e)
       continue
-    videos[clip.name] = video
-    sizes[clip.name] = (generated.shape[2], generated.shape[1]), results[clip.name]["gt_aspect"]
+    scored[clip.name] = video, (generated.shape[2], generated.shape[1]), results[clip.name]["gt_aspect"]
     logging.info("run %s, clip %s: %s", run, clip.name, results[clip.name]["full"].values)
-    if index >= int(config.evaluate.contact_sheet_clips):  # only features and numbers stay in memory
+    if clip.name not in keep_frames:
       for scoped in filter(None, (results[clip.name]["full"], results[clip.name]["ma"])):
         scoped.gen = scoped.gt = None
       results[clip.name]["mask"] = None
-  for name, reason in off_size_videos(sizes).items():
-    skip(name, videos[name], reason)
-    del results[name]
-  return results, {c.name: skipped[c.name] for c in clips if c.name in skipped}
+  return results, skipped, scored
+
+
+# ---------------------------------------------------------------------------------------------------
+# MediaPipe in a worker pool: workers run evaluate_clip without extractors, recording the hands they find per frame
+# stack; the scoring process then replays them (the same frames give the same key) instead of detecting again.
+
+
+def _frames_key(frames: np.ndarray) -> tuple:
+  return frames.shape, hashlib.sha1(np.ascontiguousarray(frames).tobytes()).hexdigest()
+
+
+class _RecordingDetector:
+  def __init__(self, detector):
+    self.detector, self.found = detector, {}
+
+  def detect_clip(self, frames: np.ndarray, fps: float):
+    self.found[_frames_key(frames)] = hands = self.detector.detect_clip(frames, fps)
+    return hands
+
+
+class _ReplayingDetector:
+  """Hands the pool found, by frames; frames it did not see are detected here."""
+
+  def __init__(self, detector, found: dict):
+    self.detector, self.found = detector, found
+
+  def detect_clip(self, frames: np.ndarray, fps: float):
+    key = _frames_key(frames)
+    return self.found[key] if key in self.found else self.detector.detect_clip(frames, fps)
+
+
+_worker_detector = None
+
+
+def _start_hand_worker(settings: hand_detection.DetectorSettings) -> None:
+  global _worker_detector
+  _worker_detector = hand_detection.HandDetector(settings)
+
+
+def _hands_of_clip(task) -> dict:
+  """A worker's task: the hands in every frame stack evaluate_clip detects on for one clip in every run."""
+  clip, runs, fewest, config = task
+  recorder = _RecordingDetector(_worker_detector)
+  truth = GroundTruthFeatures(recorder, extractors_lib.Extractors())
+  for folder in runs:
+    try:
+      generated = clips_lib.read_checked(clips_lib.find_generated(folder, clip.name), fewest)
+      evaluate_clip(clip, generated, recorder, extractors_lib.Extractors(), truth, config)
+    except clips_lib.UnusableVideo:
+      continue  # the scoring process reports it
+  return recorder.found
+
+
+def hand_detector(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.Path], fewest: int):
+  """The detector scoring uses: with config.evaluate.hand_workers > 1, the hands of `clips` found ahead by that many
+  worker processes (spawned: MediaPipe and JAX are not fork-safe), else MediaPipe in this process."""
+  settings = hand_detection.DetectorSettings.from_config(config.data.build)
+  detector = hand_detection.HandDetector(settings)
+  workers = int(config.evaluate.hand_workers)
+  if workers <= 1 or not clips:
+    return detector
+  found = {}
+  tasks = [(clip, list(runs.values()), fewest, config) for clip in clips]
+  with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), _start_hand_worker, (settings,)) as pool:
+    for hands in pool.imap_unordered(_hands_of_clip, tasks):
+      found.update(hands)
+  return _ReplayingDetector(detector, found)
+
+
+def score_share(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.Path],
+                ex: extractors_lib.Extractors) -> dict:
+  """This process's share of the scoring: {run: evaluate_run's} over the clips it owns (sharding.process_share)."""
+  owned = sharding.process_share(clips)
+  detector = hand_detector(config, owned, runs, minimum_frames(ex))
+  truth = GroundTruthFeatures(detector, ex)
+  keep_frames = {c.name for c in clips[:int(config.evaluate.contact_sheet_clips)]}
+  return {run: evaluate_run(run, folder, owned, detector, ex, truth, config, keep_frames)
+          for run, folder in runs.items()}
+
+
+def merge_shares(clips: list[clips_lib.Clip], shares: list[dict]) -> dict:
+  """The score_share of every process -> {run: (results, skipped)} over all clips, skipped in clip order; a video
+  that is neither its run's most common size nor its ground truth's shape (off_size_videos) is skipped here."""
+  merged = {}
+  for run in shares[0]:
+    results, skipped, scored = {}, {}, {}
+    for share in shares:
+      for whole, part in zip((results, skipped, scored), share[run], strict=True):
+        whole.update(part)
+    off_size = off_size_videos({name: (size, aspect) for name, (_, size, aspect) in scored.items()})
+    for name, reason in off_size.items():
+      _skip(run, skipped, name, scored[name][0], reason)
+      del results[name]
+    merged[run] = results, {c.name: skipped[c.name] for c in clips if c.name in skipped}
+  return merged
 
 
 def per_clip_rows(run: str, clips: list[clips_lib.Clip], results: dict, skipped: dict[str, str],
@@ -314,13 +417,11 @@ def per_clip_rows(run: str, clips: list[clips_lib.Clip], results: dict, skipped:
 
 def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.Path], out_dir: pathlib.Path,
                   ex: extractors_lib.Extractors | None = None) -> dict:
-  """Metrics of every run over `clips`; writes every output into out_dir and returns summary.json's "runs"
-  {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value, "clips": scored, "skipped": count, FID / FVD
-  counts}}}} (its "protocol" is frechet_protocol's)."""
+  """Metrics of every run over `clips`; writes every output into out_dir (process 0) and returns summary.json's
+  "runs" {run: {"all" | "motion_intensive": {"full" | "ma": {metric: value, "clips": scored, "skipped": count, FID /
+  FVD counts}}}} (its "protocol" is frechet_protocol's). Every process calls it (see the module docstring)."""
   ex = ex if ex is not None else extractors_from_config(config)
-  detector = hand_detection.HandDetector(hand_detection.DetectorSettings.from_config(config.data.build))
-  truth = GroundTruthFeatures(detector, ex)
-  scored = {run: evaluate_run(run, folder, clips, detector, ex, truth, config) for run, folder in runs.items()}
+  scored = merge_shares(clips, sharding.gather_from_processes(score_share(config, clips, runs, ex)))
   areas = {}
   for results, _ in scored.values():  # the ground truth's mask area, from the first run that scored the clip
     for name, result in results.items():
@@ -333,10 +434,17 @@ def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.P
     summary[run] = {"all": aggregate(results, names, ex),
                     "motion_intensive": aggregate(results, [n for n in names if n in subset], ex)}
     rows += per_clip_rows(run, clips, results, skipped, subset)
+  if jax.process_index() == 0:
+    write_outputs(config, clips, scored, summary, rows, frechet_protocol(ex), out_dir)
+  return summary
+
+
+def write_outputs(config, clips, scored: dict, summary: dict, rows: list[dict], protocol: dict,
+                  out_dir: pathlib.Path) -> None:
+  """metrics.csv, summary.json, report.md, the plots and the contact sheets."""
   out_dir.mkdir(parents=True, exist_ok=True)
   report.write_csv(out_dir / "metrics.csv", rows)
-  report.write_summary(out_dir, summary, {run: skipped for run, (_, skipped) in scored.items()},
-                       frechet_protocol(ex))
+  report.write_summary(out_dir, summary, {run: skipped for run, (_, skipped) in scored.items()}, protocol)
   report.plot_metric_bars(summary, out_dir / "metrics.png")
   report.plot_hs_err_distribution(rows, out_dir / "hs_err.png")
   for run, (results, _) in scored.items():
@@ -344,7 +452,6 @@ def evaluate_runs(config, clips: list[clips_lib.Clip], runs: dict[str, pathlib.P
              for c in clips[:int(config.evaluate.contact_sheet_clips)] if c.name in results]
     if sheet:
       report.write_contact_sheet(out_dir / f"contact_{run}.png", sheet)
-  return summary
 
 
 def training_scalars(run_summary: dict) -> dict[str, float]:
