@@ -11,7 +11,8 @@ that folder holds exactly the files generate writes (video.mp4, video.gif, mask.
 when stage 1 ran, mask_video.mp4); the page offers it as a zip. The page's seed is config.seed, so the same
 inputs and seed give the same files as --mode=generate. The models load once (random ones again for a new seed,
 which initialises them there too); each size compiles on its first request and is reused; requests queue and
-run one at a time.
+run one at a time. A request is one sample, a batch of one: it runs on the first device (on a host with several,
+--mode=generate is the way to use them all: it splits its batches over every device).
 
 Motion area: "predicted by stage 1" (no user mask: stage 1 and the clean-up run), "drawn on the image" (the
 brush layers of the image editor), "uploaded PNG" (same size as the image; non-zero = motion), or "prior"
