@@ -18,8 +18,6 @@ import os
 import pathlib
 import re
 
-from etils import epath
-
 from handi_jax import fileio
 
 FORMATS = ("auto", "json", "epic100", "ego4d")
@@ -46,7 +44,7 @@ def _is_number(value) -> bool:
   return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _read_text(path: epath.Path) -> str:
+def _read_text(path: fileio.Path) -> str:
   data = path.read_bytes()
   try:
     return data.decode("utf-8-sig")
@@ -64,7 +62,7 @@ def _json_whole(text: str):
     return None
 
 
-def detect_format(path: epath.Path, text: str) -> str:
+def detect_format(path: fileio.Path, text: str) -> str:
   """epic100 for a .csv file or one whose first line names EPIC's columns, ego4d for a JSON object with
   "videos", else json."""
   if path.suffix.lower() == ".csv" or text.lstrip().startswith("narration_id"):
@@ -73,7 +71,7 @@ def detect_format(path: epath.Path, text: str) -> str:
   return "ego4d" if isinstance(whole, dict) and "videos" in whole else "json"
 
 
-def _json_entries(path: epath.Path, text: str) -> list[tuple[str, object, str]]:
+def _json_entries(path: fileio.Path, text: str) -> list[tuple[str, object, str]]:
   """(where, entry, problem) per entry of a JSON list or JSON lines, where = "line 3" (JSON lines) or "index 2"
   (0-based, in a JSON list); a line that is not JSON has a problem instead of an entry."""
   try:
@@ -137,9 +135,9 @@ class VideoFinder:
   once, so that 10^5 segments of a few hundred videos cost a few hundred listings."""
 
   def __init__(self):
-    self._listings: dict[epath.Path, dict[str, str]] = {}
+    self._listings: dict[fileio.Path, dict[str, str]] = {}
 
-  def _listing(self, folder: epath.Path) -> dict[str, str]:
+  def _listing(self, folder: fileio.Path) -> dict[str, str]:
     if folder not in self._listings:
       names = sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
       self._listings[folder] = {}
@@ -149,7 +147,7 @@ class VideoFinder:
           self._listings[folder].setdefault(stem, name)
     return self._listings[folder]
 
-  def find(self, name: str, folders: tuple[epath.Path, ...], usual_suffix: str) -> str:
+  def find(self, name: str, folders: tuple[fileio.Path, ...], usual_suffix: str) -> str:
     """The first folder's match; where none has one, the path it was expected at (rejected as missing_file)."""
     for folder in folders:
       if name in (listing := self._listing(folder)):
@@ -164,13 +162,13 @@ def _segment_job(clip_id: str, video: str, caption: str, start: float, end: floa
   return ClipJob(clip_id=clip_id, video=video, caption=caption, segment=Segment(start, end))
 
 
-def _bad_entry(path: epath.Path, where: str, video: str, problem: str):
+def _bad_entry(path: fileio.Path, where: str, video: str, problem: str):
   from data_prep.clips import ClipJob
 
   return ClipJob(clip_id=f"{path.name} {where}", video=video, caption="", problem=f"{where} of {path} {problem}")
 
 
-def _json_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
+def _json_jobs(path: fileio.Path, text: str, root: fileio.Path) -> list:
   """Clip ids are the video paths without extension."""
   from data_prep.clips import ClipJob
 
@@ -190,7 +188,7 @@ def _json_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
   return jobs
 
 
-def _epic100_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
+def _epic100_jobs(path: fileio.Path, text: str, root: fileio.Path) -> list:
   """Clip id = narration_id; the video is <root>/<participant_id>/videos/<video_id>.MP4 (the published layout)
   or <root>/<video_id>.<ext>."""
   rows = csv.DictReader(io.StringIO(text, newline=""))
@@ -216,7 +214,7 @@ def _epic100_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
   return jobs
 
 
-def _ego4d_jobs(path: epath.Path, text: str, root: epath.Path) -> list:
+def _ego4d_jobs(path: fileio.Path, text: str, root: fileio.Path) -> list:
   """Clip id = <video_uid>_<n> (n counts the video's segments from 0); the video is <root>/<video_uid>.<ext>."""
   whole = _json_whole(text)
   videos = whole.get("videos") if isinstance(whole, dict) else None

@@ -110,7 +110,7 @@ def job_key(job: ClipJob) -> str:
   """What identifies a job's input for the restart fingerprint: id, caption, file name and size (and the segment,
   or the problem of a bad caption entry)."""
   path = fileio.as_path(job.video)
-  stat = f"{path.stat().length}" if job.video and path.is_file() else "missing"
+  stat = f"{fileio.size(path)}" if job.video and path.is_file() else "missing"
   key = f"{job.clip_id}\t{job.caption}\t{path.name}\t{stat}"
   if job.segment is not None:
     key += f"\t{job.segment.start!r}\t{job.segment.end!r}"

@@ -21,6 +21,7 @@ dispatches to them) without their flags colliding. Commands that keep argparse (
 console and the error line through setup_logging and exit_on_user_errors.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import difflib
@@ -29,6 +30,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -36,6 +38,7 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 import configs
+from handi_jax import fileio
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "stage2.py")
 # Bad input rather than a bug: a missing file, a wrong value or shape, a checkpoint that does not fit its model
@@ -246,7 +249,8 @@ class _ConsoleFormatter(std_logging.Formatter):
 def setup_logging(workdir: str, name: str | None) -> pathlib.Path | None:
   """The console (absl's handler) keeps the progress bars and what _ConsoleFilter passes, as _ConsoleFormatter
   writes it; everything (INFO and up, library logs and Python warnings) goes to <workdir>/logs/<name>-<time>.log,
-  returned (no file when name is None)."""
+  returned (no file when name is None). A remote workdir (gs://...) gets the log at exit: it is written to a
+  local temporary file meanwhile, since a log is appended to line by line."""
   if not flags.FLAGS.is_parsed():  # an argparse command: absl's own flags (where logs go) keep their defaults
     flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
@@ -261,16 +265,25 @@ def setup_logging(workdir: str, name: str | None) -> pathlib.Path | None:
   std_logging.captureWarnings(True)
   if name is None:
     return None
-  log_dir = pathlib.Path(workdir) / "logs"
+  remote = not fileio.is_local(workdir)
+  log_dir = pathlib.Path(tempfile.mkdtemp(prefix="handi_jax-log-")) if remote else pathlib.Path(workdir) / "logs"
   log_dir.mkdir(parents=True, exist_ok=True)
   path = log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
   file_handler = std_logging.FileHandler(path)
+  if remote:
+    atexit.register(_upload_log, file_handler, path, fileio.as_path(workdir) / "logs" / path.name)
   file_handler.setFormatter(logging.PythonFormatter())
   root = std_logging.getLogger()
   root.addHandler(file_handler)
   root.setLevel(std_logging.INFO)
   logging.set_verbosity(logging.INFO)
   return path
+
+
+def _upload_log(handler: std_logging.FileHandler, local: pathlib.Path, remote) -> None:
+  handler.flush()
+  fileio.write_bytes(remote, local.read_bytes())
+  print(f"log uploaded to {remote}", file=sys.stderr)
 
 
 def enable_compilation_cache(config) -> None:

@@ -17,7 +17,6 @@ import os
 import pathlib
 
 from absl import logging
-from etils import epath
 
 from handi_jax import fileio, tokenizers
 from handi_jax.components import frozen
@@ -38,7 +37,7 @@ def scheduler_config(config) -> dict:
           "steps_offset": sampling.steps_offset}
 
 
-def export_from_config(config, workdir: str | os.PathLike) -> epath.Path:
+def export_from_config(config, workdir: str | os.PathLike) -> fileio.Path:
   """Write `workdir/export/` (see the module docstring; local or remote, handi_jax.fileio) and print what it holds."""
   workdir = fileio.as_path(workdir)
   pretrained = fileio.as_path(hub.pretrained_pipeline(config)) if config.model.pretrained else None

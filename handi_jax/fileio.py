@@ -1,9 +1,10 @@
 """Paths on any filesystem, and atomic writes: readers never accept half an output.
 
 Paths: every path a user gives (a local path, `gs://...`, or any scheme `tf.io.gfile` serves, e.g. `ram://` or
-`hdfs://`) goes through `as_path`, an `etils.epath.Path`: local paths use the OS, `gs://` / `s3://` / `az://`
-use epath's TensorFlow (tf.io.gfile) backend, as do the schemes only tf.io.gfile knows, which `as_path`
-registers with epath on first use. Code that needs a local file name (video decoders, MediaPipe, safetensors'
+`hdfs://`) goes through `as_path`: a local path stays a pathlib.Path (local behaviour is exactly as before); a
+remote one is an `etils.epath.Path` (the same pathlib-like API), which reaches `gs://` / `s3://` / `az://`
+through epath's TensorFlow (tf.io.gfile) backend, as it does the schemes only tf.io.gfile knows, which
+`as_path` registers with epath on first use. Code that needs a local file name (video decoders, MediaPipe, safetensors'
 reader) reads a remote file through `local_copy`.
 
 Commit rule, the same for every output (checkpoint exports, videos, shards, done markers, reports):
@@ -34,6 +35,7 @@ from etils.epath import gpath as epath_gpath
 from etils.epath import register as epath_register
 
 PathLike = str | os.PathLike
+Path = pathlib.Path | epath.Path  # what as_path returns: local | remote
 
 
 def is_local(path: PathLike) -> bool:
@@ -41,11 +43,18 @@ def is_local(path: PathLike) -> bool:
   return "://" not in os.fspath(path)
 
 
-def as_path(path: PathLike) -> epath.Path:
-  """`path` as an epath.Path; a scheme only tf.io.gfile serves is registered with epath first."""
-  if not is_local(path):
-    _serve_with_gfile(os.fspath(path).split("://", 1)[0])
+def as_path(path: PathLike) -> Path:
+  """`path` as a pathlib.Path when local, else an epath.Path (a scheme only tf.io.gfile serves is registered with
+  epath first)."""
+  if is_local(path):
+    return pathlib.Path(path)
+  _serve_with_gfile(os.fspath(path).split("://", 1)[0])
   return epath.Path(path)
+
+
+def size(path: PathLike) -> int:
+  """The file's size in bytes, local or remote."""
+  return os.path.getsize(path) if is_local(path) else as_path(path).stat().length
 
 
 def _serve_with_gfile(scheme: str) -> None:

@@ -9,8 +9,6 @@ import dataclasses
 import json
 import pathlib
 
-from etils import epath
-
 from handi_jax import fileio
 
 DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
@@ -20,12 +18,12 @@ DONE_FILE = {"generate": "done.json", "predict_masks": "mask_done.json"}
 class Sample:
   index: int                       # position in the input list: seeds the sample's random key
   name: str                        # output folder name (the image stem)
-  image: epath.Path                # local or remote (handi_jax.fileio)
+  image: fileio.Path                # local or remote (handi_jax.fileio)
   prompt: str
-  mask: epath.Path | None          # a user mask skips stage 1
+  mask: fileio.Path | None          # a user mask skips stage 1
 
 
-def find_mask(mask_dir: str, stem: str, field: str) -> epath.Path:
+def find_mask(mask_dir: str, stem: str, field: str) -> fileio.Path:
   """The mask of image `stem` in `mask_dir` (config field `field`): <stem>_mask.png or <stem>.png."""
   candidates = [fileio.as_path(mask_dir) / f"{stem}_mask.png", fileio.as_path(mask_dir) / f"{stem}.png"]
   for candidate in candidates:
@@ -35,7 +33,7 @@ def find_mask(mask_dir: str, stem: str, field: str) -> epath.Path:
                           "(or leave it empty)")
 
 
-def prompt_rows(path: epath.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
+def prompt_rows(path: fileio.Path, keys: tuple[str, ...], field: str) -> list[tuple[str, dict]]:
   """(where, row) for each line of a prompts file in the release's format (one JSON object per line, with
   `keys`, each a string); `field` is the config field that names the file. The file must be UTF-8 (a byte-order
   mark is allowed): another encoding is an error naming the line, as guessing it could garble the prompts."""
@@ -65,7 +63,7 @@ def prompt_rows(path: epath.Path, keys: tuple[str, ...], field: str) -> list[tup
   return rows
 
 
-def find_input(root: str, relative: str, what: str, field: str) -> epath.Path:
+def find_input(root: str, relative: str, what: str, field: str) -> fileio.Path:
   """`root/relative`, else `root/<its file name>` (the release's prompt.json names files in sub-folders); `what`
   says where the name came from, `field` is the config field that sets `root`."""
   candidates = [fileio.as_path(root) / relative, fileio.as_path(root) / pathlib.PurePosixPath(relative).name]

@@ -19,7 +19,6 @@ import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from clu import metric_writers, periodic_actions
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -218,7 +217,7 @@ class ProfileWindow:
   """config.train.profile_start_step > 0: a jax.profiler trace of the profile_num_steps steps after that step in
   <workdir>/profile (TensorBoard's Profile tab); it ends early with the run. Call it after every step."""
 
-  def __init__(self, train_config, workdir: epath.Path):
+  def __init__(self, train_config, workdir: fileio.Path):
     self.start = train_config.profile_start_step
     self.end = self.start + train_config.profile_num_steps
     self.directory = workdir / "profile"

@@ -3,7 +3,6 @@ figures of a program measured before (same program key), and the report file tha
 
 import hashlib
 import json
-import pathlib
 import time
 
 import jax
@@ -33,7 +32,7 @@ def program_key(lowered_text: str, target: str) -> str:
 def measured_programs(reports) -> dict:
   """program_key -> (figures, report path) of every program measured in these compile_report.json files."""
   known = {}
-  for path in map(pathlib.Path, reports):
+  for path in map(fileio.as_path, reports):
     try:
       programs = json.loads(path.read_text())["programs"]
     except (OSError, ValueError, KeyError) as e:
@@ -46,13 +45,13 @@ def measured_programs(reports) -> dict:
 def known_programs(reuse: str, workdir) -> dict:
   """measured_programs of the reports config.compile_report.reuse lists (comma-separated) and of <workdir>'s own
   report, so that a report stopped part-way resumes where it stopped."""
-  own_report = pathlib.Path(workdir) / REPORT_FILE
+  own_report = fileio.as_path(workdir) / REPORT_FILE
   reports = [r.strip() for r in reuse.split(",") if r.strip()]
-  return measured_programs(reports + ([own_report] if own_report.is_file() else []))
+  return measured_programs(reports + ([own_report] if fileio.is_committed(own_report) else []))
 
 
 def write_report(workdir, report: dict) -> None:
-  fileio.write_text(pathlib.Path(workdir) / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
+  fileio.write_text(fileio.as_path(workdir) / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def measure(name: str, lower, args, chip: chips.Chip | None, known: dict | None = None, target: str = "") -> dict:

@@ -14,7 +14,6 @@ import flax
 import jax
 import optax
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -136,7 +135,7 @@ def create_train_state(config, mesh, unet) -> tuple[TrainState, nnx.GraphDef, nn
 CHECKPOINT_SCHEMES = ("gs", "s3")
 
 
-def checkpoint_directory(workdir) -> epath.Path:
+def checkpoint_directory(workdir) -> fileio.Path:
   """<workdir>/checkpoints, absolute; a ValueError naming the fix for a filesystem orbax cannot store arrays on."""
   if fileio.is_local(workdir):
     return fileio.as_path(os.path.abspath(workdir)) / "checkpoints"

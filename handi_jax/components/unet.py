@@ -9,7 +9,6 @@ import os
 
 import jax
 from absl import logging
-from etils import epath
 from flax import nnx
 
 from handi_jax import fileio
@@ -38,7 +37,7 @@ def abstract_unet(config) -> unet3d.UNet3DConditionModel:
   return nnx.eval_shape(lambda: build_unet(config))
 
 
-def _locate(source: str | os.PathLike, what: str) -> tuple[bool, epath.Path]:
+def _locate(source: str | os.PathLike, what: str) -> tuple[bool, fileio.Path]:
   """(is a training workdir, its path) or (False, the diffusers UNet directory) of a non-empty `source`."""
   path = fileio.as_path(source)
   if (path / "checkpoints").is_dir():
@@ -102,6 +101,6 @@ def training_size(config, source: str | os.PathLike | None,
   return train_state.TrainingSize(**json.loads(record.read_text())) if record.is_file() else None
 
 
-def write_training_size(unet_dir: epath.Path, size: train_state.TrainingSize) -> None:
+def write_training_size(unet_dir: fileio.Path, size: train_state.TrainingSize) -> None:
   """Record `size` beside the config.json of a diffusers UNet directory (diffusers ignores the file)."""
   fileio.write_json(unet_dir / TRAINING_SIZE_FILE, dataclasses.asdict(size))

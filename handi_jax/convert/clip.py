@@ -6,11 +6,11 @@ embedding table). transformers saves `position_ids` buffers in older checkpoints
 """
 
 import os
-import pathlib
 
 import jax.numpy as jnp
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import clip_text as convert_clip_text
 from handi_jax.convert import core
 from handi_jax.models.clip_vision import CLIPModel
@@ -48,7 +48,7 @@ def from_state_dict(config: dict, state_dict, *, what: str = "CLIP model", dtype
 
 def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32) -> CLIPModel:
   """The CLIPModel saved in `directory` by transformers (config.json + model.safetensors or pytorch_model.bin)."""
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"CLIP directory {directory} does not exist: set config.evaluate.clip to a "
                             "transformers CLIPModel folder (config.json + model.safetensors), or leave it empty")

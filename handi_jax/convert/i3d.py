@@ -5,10 +5,10 @@ BatchNorm running statistics become the module's `mean` / `var` (as for the FID 
 """
 
 import os
-import pathlib
 
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.convert.inception import RULES
 from handi_jax.models.i3d import InceptionI3d
@@ -22,7 +22,7 @@ def from_state_dict(state_dict, *, avg_pool=(2, 7, 7), what: str = "I3D") -> Inc
 
 
 def load_pretrained(path: str | os.PathLike) -> InceptionI3d:
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"I3D weights {path} not found: set config.evaluate.i3d to pytorch-i3d's rgb_imagenet.pt "
                             "(Kinetics-400 RGB), or leave it empty: FVD reads 'not configured'")

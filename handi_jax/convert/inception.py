@@ -6,10 +6,10 @@ before it) are dropped. A .pth needs torch to read; a safetensors copy of the sa
 """
 
 import os
-import pathlib
 
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.models.inception import INPUT_SIZE, FIDInceptionV3
 
@@ -28,7 +28,7 @@ def from_state_dict(state_dict, *, resize_to: int | None = INPUT_SIZE, what: str
 
 def load_pretrained(path: str | os.PathLike, *, resize_to: int | None = INPUT_SIZE) -> FIDInceptionV3:
   """The FID Inception from pytorch-fid's weights file (.pth) or a safetensors file with the same names."""
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"FID Inception weights {path} not found: set config.evaluate.inception to pytorch-fid's "
                             "pt_inception-2015-12-05-6726825d.pth (or leave it empty: FID reads 'not configured')")

@@ -24,7 +24,6 @@ import json
 import os
 
 import numpy as np
-from etils import epath
 
 from handi_jax import fileio
 
@@ -107,11 +106,11 @@ def filename_template(data_dir: str | os.PathLike, split: str):
                                        filetype_suffix=FILE_FORMAT)
 
 
-def shard_path(data_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> epath.Path:
+def shard_path(data_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> fileio.Path:
   return fileio.as_path(filename_template(data_dir, split).sharded_filepath(shard_index=index, num_shards=num_shards))
 
 
-def split_files(data_dir: str | os.PathLike, split: str) -> list[epath.Path]:
+def split_files(data_dir: str | os.PathLike, split: str) -> list[fileio.Path]:
   """The committed shard files of one split (handi_jax.fileio), in shard order."""
   return sorted(filter(fileio.is_committed,
                        fileio.as_path(data_dir).glob(f"{DATASET_NAME}-{split}.{FILE_FORMAT}-*-of-*")))

@@ -25,7 +25,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
 from handi_jax import fileio
@@ -38,7 +37,7 @@ PROGRESS_DIR = "_progress"
 
 @dataclasses.dataclass(frozen=True)
 class SplitSummary:
-  data_dir: epath.Path
+  data_dir: fileio.Path
   split: str
   num_clips: int
   num_rejected: int
@@ -100,7 +99,7 @@ class ShardPlan:
   """Which jobs each shard of a split holds (by index into the job list) and the fingerprint of each shard's
   inputs and settings. Both builds, local and Apache Beam, write from it: shard k always holds the same clips."""
 
-  data_dir: epath.Path
+  data_dir: fileio.Path
   split: str
   shard_jobs: tuple[range, ...]
   fingerprints: tuple[str, ...]
@@ -110,10 +109,10 @@ class ShardPlan:
     return len(self.shard_jobs)
 
   @property
-  def progress_dir(self) -> epath.Path:
+  def progress_dir(self) -> fileio.Path:
     return self.data_dir / self.split / PROGRESS_DIR
 
-  def shard_path(self, shard: int) -> epath.Path:
+  def shard_path(self, shard: int) -> fileio.Path:
     return schema.shard_path(self.data_dir, self.split, shard, self.num_shards)
 
   def finished(self, shard: int) -> bool:
@@ -177,7 +176,7 @@ class ShardWriter:
     progress_dir = self.plan.progress_dir
     fileio.write_bytes(progress_dir / f"shard-{shard:05d}.npy", _npy_bytes(union_count))
     state = dict(
-        fingerprint=self.plan.fingerprints[shard], num_bytes=path.stat().length,
+        fingerprint=self.plan.fingerprints[shard], num_bytes=fileio.size(path),
         clips=[dict(clip_id=r.fields["clip_id"], mask_area=float(r.fields["mask_area"]),
                     hands_per_frame=r.hands_per_frame) for r in records],
         rejected=[dataclasses.asdict(r) for r in results if isinstance(r, Rejection)])
@@ -232,7 +231,7 @@ def finish_split(plan: ShardPlan, config, shards_reused: int) -> SplitSummary:
   return finalize_split(plan.data_dir, plan.split, plan.num_shards, config, shards_reused=shards_reused)
 
 
-def _remove_stale(data_dir: epath.Path, split: str, num_shards: int) -> None:
+def _remove_stale(data_dir: fileio.Path, split: str, num_shards: int) -> None:
   """Shards and progress files of an earlier run with a different number of shards."""
   planned = {schema.shard_path(data_dir, split, s, num_shards) for s in range(num_shards)}
   for path in schema.split_files(data_dir, split):
@@ -243,7 +242,7 @@ def _remove_stale(data_dir: epath.Path, split: str, num_shards: int) -> None:
       path.unlink()
 
 
-def finalize_split(data_dir: epath.Path, split: str, num_shards: int, config,
+def finalize_split(data_dir: fileio.Path, split: str, num_shards: int, config,
                    shards_reused: int = 0) -> SplitSummary:
   """rejected.jsonl, prior mask, motion-intensive index, report, TFDS metadata and manifest for one split."""
   progress_dir = data_dir / split / PROGRESS_DIR
@@ -263,7 +262,7 @@ def finalize_split(data_dir: epath.Path, split: str, num_shards: int, config,
   return SplitSummary(data_dir, split, len(clips), len(rejected), by_reason, num_shards, shards_reused)
 
 
-def _write_metadata(data_dir: epath.Path, split: str, states: list[dict], config) -> None:
+def _write_metadata(data_dir: fileio.Path, split: str, states: list[dict], config) -> None:
   """manifest.json (all splits built into this folder) and the TFDS folder-dataset metadata."""
   import tensorflow_datasets as tfds
 

@@ -6,7 +6,6 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-from etils import epath
 
 from handi_jax import fileio, pipeline, prompts, sharding
 from handi_jax.data import schema
@@ -19,9 +18,9 @@ VIDEO_NAMES = ("video.mp4", "video.gif")
 class Clip:
   name: str
   prompt: str
-  gt: np.ndarray | epath.Path     # (F_src, H, W, 3) uint8 (frame 0 = the context image), or its video file
+  gt: np.ndarray | fileio.Path    # (F_src, H, W, 3) uint8 (frame 0 = the context image), or its video file
   mask: np.ndarray | None         # (H, W) bool ground-truth motion area; None = from the ground truth's hands
-  image: epath.Path | None        # the source image file (generation), None for TFRecord clips
+  image: fileio.Path | None       # the source image file (generation), None for TFRecord clips
 
   def frames(self) -> np.ndarray:
     """The ground-truth frames; a video file is read on use, so a long test set is never all in memory."""
@@ -82,7 +81,7 @@ def motion_intensive_from_data(config) -> set[str] | None:
 # Generated videos.
 
 
-def parse_runs(runs: str) -> dict[str, epath.Path]:
+def parse_runs(runs: str) -> dict[str, fileio.Path]:
   parsed = {}
   for item in filter(None, (part.strip() for part in runs.split(","))):
     name, sep, folder = item.partition("=")
@@ -99,7 +98,7 @@ class UnusableVideo(ValueError):
   shape); evaluate_runs skips that clip for that run and reports this reason."""
 
 
-def find_generated(folder: epath.Path, name: str) -> epath.Path:
+def find_generated(folder: fileio.Path, name: str) -> fileio.Path:
   candidates = [folder / name / v for v in VIDEO_NAMES] + [folder / f"{name}{s}" for s in (".mp4", ".gif")]
   for candidate in candidates:
     if fileio.is_committed(candidate):
@@ -107,11 +106,11 @@ def find_generated(folder: epath.Path, name: str) -> epath.Path:
   raise UnusableVideo(f"missing: none of {', '.join(str(c.relative_to(folder)) for c in candidates)}")
 
 
-def read_generated(folder: epath.Path, name: str) -> np.ndarray:
+def read_generated(folder: fileio.Path, name: str) -> np.ndarray:
   return media_files.read_video(find_generated(folder, name))
 
 
-def read_checked(video: epath.Path, minimum_frames: int) -> np.ndarray:
+def read_checked(video: fileio.Path, minimum_frames: int) -> np.ndarray:
   """The frames of a run's video; UnusableVideo when it cannot be decoded or has fewer than minimum_frames."""
   try:
     frames = media_files.read_video(video)
@@ -124,7 +123,7 @@ def read_checked(video: epath.Path, minimum_frames: int) -> np.ndarray:
 
 
 def generate_run(make_generator: Callable[[], pipeline.Generator], clips: list[Clip],
-                 out_dir: epath.Path) -> epath.Path:
+                 out_dir: fileio.Path) -> fileio.Path:
   """Generate every clip this process owns that is not yet done in out_dir (stage 1 predicts the mask; clip i
   belongs to process i % process_count, pipeline.generate_owned); the generator is made only when a clip is left to
   generate. Every process must call this: the caller waits for the others before reading their videos."""

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import cv2
 import numpy as np
-from etils import epath
 
 from handi_jax import fileio
 
@@ -173,7 +172,7 @@ def _decode(capture: cv2.VideoCapture, keep: set[int], segment: Segment | None, 
   return _Decoded(frames, count, last_ms, seen_ms + period_ms, reached_segment_end=False)
 
 
-def _decode_again(local: pathlib.Path, path: epath.Path, wanted: np.ndarray, segment: Segment | None, fps: float
+def _decode_again(local: pathlib.Path, path: fileio.Path, wanted: np.ndarray, segment: Segment | None, fps: float
                   ) -> dict[int, np.ndarray | None]:
   """The frames at `wanted` from a second pass, for a clip whose decoded count differs from the predicted one."""
   capture = cv2.VideoCapture(str(local))
@@ -187,7 +186,7 @@ def _decode_again(local: pathlib.Path, path: epath.Path, wanted: np.ndarray, seg
   return frames
 
 
-def _check_segment_inside(path: epath.Path, segment: Segment, decoded: _Decoded, fps: float) -> None:
+def _check_segment_inside(path: fileio.Path, segment: Segment, decoded: _Decoded, fps: float) -> None:
   """A segment must lie in the video, to within a frame at its end (annotations round their times)."""
   if decoded.reached_segment_end:
     return
@@ -219,7 +218,7 @@ def read_sampled_frames(path: str | pathlib.Path, num_frames: int, segment: Segm
     return _sampled_frames(path, local, num_frames, segment)
 
 
-def _sampled_frames(path: epath.Path, local: pathlib.Path, num_frames: int, segment: Segment | None
+def _sampled_frames(path: fileio.Path, local: pathlib.Path, num_frames: int, segment: Segment | None
                     ) -> SampledClip:
   """read_sampled_frames' decoding of `local`, the file of `path` (which the errors name)."""
   if local.stat().st_size == 0 or not _looks_like_video(local):

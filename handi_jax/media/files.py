@@ -175,7 +175,7 @@ def _gif_update(frame: Image.Image, shown: np.ndarray, previous: np.ndarray):
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
-  """All frames of an mp4 or gif as uint8 (F, H, W, 3)."""
+  """All frames of an mp4 or gif as uint8 (F, H, W, 3); a remote file is decoded from a local temporary copy."""
   with fileio.local_copy(path) as local:
     return np.stack([np.asarray(frame)[..., :3] for frame in imageio.mimread(local, memtest=False)])
 
