@@ -292,20 +292,23 @@ class Generator:
       rows = jnp.concatenate([rows, jnp.repeat(rows[-1:], padding, axis=0)]) if padding else rows
       return jax.device_put(rows, sharding.batch_sharding(mesh, rows.ndim))
 
-    motion = jnp.array([config.sampling.motion_strength], jnp.float32) if config.model.unet.motion_strength else None
+    # Host values (numpy) go wherever the batch goes; device arrays made elsewhere (under training's mesh, say) are
+    # placed on this batch's devices.
+    motion = np.array([config.sampling.motion_strength], np.float32) if config.model.unet.motion_strength else None
     graphdef, state = self.unet(stage)
-    args = (graphdef, self._place(state, devices), self.plan, split(context_latents), split(texts),
-            self._place(self.uncond, devices), split(latent_masks), motion,
-            jnp.float32(config.sampling.guidance_scale), split(keys))
+    args = (graphdef, self._place(state, devices), self._place(self.plan, devices), split(context_latents),
+            split(texts), self._place(self.uncond, devices), split(latent_masks), motion,
+            np.float32(config.sampling.guidance_scale), split(keys))
     options = dict(num_frames=int(config.data.num_frames), init=config.sampling.init)
-    if progress is None:
-      latents = guided_sampling.sample_video_jit(*args, **options)
-    else:
-      progress(f"stage {stage}", 0, self.plan.num_steps)
-      with _listening(functools.partial(progress, f"stage {stage}"), self.plan.num_steps):
-        latents = _sample_video_reporting(*args, **options).block_until_ready()
-    frames = _decode(self.frozen.vae_graphdef, self._place(self.frozen.vae, devices), latents,
-                     int(config.model.frame_chunk))
+    with jax.set_mesh(mesh):  # this batch's devices, also inside training's mesh (the training evaluator)
+      if progress is None:
+        latents = guided_sampling.sample_video_jit(*args, **options)
+      else:
+        progress(f"stage {stage}", 0, self.plan.num_steps)
+        with _listening(functools.partial(progress, f"stage {stage}"), self.plan.num_steps):
+          latents = _sample_video_reporting(*args, **options).block_until_ready()
+      frames = _decode(self.frozen.vae_graphdef, self._place(self.frozen.vae, devices), latents,
+                       int(config.model.frame_chunk))
     return np.asarray(frames, np.float32)[:len(keys)]
 
   def run(self, sample: prompts.Sample, out_dir: pathlib.Path, mode: str = "generate", progress=None) -> "Result":

@@ -31,6 +31,11 @@ class GenerationEvaluator:
     self.clips = clips_lib.load_clips(config)  # read once: a bad prompts file fails before training starts
 
   def __call__(self, step: int, unet, frozen_models, tokenizer) -> tuple[dict, dict]:
+    # Out of training's mesh, which spans every process: what the evaluation makes lives on this process's devices.
+    with jax.set_mesh(sharding.batch_mesh(jax.local_devices())):
+      return self._evaluate(step, unet, frozen_models, tokenizer)
+
+  def _evaluate(self, step: int, unet, frozen_models, tokenizer) -> tuple[dict, dict]:
     if jax.process_count() > 1:
       unet = unet_lib.restore_unet(self.config, self.workdir, step)
       frozen_models, tokenizer = frozen_lib.load_frozen_models(self.config, hand_landmarks=False)

@@ -76,12 +76,14 @@ def batched(function, inputs: np.ndarray, batch_size: int) -> np.ndarray:
   depends on that row alone."""
   devices = jax.local_devices()
   batch_size = -(-batch_size // len(devices)) * len(devices)
-  split = sharding.batch_sharding(sharding.batch_mesh(devices), inputs.ndim)
+  mesh = sharding.batch_mesh(devices)
+  split = sharding.batch_sharding(mesh, inputs.ndim)
   outputs = []
-  for start in range(0, len(inputs), batch_size):
-    chunk = inputs[start:start + batch_size]
-    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-    outputs.append(np.asarray(function(jax.device_put(padded, split)))[:len(chunk)])
+  with jax.set_mesh(mesh):  # this process's devices, also inside training's mesh (the training evaluator)
+    for start in range(0, len(inputs), batch_size):
+      chunk = inputs[start:start + batch_size]
+      padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+      outputs.append(np.asarray(function(jax.device_put(padded, split)))[:len(chunk)])
   return np.concatenate(outputs)
 
 
