@@ -30,7 +30,9 @@ from handi_jax.components import frozen, train_state
 from handi_jax.components import unet as unet_lib
 from handi_jax.convert import core
 from handi_jax.data import demo_clips, schema
+from handi_jax.evaluation import scoring
 from handi_jax.media import files as media_files
+from tests import test_evaluate_extractors as weights_files
 from tests.helpers import tiny_train_config
 from tests.test_data_build import _config as build_config
 from tests.test_data_scale import _files, two_clips  # noqa: F401 - two_clips is a fixture used here
@@ -152,6 +154,28 @@ def test_evaluation_of_runs_in_a_bucket_writes_its_report_there_and_equals_the_l
   assert remote["runs"]["same"]["all"]["full"]["clips"] == 2
   for name in ("summary.json", "report.md", "metrics.csv", "metrics.png", "hs_err.png", "config.json"):
     assert fileio.is_committed(f"{bucket}/out/{name}"), name
+
+
+def test_evaluation_weights_in_a_bucket_load_as_the_local_files_do(bucket, tmp_path):
+  """config.evaluate.egovlp (a file) and .blip (a folder with tokenizers) in the bucket: test_evaluate_extractors'
+  tiny weights, the same models as from the local disk."""
+  weights_files.write_egovlp_checkpoint(tmp_path / "egovlp.safetensors")
+  weights_files.write_blip_directory(tmp_path / "blip")
+  for file in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+    _upload(file, f"{bucket}/{file.relative_to(tmp_path).as_posix()}")
+
+  def loaded(root: str) -> list[dict]:
+    config = common.get_config(2)
+    config.evaluate.update(egovlp=f"{root}/egovlp.safetensors", egovlp_frames=3, blip=f"{root}/blip")
+    found = scoring.extractors_from_config(config)
+    tokens = [tokenizer("cut the carrot")["input_ids"]
+              for tokenizer in (found.blip.captioner_tokenizer, found.blip.text_tokenizer)]
+    return tokens, [core.flat_params(m) for m in (found.egovlp.model, found.blip.captioner, found.blip.text_encoder)]
+
+  (remote_tokens, remote), (local_tokens, local) = loaded(bucket), loaded(str(tmp_path))
+  assert remote_tokens == local_tokens and all(len(ids) > 2 for ids in local_tokens)
+  for ours, theirs in zip(remote, local, strict=True):
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_export_writes_a_pipeline_into_a_bucket_that_loads_back(bucket):

@@ -7,11 +7,11 @@ they are) and the embedding tables. transformers ties the LM head's `decoder` to
 """
 
 import os
-import pathlib
 
 import jax.numpy as jnp
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.models.blip import BlipForConditionalGeneration
 
@@ -70,7 +70,7 @@ def from_state_dict(config: dict, state_dict, *, what: str = "BLIP captioner",
 def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32) -> BlipForConditionalGeneration:
   """The captioner saved in `directory` by transformers (config.json + model.safetensors, or pytorch_model.bin
   through torch)."""
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"BLIP captioner directory {directory} does not exist: expected a transformers "
                             f"{ARCHITECTURE} folder (config.json + model.safetensors + tokenizer files)")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.models.egovlp import RELEASE_CONFIG, EgoVLPVideoModel
 
@@ -60,13 +61,15 @@ def _read_torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The state dict of an EgoVLP checkpoint file as numpy arrays, keys as saved (prefix included)."""
-  path = pathlib.Path(path)
+  """The state dict of an EgoVLP checkpoint file as numpy arrays, keys as saved (prefix included); a remote .pth is
+  read from a local temporary copy (torch's loader)."""
+  path = fileio.as_path(path)
   if path.suffix == ".safetensors":
     return core.read_safetensors(path)
   if path.suffix not in _TORCH_FORMATS:
     raise ValueError(f"{path}: unknown checkpoint format (expected the release's .pth or a .safetensors export)")
-  return _read_torch_state_dict(path)
+  with fileio.local_copy(path) as local:
+    return _read_torch_state_dict(local)
 
 
 def video_state_dict(state_dict, what: str = "EgoVLP checkpoint") -> dict[str, np.ndarray]:
@@ -122,7 +125,7 @@ def from_state_dict(state_dict, *, num_frames: int | None = None, num_heads: int
 
 def load_pretrained(path: str | os.PathLike, *, num_frames: int | None = None,
                     num_heads: int = RELEASE_CONFIG["num_heads"], dtype=jnp.float32) -> EgoVLPVideoModel:
-  path = pathlib.Path(path)
+  path = fileio.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"EgoVLP checkpoint {path} not found: set config.evaluate.egovlp to showlab/EgoVLP's "
                             "egovlp.pth (EgoVLP_PT_BEST), or leave it empty: EgoVLP reads 'not configured'")

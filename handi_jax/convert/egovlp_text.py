@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from handi_jax import fileio
 from handi_jax.convert import core
 from handi_jax.convert import egovlp as convert_egovlp
 from handi_jax.models.egovlp_text import EgoVlpTextEncoder
@@ -73,7 +74,7 @@ def from_state_dict(text_model_config: dict, state_dict, *, what: str = "EgoVLP 
 
 
 def load_pretrained(directory: str | os.PathLike, *, dtype=jnp.float32) -> EgoVlpTextEncoder:
-  directory = pathlib.Path(directory)
+  directory = fileio.as_path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"EgoVLP text-tower directory {directory} does not exist: expected DistilBERT's "
                             "config.json and tokenizer files with egovlp.pth / epic_mir_plus.pth or model.safetensors")

@@ -44,6 +44,7 @@ from flax import nnx
 from PIL import Image
 from transformers import AutoTokenizer
 
+from handi_jax import fileio
 from handi_jax.convert import blip as convert_blip
 from handi_jax.convert import egovlp_text as convert_egovlp_text
 from handi_jax.models.blip import BlipForConditionalGeneration
@@ -178,7 +179,11 @@ class BlipScorer:
 
   @classmethod
   def from_directory(cls, directory: str | os.PathLike, batch_size: int = 32) -> "BlipScorer":
-    """`directory` holds captioner/ and text_encoder/ (see the module docstring)."""
+    """`directory` holds captioner/ and text_encoder/ (see the module docstring); a remote one is read from a local
+    temporary copy (transformers' tokenizers read local files only)."""
+    if not fileio.is_local(directory):
+      with fileio.local_copy(directory) as local:
+        return cls.from_directory(local, batch_size)
     directory = pathlib.Path(directory)
     captioner_dir, text_dir = directory / "captioner", directory / "text_encoder"
     if not (captioner_dir.is_dir() and text_dir.is_dir()):
