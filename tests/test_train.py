@@ -122,6 +122,7 @@ def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, capsys,
 
   # The checkpointed UNet loads for generation and export with exactly the trained parameters.
   unet = unet_lib.restore_unet(config, str(tmp_path))
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(unet)))  # dropout streams too: no shapes
   restored = nnx.state(unet, nnx.Param)
   assert not jax.tree.leaves(resumed.frozen_params)  # trainable = "all"
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(resumed.params)), strict=True):

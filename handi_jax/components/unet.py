@@ -8,6 +8,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
@@ -69,6 +70,14 @@ def load_unet(config, source: str | os.PathLike | None, what: str = "the UNet") 
     raise core.CheckpointMismatchError(f"{what} at {path}: {e}") from e
 
 
+def _fresh_dropout_streams(abstract_rng_state, config, device) -> nnx.State:
+  """Concrete dropout streams for a UNet restored from a checkpoint, which holds weights only: counts 0, every
+  stream keyed as unet_rngs(config)'s dropout stream (training reseeds it each step; eval mode never draws)."""
+  key = jax.random.fold_in(common.component_key(config, "unet"), 1)
+  fresh = lambda x: key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros(x.shape, x.dtype)
+  return jax.device_put(jax.tree.map(fresh, abstract_rng_state), device)
+
+
 def restore_unet(config, workdir, step: int | None = None) -> unet3d.UNet3DConditionModel:
   """The UNet of the latest (or given) training checkpoint in `workdir`, in eval mode, on this process's first
   device: its weights only (the AdamW moments, two thirds of the arrays, stay on disk)."""
@@ -81,7 +90,7 @@ def restore_unet(config, workdir, step: int | None = None) -> unet3d.UNet3DCondi
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   params, frozen_params = train_state.restore_weights(manager, step, common.with_shardings((params, frozen_params),
                                                                                            device))
-  unet = nnx.merge(graphdef, params, frozen_params, rng_state)
+  unet = nnx.merge(graphdef, params, frozen_params, _fresh_dropout_streams(rng_state, config, device))
   unet.eval()
   return unet
 
