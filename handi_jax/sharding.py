@@ -89,6 +89,12 @@ def process_share(items: Sequence) -> list:
   return list(items[jax.process_index()::jax.process_count()])
 
 
+def _every_device():
+  """A mesh context of every process's devices: the collectives between processes run there, also where a caller has
+  set a mesh of its own devices (the training evaluator)."""
+  return jax.set_mesh(Mesh(np.array(jax.devices()), ("processes",)))
+
+
 def gather_from_processes(value) -> list:
   """`value` (any picklable object) of every process, in process order, on every process: the parts of a job split
   with process_share brought together (through the devices' all-gather, so no shared disk is needed)."""
@@ -97,8 +103,9 @@ def gather_from_processes(value) -> list:
   from jax.experimental import multihost_utils
 
   data = np.frombuffer(pickle.dumps(value), np.uint8)
-  sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))[:, 0]
-  gathered = multihost_utils.process_allgather(np.pad(data, (0, int(sizes.max()) - data.size)))
+  with _every_device():
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))[:, 0]
+    gathered = multihost_utils.process_allgather(np.pad(data, (0, int(sizes.max()) - data.size)))
   return [pickle.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes, strict=True)]
 
 
@@ -107,7 +114,8 @@ def wait_for_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(name)
+    with _every_device():
+      multihost_utils.sync_global_devices(name)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules, shape: Sequence[int] | None = None,

@@ -78,3 +78,41 @@ def test_min_size_threshold_replicates_small_arrays():
   assert above["linear"]["kernel"].spec == P()
   assert at_size["plain"].spec == P()  # no logical names: replicated at any size
   assert config.sharding_min_size == 2**16
+
+
+_GATHER = """
+import jax
+import configs
+from handi_jax import main, sharding
+main._maybe_initialize_distributed(configs.load("configs/stage2.py"))
+assert sharding.process_share(list("abcde")) == list("abcde")[jax.process_index()::2]
+with jax.set_mesh(sharding.batch_mesh(jax.local_devices())):  # as inside the training evaluator
+  parts = sharding.gather_from_processes({"process": jax.process_index(), "rows": list(range(jax.process_index() * 3))})
+  sharding.wait_for_processes("gathered")
+print("PARTS", parts, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_gather_their_parts_in_process_order_even_inside_a_local_mesh():
+  """sharding.gather_from_processes between two CPU processes started by hand (objects of different sizes), under a
+  mesh of each process's own devices."""
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO_ROOT
+
+  with socket.socket() as free:
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "JAX_"))}
+  env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  processes = [subprocess.Popen([sys.executable, "-c", _GATHER], cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = [p.communicate(timeout=180)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  expected = "PARTS [{'process': 0, 'rows': []}, {'process': 1, 'rows': [0, 1, 2]}]"
+  assert [[line for line in out.splitlines() if line.startswith("PARTS")] for out in outputs] == [[expected]] * 2
