@@ -35,11 +35,11 @@ def _text(doc: str) -> str:
 
 def _regex(template: str) -> str:
   """A phrase as the docs write it -> a regex: {name} is a number, ... any text within the paragraph (or table
-  row), a space any whitespace (the docs wrap lines anywhere)."""
+  row), a space any whitespace (the docs wrap lines anywhere, comments too)."""
   pieces = []
   for piece in re.split(r"(\{\w+\}|\.\.\.| )", template):
     if piece == " ":
-      pieces.append(r"\s+")
+      pieces.append(r"\s+(?:#\s+)?")
     elif piece == "...":
       pieces.append(r"(?:(?!\n\s*\n|\n\|).)*?")  # not past the paragraph or the table row
     elif name := re.fullmatch(r"\{(\w+)\}", piece):
