@@ -174,9 +174,13 @@ def _check_override_keys(argv: list[str], config: config_dict.ConfigDict) -> Non
 
 
 def _near_keys(config: config_dict.ConfigDict, key: str, known: list[str]) -> str:
-  """Keys spelled like `key`, else those of the deepest section of it that exists."""
+  """Keys spelled like `key` (in its own section where one is, so train.x does not offer stage1_train.x), else those
+  of the deepest section of it that exists."""
   flat = _flat_keys(config)
-  close = difflib.get_close_matches(key, flat, n=3, cutoff=0.8)
+  section = ".".join(known) + "." if known else ""
+  same_section = [name for name in flat if name.startswith(section)]
+  close = difflib.get_close_matches(key, same_section, n=3, cutoff=0.8) or difflib.get_close_matches(
+      key, flat, n=3, cutoff=0.8)
   if close:
     return f"Did you mean {' or '.join(close)}?"
   section = config
