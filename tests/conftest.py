@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices and sandboxed caches, set before JAX or TF is imported."""
 
+import gc
 import os
 import pathlib
 import tempfile
@@ -20,6 +21,33 @@ import pytest  # noqa: E402
 # persistent cache for this session turns the repeats into cache hits.
 jax.config.update("jax_compilation_cache_dir", os.path.join(_cache, "jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+
+def pytest_collection_finish(session):
+  """Every test module is imported now (torch, TF, transformers: millions of objects that live to the end). Frozen,
+  the garbage collector's full passes skip them: tracing and orbax's saves trigger many such passes."""
+  if os.environ.get("HANDI_TEST_GC_FREEZE", "1") == "1":
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def whole_array_checkpoint_writes():
+  """orbax writes a replicated array as one slice per device holding it (replica-parallel saves): on the 8 simulated
+  CPU devices, 8 writes of every replicated array and a third of a small checkpoint's CPU time. They share one
+  host's memory: whole arrays from replica 0, as orbax saves on GPUs. (Child processes keep orbax's default.)"""
+  if os.environ.get("HANDI_TEST_WHOLE_ARRAYS", "1") != "1":
+    yield
+    return
+  import orbax.checkpoint as ocp
+
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=False, array_metadata_store=default._array_metadata_store), override=True)
+  yield
+  ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
+
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -3,10 +3,6 @@ sharded over a data x fsdp mesh) equals the same step on one device, under jax.t
 the frozen models in their compute dtype and their per-device bytes on the hardware variants' meshes."""
 
 import concurrent.futures
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +16,6 @@ from handi_jax import train_step
 from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import train_state
 from handi_jax.components import unet as unet_lib
-from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_train_config
 
 SHARDED_MESH = dict(data=2, fsdp=4, tensor=1)
@@ -86,19 +81,16 @@ def _is_split(array) -> bool:
 
 
 def compare_sharded_and_single_device_step(stage: int, stand_ins: bool) -> dict:
-  """One step, sharded (data 2 x fsdp 4) and on one device; the largest differences. stand_ins: the UNet and the
-  landmark network replaced by small stand-ins (else the tiny real UNet and MediaPipe's network).
-
-  Runs in a child process with 8 CPU devices (test_sharded_train_step_equals_single_device_step).
-  """
+  """One step, sharded (data 2 x fsdp 4) and on one device; the largest differences. stand_ins: the UNet replaced
+  by a small stand-in (else the tiny real UNet); the caller replaces the landmark network (tiny_landmark_graph).
+  On the 8 CPU devices of tests/conftest.py (test_sharded_train_step_equals_single_device_step)."""
   from handi_jax import sharding
 
   config = tiny_train_config(stage=stage, steps=1)
   config.mesh.update(SHARDED_MESH)
   config.loss.update(alpha_miou=0.1, eta_hand=0.1, miou_frames=1, hand_frames=1)
   unet = TextConvDenoiser(config, nnx.Rngs(0)) if stand_ins else unet_lib.build_unet(config)
-  if stand_ins:  # the landmark network is replaced where load_frozen_models would load the real one
-    frozen_lib.landmarks_lib.load_hand_landmark_params = tiny_landmark_graph
+  if stand_ins:
     config.loss.update(remat_decoder=False, remat_landmarks=False)  # the same values, a quarter less compile time
   config.sharding_min_size = 256  # tiny models: conv kernels and embeddings split, biases and norms whole
   mesh = sharding.make_mesh(config)
@@ -145,17 +137,15 @@ def compare_sharded_and_single_device_step(stage: int, stand_ins: bool) -> dict:
 
 
 @pytest.mark.parametrize("stand_ins", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_sharded_train_step_equals_single_device_step(stand_ins):
-  """Both stages, alpha and eta > 0, in a child with 8 CPU devices: params, AdamW moments and metrics agree.
-  (With the real tiny UNet and MediaPipe's network this took 15 minutes here, hence the stand-ins by default.)"""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  code = ("import json; from tests import test_train_sharded as t; print('RESULT', json.dumps("
-          f"{{s: t.compare_sharded_and_single_device_step(s, {stand_ins}) for s in (1, 2)}}))")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-  lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-  assert result.returncode == 0 and lines, result.stderr[-3000:]
-  for stage, report in json.loads(lines[0][len("RESULT "):]).items():
+def test_sharded_train_step_equals_single_device_step(stand_ins, monkeypatch):
+  """Both stages, alpha and eta > 0, on 8 CPU devices: params, AdamW moments and metrics agree. (With the real tiny
+  UNet and MediaPipe's network this took 15 minutes here, hence the stand-ins by default.) In this process: a child
+  would import JAX and TF again for nothing (conftest.py gives this one 8 devices)."""
+  assert jax.device_count() == 8
+  if stand_ins:  # where load_frozen_models would load the real landmark network
+    monkeypatch.setattr(frozen_lib.landmarks_lib, "load_hand_landmark_params", tiny_landmark_graph)
+  reports = {str(s): compare_sharded_and_single_device_step(s, stand_ins) for s in (1, 2)}
+  for stage, report in reports.items():
     print(stage, report)
     assert report["split"]["frozen"] > 0 and report["split"]["unet"] > 0, report["split"]
     assert report["split"]["batch"] == 6  # every batch array split over data x fsdp
