@@ -7,16 +7,12 @@
 # The repo must be cloned at ~/handi-jax on every worker with `pip install -r requirements.txt "jax[tpu]==0.7.1"`.
 set -euo pipefail
 dry_run=0
-show() {  # the command as one line; arguments with spaces in single quotes
-  local words=() word
-  for word in "$@"; do if [[ "$word" == *" "* ]]; then words+=("'$word'"); else words+=("$word"); fi; done
-  echo "${words[*]}"
-}
+source "$(dirname "$0")/common.sh"
 if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
 tpu=${1:?tpu name}; zone=${2:?zone}; stage=${3:?stage}; workdir=${4:?workdir}; shift 4
-printf -v extra '%q ' "$@"
+extra=$(quote_all "$@")
 command=(gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command
   "cd ~/handi-jax && python3 -m handi_jax.main --config=configs/stage${stage}.py:paper,tpu_v5p_64 \
---workdir=$workdir --mode=train $extra")
+--workdir=$workdir --mode=train$extra")
 if (( dry_run )); then show "${command[@]}"; exit 0; fi
 "${command[@]}"

@@ -65,6 +65,31 @@ def test_tiny_sampler_report_on_the_devices_here(tmp_path, capsys):
   assert again["flops_per_device"] == sampler["flops_per_device"] and again["useful_ratio"] == sampler["useful_ratio"]
 
 
+def test_the_sampler_batch_is_split_over_the_devices_at_one_sample_s_cost(tmp_path):
+  """The sampler as generation runs it: config.generate.batch_size samples per device, the batch split over the
+  target's devices; per sample it costs what the one-sample program on one device costs."""
+  def report(target, batch_size):
+    config = _tiny_config(target=target, sampler_sizes="16x16")
+    config.sampling.num_inference_steps = 1
+    config.generate.batch_size = batch_size
+    return compile_report.compile_report(config, tmp_path / target.replace(":", "_"))["programs"]["sampler_16x16"]
+
+  one = report("cpu:1", 1)
+  split = report("cpu:4", 2)
+  _, args = programs.sampler_program(_tiny_config(), jax.devices()[:4], 16, 16)  # batch 4: batch_size 1 x 4
+  batch_args = [args[i] for i in (2, 3, 5, 8)]  # context latent, text, mask, keys
+  assert {a.shape[0] for a in batch_args} == {4} and {a.sharding.shard_shape(a.shape)[0] for a in batch_args} == {1}
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(args[:2]))  # UNet and plan
+  assert (one["batch"], one["samples_per_device"], split["batch"], split["samples_per_device"]) == (1, 1, 8, 2)
+  assert split["flops_per_sample"] == pytest.approx(one["flops_per_sample"], rel=0.02)
+  assert split["flops_per_device"] == pytest.approx(2 * one["flops_per_device"], rel=0.02)
+  assert split["useful_flops"] == one["useful_flops"] and not split["collectives"]  # samples are independent
+  # The slice's bound: 8 samples in one batch step, each device computing its 2.
+  bound = split["chip_bounds"]
+  assert bound["samples_per_second"] == pytest.approx(8 / bound["step_seconds"])
+  assert bound["samples_per_second"] == pytest.approx(4 * one["chip_bounds"]["samples_per_second"], rel=0.02)
+
+
 def test_a_program_measured_before_is_not_compiled_again(tmp_path, monkeypatch):
   mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
   x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
@@ -265,3 +290,26 @@ def test_launch_dry_runs_print_the_configs_the_report_measured(script, args, var
   config = configs.load(str(REPO_ROOT / specs[0]))
   assert config.stage == int(stage) and config.model.unet.block_out_channels == (320, 640, 1280, 1280)
   assert pathlib.Path(REPO_ROOT / script).stat().st_mode & 0o111
+
+
+def _pod_evaluation_dry_run(*flags, **env):
+  done = subprocess.run(["bash", "launch/tpu_pod_evaluate.sh", "--dry-run", "my-tpu", "us-east5-a", "2",
+                         "gs://bucket/s2", *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+                        env=dict(os.environ, PATH="/usr/bin:/bin", **env))
+  assert done.returncode == 0, done.stderr
+  return done.stdout.splitlines()
+
+
+def test_pod_evaluation_dry_run_prints_each_host_s_command():
+  lines = _pod_evaluation_dry_run("--config.evaluate.runs=ours=gs://bucket/my videos", HOSTS="3")
+  assert lines[0::2] == [f"# host {i} of 3: clips {i}, {i + 3}, {i + 6}, ..." for i in range(3)]
+  for host, line in enumerate(lines[1::2]):
+    ssh = shlex.split(line)
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and f"--worker={host}" in ssh
+    remote = shlex.split(ssh[ssh.index("--command") + 1])  # what the worker's shell runs
+    assert remote[:3] == ["cd", "~/handi-jax", "&&"] and remote[3:6] == ["python3", "-m", "handi_jax.main"]
+    assert remote[6:] == ["--config=configs/stage2.py:paper,tpu_v5p_64", "--workdir=gs://bucket/s2",
+                          "--mode=evaluate", "--config.evaluate.runs=ours=gs://bucket/my videos"]
+  # By default one command per host of the v5p-64 the config expects (4 chips a host).
+  config = configs.load(str(REPO_ROOT / "configs/stage2.py:paper,tpu_v5p_64"))
+  assert config.multihost and len(_pod_evaluation_dry_run()) == 2 * config.num_devices_expected // 4

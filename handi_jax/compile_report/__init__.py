@@ -26,7 +26,13 @@ Programs:
   the gradients (one more copy of the trainable parameters) + the block inputs full remat keeps for the backward
   + the largest temp of any part; it is not a proof: XLA may overlap or keep more than this model of the step.
 - sampler_<H>x<W>: diffusion.guided_sampling.sample_video_jit (all config.sampling.num_inference_steps CFG steps in
-  one scan) for one sample on one device of the target, per config.compile_report.sampler_sizes.
+  one scan) per config.compile_report.sampler_sizes, as generation runs it: a batch of config.generate.batch_size
+  samples per device of the target, the batch axis split over them (sharding.batch_mesh), the UNet replicated.
+  Its figures: per device (memory, flops_per_device), per sample (flops_per_sample = flops_per_device x devices /
+  batch, useful_flops, useful_ratio), and per slice (bounds' samples_per_second = batch / step seconds). Samples
+  are independent, so with batch_size 1 each device runs the one-sample program: its per-device figures are one
+  sample's on one device (target cpu:1 compiles exactly that), and samples per second = devices / one sample's
+  step seconds.
 
 Programs measured before are not compiled again: each figure set records its program_key (the sha256 of the target
 and the lowered program), and a program whose key is in <workdir>/compile_report.json or in a report listed in
@@ -52,7 +58,6 @@ Modules:
 import functools
 
 import jax
-import numpy as np
 
 from handi_jax import sharding
 from handi_jax.compile_report import measure, programs, table, targets, useful_flops, whole_step
@@ -129,25 +134,36 @@ def _measure_train_step(config, mesh, chip, measure_here, report: dict, workdir)
 
 
 def _measure_samplers(config, devices, measure_here, report: dict, workdir) -> None:
-  """One sampler program per config.compile_report.sampler_sizes, on one device of the target, into
-  report["programs"] with its useful FLOPs."""
+  """One sampler program per config.compile_report.sampler_sizes, a batch split over the target's devices as
+  generation splits it, into report["programs"] with its per-sample figures and the slice's samples per second."""
   steps = config.sampling.num_inference_steps
-  one_device = jax.sharding.Mesh(np.array(devices[:1]), ("one",))
+  batch = programs.sampler_batch_size(config, len(devices))
   for height, width in programs.sampler_sizes(config.compile_report):
-    lower, args = programs.sampler_program(config, one_device, height, width)
+    lower, args = programs.sampler_program(config, devices, height, width)
     name = f"sampler_{height}x{width}"
-    with jax.set_mesh(one_device):  # tpu_flash takes the target platform from the set mesh
-      report["programs"][name] = figures = measure_here(name, lower, args)
+    with jax.set_mesh(sharding.batch_mesh(devices)):  # tpu_flash takes the target platform from the set mesh
+      figures = measure_here(name, lower, args)
     forward = useful_flops.unit_flops(config, height, width, config.data.num_frames)["unet_forward"]
-    figures["useful_flops"] = 2 * steps * forward  # classifier-free guidance: 2 UNet passes per step
+    report["programs"][name] = _per_sample(figures, batch, len(devices), useful=2 * steps * forward)  # CFG: 2 passes
     measure.write_report(workdir, report)
+
+
+def _per_sample(figures: dict, batch: int, num_devices: int, useful: float) -> dict:
+  """A sampler batch's figures with its per-sample ones: FLOPs per sample (all devices' FLOPs over the batch), the
+  useful FLOPs of one sample, and per bound the samples per second of the slice (the batch over its step time)."""
+  figures.update(batch=batch, samples_per_device=batch // num_devices, useful_flops=useful,
+                 flops_per_sample=figures["flops_per_device"] * num_devices / batch)
+  for bound in [*figures["bounds"].values(), figures["chip_bounds"]]:
+    if bound:
+      bound["samples_per_second"] = batch / bound["step_seconds"]
+  return figures
 
 
 def _add_useful_ratios(report: dict, num_devices: int) -> None:
   """Useful FLOPs over compiled FLOPs of the samplers and the whole train step (and the step's with recompute)."""
   for name, figures in report["programs"].items():
     if name.startswith("sampler_"):
-      figures["useful_ratio"] = figures["useful_flops"] / figures["flops_per_device"]
+      figures["useful_ratio"] = figures["useful_flops"] / figures["flops_per_sample"]
   if "train_step" in report["programs"]:
     whole = report["programs"]["train_step"]
     useful = report["useful_train_flops"]

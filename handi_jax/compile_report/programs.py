@@ -212,19 +212,33 @@ def sampler_sizes(report_config) -> list[tuple[int, int]]:
   return sizes
 
 
-def sampler_program(config, mesh, height: int, width: int):
+def sampler_batch_size(config, num_devices: int) -> int:
+  """Samples in one sampler batch as generation runs it (pipeline.Generator.batch_capacity): config.generate.batch_size
+  per device."""
+  return int(config.generate.batch_size) * num_devices
+
+
+def sampler_program(config, devices, height: int, width: int):
   """(lower function of the CFG sampling loop of config.sampling.num_inference_steps steps, abstract args) for one
-  sample of height x width pixels on the one device of `mesh`."""
+  batch of sampler_batch_size samples of height x width pixels laid out as pipeline.Generator._sample lays it out:
+  the batch axis split over `devices` (sharding.batch_mesh), the UNet, the plan and the empty prompt replicated."""
   unet = unet_lib.abstract_unet(config)
   unet_graphdef, unet_state = nnx.split(unet)
   _, plan = pipeline.sampling_plan(config)
+  mesh = sharding.batch_mesh(devices)
+  batch = sampler_batch_size(config, len(devices))
   latent = (height // 8, width // 8)
   channels = config.model.unet.out_channels
   context_dim = config.model.text_encoder.hidden_size
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  args = (unet_state, plan, f32(1, 1, *latent, channels), f32(1, 77, context_dim), f32(1, 77, context_dim),
-          f32(1, *latent, 1), f32(1) if config.model.unet.motion_strength else None, f32(),
-          jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1)))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = (f32(batch, 1, *latent, channels), f32(batch, 77, context_dim), f32(batch, *latent, 1),
+           jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch)))
+  context_latent, text, mask, keys = _batch_split(split, mesh)
+  args = (common.with_shardings(unet_state, replicated), common.with_shardings(plan, replicated), context_latent, text,
+          common.with_shardings(f32(1, 77, context_dim), replicated), mask,
+          common.with_shardings(f32(1), replicated) if config.model.unet.motion_strength else None,
+          common.with_shardings(f32(), replicated), keys)
   lower = functools.partial(guided_sampling.sample_video_jit.lower, unet_graphdef,
                             num_frames=int(config.data.num_frames), init=config.sampling.init)
-  return lower, common.with_shardings(args, NamedSharding(mesh, PartitionSpec()))
+  return lower, args
