@@ -310,6 +310,7 @@ def _variant_paper(config):
   config.train.log_every = 50
   config.train.checkpoint_every = 2000
   config.train.transfer_guard = "disallow"
+  config.stage1_train = ml_collections.ConfigDict()  # stage 1 trains with config.train's fields, as the release
   config.diffusion.prediction_type = "epsilon"
   config.loss.alpha_miou = 0.1
   config.loss.eta_hand = 0.1
