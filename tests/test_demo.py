@@ -9,6 +9,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from configs import common
+from configs import stage1 as stage1_config
 from handi_jax import demo
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_train_config
@@ -22,6 +24,18 @@ def test_distance_inside_mask_by_hand():
   video[:, 1, 1] = 255                      # outside the mask: not counted
   mask = np.array([[True, False], [False, False]])
   assert demo.distance_inside_mask(video, clip, mask) == 5.0
+
+
+def test_the_demo_trains_stage_1_from_its_stage_2_config_with_config_stage1_train(tmp_path):
+  config = common.get_config(stage=2)   # the demo variant
+  stage1 = stage1_config.as_stage1(config.copy_and_resolve_references())
+  assert stage1.stage == 1 and stage1.data.conditioning_mask == "prior" and not stage1.train.freeze_background
+  assert (stage1.train.num_steps, stage1.train.learning_rate) == (config.stage1_train.num_steps,
+                                                                   config.stage1_train.learning_rate)
+  assert stage1.train.num_steps != config.train.num_steps and stage1.loss.alpha_miou > 0
+  assert stage1.to_dict() == stage1_config.get_config().to_dict()   # what configs/stage1.py gives
+  with pytest.raises(ValueError, match="takes the stage-2 config"):
+    demo.run_demo(stage1, str(tmp_path))
 
 
 @pytest.mark.slow
