@@ -269,8 +269,7 @@ def main():
     profile_jax(setup, bench_unet.fast_compile_options() if args.compile == "fast" else {}, args.iters, args.top,
                 args.hlo_out)
   if "torch" in args.sides:
-    profile_torch(setup, args.iters, args.top,
-                args.hlo_out)
+    profile_torch(setup, args.iters, args.top)
 
 
 if __name__ == "__main__":
