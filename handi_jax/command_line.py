@@ -131,6 +131,9 @@ def _message(error: Exception) -> str:
   return str(error)
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str], define_flags: Callable[[], None]) -> list[str]:
   """Define and parse the flags; a bad flag or --config override is an input error. The config file is read
   first on its own, so that an unknown key is named (with the keys near it) before ml_collections fails on it."""
@@ -140,6 +143,10 @@ def _parse_flags(argv: list[str], define_flags: Callable[[], None]) -> list[str]
     try:
       define_flags()  # --config's default is read here, with the overrides, when no --config is given
       return flags.FLAGS(argv)
+    except SystemExit as e:  # absl prints the help asked for, then exits 1: asked-for help is a success
+      if e.code == 1 and any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+        raise SystemExit(0) from None
+      raise
     except flags.IllegalFlagValueError as e:
       raise ValueError(_explain_bad_value(e, config)) from e
     except flags.Error as e:

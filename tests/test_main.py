@@ -90,7 +90,7 @@ def test_input_errors_of_a_mode_are_one_line(tmp_path):
 ])
 def test_help_lists_the_flags_of_the_command(module, own_flags):
   result = _run("--help", module=module)
-  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
   for flag in own_flags:
     assert re.search(rf"^  --(\[no\])?{flag[2:]}:", result.stdout, re.MULTILINE), (flag, result.stdout)
   assert "--config.<field>=<value>" in result.stdout
