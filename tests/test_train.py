@@ -238,7 +238,7 @@ def test_cpu_fast_compile_options_reach_xla_and_keep_the_result():
   config = common.get_config(2)
   cpu = jax.devices("cpu")[0]
   options = train.compiler_options(config, cpu)
-  assert options == {"xla_llvm_disable_expensive_passes": True}
+  assert options == {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 1}
   config.cpu_fast_compile = False
   assert train.compiler_options(config, cpu) == {}
 
