@@ -1,6 +1,7 @@
-"""What a pod user watches (throughput, MFU, time to the next checkpoint, profiles) and surviving preemption:
-SIGTERM saves at the next step boundary and the resumed run ends where an uninterrupted one does; a checkpoint
-written on 8 devices restores onto 4 with another mesh."""
+"""Training end to end on demo data (a tiny model, 8 simulated devices): what a pod user watches (throughput, MFU,
+time to the next checkpoint, profiles), checkpoints, resuming, restoring, and surviving preemption: SIGTERM saves
+at the next step boundary and the resumed run ends where an uninterrupted one does; a checkpoint written on 8
+devices restores onto 4 with another mesh."""
 
 import gzip
 import json
@@ -19,9 +20,11 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import common
 from handi_jax import sharding, train
+from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import train_state
 from handi_jax.components import unet as unet_lib
 from handi_jax.data import demo_clips
@@ -125,12 +128,12 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-  """The demo dataset at the tiny training size (as tests/test_train.py writes it)."""
+  """The demo dataset at the tiny training size."""
   return str(demo_clips.write_demo_dataset(tmp_path_factory.mktemp("demo_data"), tiny_train_config()))
 
 
-def _train_config(demo_dir):
-  config = tiny_train_config(stage=2, steps=NUM_STEPS)
+def _train_config(demo_dir, stage=2):
+  config = tiny_train_config(stage=stage, steps=NUM_STEPS)
   config.data.dir = demo_dir
   # orbax saves step 1 (a first checkpoint), then only the last: saves are slow on a loaded 2-core machine.
   config.train.checkpoint_every = NUM_STEPS
@@ -139,10 +142,11 @@ def _train_config(demo_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_dir, tmp_path_factory):
-  """(final state, workdir, scalars written per step) of NUM_STEPS uninterrupted steps, profiling step 2.
+  """(final state, workdir, scalars written per step) of NUM_STEPS uninterrupted steps, profiling step 2: what the
+  interrupted and resumed runs below must end at.
 
-  In this process: the compile lands in the session's persistent cache, which the training subprocesses of the
-  SIGTERM test (and tests/test_train.py's identical step) then read instead of compiling again."""
+  In this process: the compile lands in the session's persistent cache, which the training subprocess of the
+  SIGTERM test then reads instead of compiling again."""
   config = _train_config(demo_dir)
   config.train.update(profile_start_step=1, profile_num_steps=1)
   workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -151,7 +155,14 @@ def uninterrupted(demo_dir, tmp_path_factory):
   writer.write_scalars.side_effect = lambda step, scalars: written.setdefault(step, {}).update(scalars)
   with mock.patch.object(train.metric_writers, "create_default_writer", return_value=writer):
     state = train.train_and_evaluate(config, str(workdir))
+  # Saved: the multiples of checkpoint_every and the last step; not the first step (orbax's own rule).
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(NUM_STEPS)]
   return state, workdir, written
+
+
+def _train_straight(stage, demo_dir, workdir):
+  """NUM_STEPS uninterrupted steps of `stage` (the fixture above is stage 2's)."""
+  return train.train_and_evaluate(_train_config(demo_dir, stage), str(workdir))
 
 
 def test_training_logs_throughput_and_writes_the_profile(uninterrupted):
@@ -169,6 +180,91 @@ def test_training_logs_throughput_and_writes_the_profile(uninterrupted):
   (trace,) = (workdir / "profile").rglob("*.trace.json.gz")
   events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
   assert any(event.get("name", "").startswith("$train.py:") for event in events)
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, capsys, demo_dir, uninterrupted,
+                                               monkeypatch):
+  caplog.set_level(logging.INFO)
+  config = tiny_train_config(stage=stage, steps=2)
+  config.data.dir = demo_dir
+  # Evaluation during training (its metrics are tested in test_evaluate.py): the evaluator training is given runs
+  # at step 2 with the UNet being trained (eval mode, the train state's weights) and the checkpoint of step 2 on
+  # disk; its scalars and images reach the metric writer.
+  config.train.eval_every = 2
+  evaluated = []
+
+  def evaluator(step, unet, frozen, tokenizer):
+    params = jax.tree.leaves(nnx.state(unet, nnx.Param))
+    dropouts = [m for _, m in nnx.iter_graph(unet) if isinstance(m, nnx.Dropout)]
+    eval_mode = bool(dropouts) and all(d.deterministic for d in dropouts)
+    evaluated.append((step, train_state.checkpoint_manager(config, tmp_path).latest_step(), eval_mode, params))
+    return {"eval/all/full/hs_err": 0.5}, {"eval/contact_generated": np.zeros((1, 4, 6, 3), np.uint8)}
+
+  writers = []
+  create_writer = train.metric_writers.create_default_writer
+  monkeypatch.setattr(train.metric_writers, "create_default_writer",
+                      lambda *a, **k: writers.append(mock.MagicMock(wraps=create_writer(*a, **k))) or writers[-1])
+  state = train.train_and_evaluate(config, str(tmp_path), [evaluator])
+  assert int(state.step) == 2
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+  ((step, on_disk, eval_mode, params),) = evaluated
+  assert (step, on_disk, eval_mode) == (2, 2, True)
+  for a, b in zip(params, jax.tree.leaves(state.params), strict=True):  # the step's weights, not a copy from disk
+    assert a is b or np.array_equal(a, b)
+  writers[0].write_scalars.assert_any_call(2, {"eval/all/full/hs_err": 0.5})
+  ((step, images), _), = writers[0].write_images.call_args_list
+  assert step == 2 and list(images) == ["eval/contact_generated"] and images["eval/contact_generated"].shape == (
+      1, 4, 6, 3)
+  config.train.eval_every = 0
+  first_params = jax.device_get(state.params)
+  leaves = jax.tree.leaves(first_params)
+  assert all(np.isfinite(x).all() for x in leaves)
+
+  # The console's closing line; every checkpoint records the size trained at.
+  last_loss = [c.args[1]["loss"] for c in writers[0].write_scalars.call_args_list if "loss" in c.args[1]][-1]
+  assert f"stage {stage}: trained to step 2, loss {last_loss:.4f}; checkpoint {tmp_path / 'checkpoints' / '2'}" in (
+      capsys.readouterr().out)
+  manager = train_state.checkpoint_manager(config, tmp_path)
+  assert [train_state.recorded_training_size(manager, step) for step in (1, 2)] == [
+      train_state.TrainingSize(height=32, width=32, num_frames=3)] * 2
+
+  # Resume: two more steps continue from step 2 and its input position, not from scratch. The console says so,
+  # and not that the UNet was randomly initialised (its weights come from the checkpoint).
+  config.train.num_steps = 4
+  caplog.clear()
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  console = capsys.readouterr().out
+  assert f"stage {stage}: resumed from step 2 ({tmp_path / 'checkpoints' / '2'})" in console
+  assert f"stage {stage}: trained to step 4, loss " in console
+  assert "randomly initialised from config.model.unet" not in caplog.text
+  assert int(resumed.step) == 4
+  assert (tmp_path / "checkpoints" / "4").is_dir()
+  changed = [not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(jax.device_get(resumed.params)),
+                                                      strict=True)]
+  assert any(changed)
+  assert "resumed from step 2 (input position 2)" in caplog.text
+  # 2 + 2 resumed steps equal 4 uninterrupted ones: the optimizer state and the data position came back.
+  straight = uninterrupted[0] if stage == 2 else _train_straight(stage, demo_dir, tmp_path / "straight")
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(resumed.params)),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+  # Run again when already finished (a second `make demo`): the checkpoint's state, and no model initialised.
+  for module, name in ((train_state, "create_train_state"), (frozen_lib, "load_frozen_models")):
+    monkeypatch.setattr(module, name, lambda *args, name=name, **kw: pytest.fail(f"{name} with nothing to train"))
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert int(again.step) == 4 and "nothing to train" in caplog.text
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # The checkpointed UNet loads for generation and export with exactly the trained parameters.
+  unet = unet_lib.restore_unet(config, str(tmp_path))
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(unet)))  # dropout streams too: no shapes
+  restored = nnx.state(unet, nnx.Param)
+  assert not jax.tree.leaves(resumed.frozen_params)  # trainable = "all"
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(resumed.params)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _flags(config) -> list[str]:
@@ -193,7 +289,7 @@ def _latest_log(workdir) -> str:
 
 
 def test_sigterm_saves_at_the_next_step_and_the_resumed_run_equals_an_uninterrupted_one(demo_dir, uninterrupted,
-                                                                                      tmp_path):
+                                                                                      tmp_path, caplog):
   straight, _, _ = uninterrupted
   config = _train_config(demo_dir)
   config.compilation_cache_dir = jax.config.jax_compilation_cache_dir  # this session's: the step is in it
@@ -222,12 +318,16 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_equals_an_uninterrup
          in log
   assert "train step compiled in" in log
 
-  resumed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from step {saved} (input position {saved})" in _latest_log(tmp_path)
+  # Resumed as the same command would (its train mode is train_and_evaluate with this config), in this process:
+  # the step is compiled here already.
+  caplog.set_level(logging.INFO)
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  assert f"resumed from step {saved} (input position {saved})" in caplog.text
 
   manager = train_state.checkpoint_manager(config, tmp_path)
   state, data_state = train_state.restore_checkpoint(manager, NUM_STEPS, straight)
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(state)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # what it returned is what it saved
   assert data_state == {"position": NUM_STEPS,
                         "training_size": {"height": config.data.height, "width": config.data.width,
                                           "num_frames": config.data.num_frames}}
@@ -239,7 +339,8 @@ _RESTORE_ON_4 = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from handi_jax import sharding
-    from handi_jax.components import train_state
+    from handi_jax.components import frozen as frozen_lib
+from handi_jax.components import train_state
     from handi_jax.components import unet as unet_lib
     from tests.helpers import tiny_train_config
 

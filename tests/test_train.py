@@ -1,7 +1,7 @@
-"""Training end to end on demo data: a tiny model, 8 simulated devices, checkpoints, resume, restore."""
+"""The train step: the release's trainable subset, the real step with its pixel losses reaching the denoiser, the
+configured regression target, the CPU compile options. Training end to end (checkpoints, resume, restore):
+tests/test_preemption.py."""
 
-import logging
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -32,101 +32,6 @@ def test_release_trainable_subset_matches_the_release_rule():
   # reference_spec.md 3.3: 643,846,976 of 1,413,404,420 parameters are trainable.
   assert count(trainable) == 643_846_976
   assert count(trainable) + count(frozen) == 1_413_404_420
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-  """The demo dataset at the tiny training size, written once (the same for both stages)."""
-  return str(demo_clips.write_demo_dataset(tmp_path_factory.mktemp("demo_data"), tiny_train_config()))
-
-
-@pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
-def test_train_checkpoints_resumes_and_restores(tmp_path, stage, caplog, capsys, demo_dir, monkeypatch):
-  caplog.set_level(logging.INFO)
-  config = tiny_train_config(stage=stage, steps=2)
-  config.data.dir = demo_dir
-  # Evaluation during training (its metrics are tested in test_evaluate.py): the evaluator training is given runs
-  # at step 2 with the UNet being trained (eval mode, the train state's weights) and the checkpoint of step 2 on
-  # disk; its scalars and images reach the metric writer.
-  config.train.eval_every = 2
-  evaluated = []
-
-  def evaluator(step, unet, frozen, tokenizer):
-    params = jax.tree.leaves(nnx.state(unet, nnx.Param))
-    dropouts = [m for _, m in nnx.iter_graph(unet) if isinstance(m, nnx.Dropout)]
-    eval_mode = bool(dropouts) and all(d.deterministic for d in dropouts)
-    evaluated.append((step, train_state.checkpoint_manager(config, tmp_path).latest_step(), eval_mode, params))
-    return {"eval/all/full/hs_err": 0.5}, {"eval/contact_generated": np.zeros((1, 4, 6, 3), np.uint8)}
-
-  writers = []
-  create_writer = train.metric_writers.create_default_writer
-  monkeypatch.setattr(train.metric_writers, "create_default_writer",
-                      lambda *a, **k: writers.append(mock.MagicMock(wraps=create_writer(*a, **k))) or writers[-1])
-  state = train.train_and_evaluate(config, str(tmp_path), [evaluator])
-  assert int(state.step) == 2
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
-  ((step, on_disk, eval_mode, params),) = evaluated
-  assert (step, on_disk, eval_mode) == (2, 2, True)
-  for a, b in zip(params, jax.tree.leaves(state.params), strict=True):  # the step's weights, not a copy from disk
-    assert a is b or np.array_equal(a, b)
-  writers[0].write_scalars.assert_any_call(2, {"eval/all/full/hs_err": 0.5})
-  ((step, images), _), = writers[0].write_images.call_args_list
-  assert step == 2 and list(images) == ["eval/contact_generated"] and images["eval/contact_generated"].shape == (
-      1, 4, 6, 3)
-  config.train.eval_every = 0
-  first_params = jax.device_get(state.params)
-  leaves = jax.tree.leaves(first_params)
-  assert all(np.isfinite(x).all() for x in leaves)
-
-  # The console's closing line; every checkpoint records the size trained at.
-  last_loss = [c.args[1]["loss"] for c in writers[0].write_scalars.call_args_list if "loss" in c.args[1]][-1]
-  assert f"stage {stage}: trained to step 2, loss {last_loss:.4f}; checkpoint {tmp_path / 'checkpoints' / '2'}" in (
-      capsys.readouterr().out)
-  manager = train_state.checkpoint_manager(config, tmp_path)
-  assert [train_state.recorded_training_size(manager, step) for step in (1, 2)] == [
-      train_state.TrainingSize(height=32, width=32, num_frames=3)] * 2
-
-  # Resume: two more steps continue from step 2 and its input position, not from scratch. The console says so,
-  # and not that the UNet was randomly initialised (its weights come from the checkpoint).
-  config.train.num_steps = 4
-  caplog.clear()
-  resumed = train.train_and_evaluate(config, str(tmp_path))
-  console = capsys.readouterr().out
-  assert f"stage {stage}: resumed from step 2 ({tmp_path / 'checkpoints' / '2'})" in console
-  assert f"stage {stage}: trained to step 4, loss " in console
-  assert "randomly initialised from config.model.unet" not in caplog.text
-  assert int(resumed.step) == 4
-  assert (tmp_path / "checkpoints" / "4").is_dir()
-  changed = [not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(jax.device_get(resumed.params)),
-                                                      strict=True)]
-  assert any(changed)
-  assert "resumed from step 2 (input position 2)" in caplog.text
-  # 2 + 2 resumed steps equal 4 uninterrupted ones: the optimizer state and the data position came back.
-  config_straight = tiny_train_config(stage=stage, steps=4)
-  config_straight.data.dir = demo_dir
-  config_straight.train.update(checkpoint_every=3, keep_checkpoints=5)
-  straight = train.train_and_evaluate(config_straight, str(tmp_path / "straight"))
-  # Saved: the multiples of checkpoint_every and the last step; not the first step (orbax's own rule).
-  assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["3", "4"]
-  for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(resumed.params)),
-                  strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-
-  # Run again when already finished (a second `make demo`): the checkpoint's state, and no model initialised.
-  for module, name in ((train_state, "create_train_state"), (frozen_lib, "load_frozen_models")):
-    monkeypatch.setattr(module, name, lambda *args, name=name, **kw: pytest.fail(f"{name} with nothing to train"))
-  again = train.train_and_evaluate(config, str(tmp_path))
-  assert int(again.step) == 4 and "nothing to train" in caplog.text
-  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(resumed), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-  # The checkpointed UNet loads for generation and export with exactly the trained parameters.
-  unet = unet_lib.restore_unet(config, str(tmp_path))
-  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(unet)))  # dropout streams too: no shapes
-  restored = nnx.state(unet, nnx.Param)
-  assert not jax.tree.leaves(resumed.frozen_params)  # trainable = "all"
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(resumed.params)), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------------------------------------------
