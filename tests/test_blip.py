@@ -20,6 +20,9 @@ from handi_jax.models.blip import BlipForConditionalGeneration
 from handi_jax.models.egovlp_text import EgoVlpTextEncoder
 
 TOLERANCE = 1e-5
+# Of the reference's largest magnitude, for outputs of O(10) (the logits): float32 round-off, a few units in the last
+# place, which XLA:CPU's code generation moves with its optimisation level (tests/conftest.py compiles at level 1).
+RELATIVE_TOLERANCE = 4e-6
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture", "of", "man", "woman", "cuts", "onion", "with",
          "knife", "the", "hand", "pick", "up", "egg", "bowl", "pan", "[DEC]"]
 PAD, SEP, DEC = WORDS.index("[PAD]"), WORDS.index("[SEP]"), WORDS.index("[DEC]")
@@ -142,16 +145,16 @@ def test_vision_features_and_next_token_logits_match_transformers(captioner):
   with torch.no_grad():
     theirs = reference(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), input_ids=torch.from_numpy(ids))
   image_embeds = np.asarray(nnx.jit(lambda m, x: m.vision_model(x))(model, pixels))
-  vision_error = np.abs(image_embeds - theirs.image_embeds.numpy()).max()
+  vision_error = np.abs(image_embeds - theirs.image_embeds.numpy()).max() / np.abs(theirs.image_embeds.numpy()).max()
   buffer = np.full((2, 3, 20), PAD, np.int32)
   buffer[:, :, :ids.shape[1]] = ids[:, None]
   states = blip._image_states(model, pixels)
   decode = nnx.jit(lambda decoder, tokens, states, length: decoder(tokens, states, length))
   logits = np.stack([np.asarray(decode(model.text_decoder, buffer.reshape(6, 20), states, length))
                      for length in range(1, ids.shape[1] + 1)], axis=1).reshape(2, 3, ids.shape[1], -1)
-  logits_error = np.abs(logits - theirs.logits.numpy()[:, None]).max()
-  print(f"BLIP parity: image tokens max error {vision_error:.1e}, logits max error {logits_error:.1e}")
-  assert vision_error < TOLERANCE and logits_error < TOLERANCE
+  logits_error = np.abs(logits - theirs.logits.numpy()[:, None]).max() / np.abs(theirs.logits.numpy()).max()
+  print(f"BLIP parity, of their largest value: image tokens max error {vision_error:.1e}, logits {logits_error:.1e}")
+  assert vision_error < RELATIVE_TOLERANCE and logits_error < RELATIVE_TOLERANCE
 
 
 def test_egovlp_text_embeddings_match_the_torch_tower(tmp_path):

@@ -339,8 +339,7 @@ _RESTORE_ON_4 = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from handi_jax import sharding
-    from handi_jax.components import frozen as frozen_lib
-from handi_jax.components import train_state
+    from handi_jax.components import train_state
     from handi_jax.components import unet as unet_lib
     from tests.helpers import tiny_train_config
 
