@@ -6,8 +6,7 @@ STAMP := $(VENV)/.installed
 RUNTIME := $(VENV)/.installed-runtime
 PYTEST_ARGS ?=
 # pytest-xdist workers: two keep this 2-core machine busy through the suite's compiles and waits; a file's tests
-# stay in one worker, so its module fixtures are built once; files start in collection order (tests/conftest.py puts
-# the longest first), not xdist's most-tests-first.
+# stay in one worker, so its module fixtures are built once.
 TEST_WORKERS ?= 2
 
 .PHONY: venv test test-all lint demo app browser clean
@@ -28,10 +27,10 @@ $(STAMP): $(RUNTIME) requirements-dev.txt
 venv: $(STAMP)
 
 test: $(STAMP) browser  ## default suite (everything not marked slow)
-	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(STAMP) browser  ## also the slow cases
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check handi_jax configs data_prep tests launch

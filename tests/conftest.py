@@ -30,17 +30,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
 
-# Modules of minutes each (compiles of real train steps and subprocesses), started first: the two xdist workers then
-# end together instead of one finishing a long module alone.
-_LONGEST_FIRST = ("test_preemption.py", "test_train_sharded.py", "test_main.py", "test_evaluate.py", "test_train.py",
-                  "test_generate.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within a module kept
-
-
 def pytest_collection_finish(session):
   """Every test module is imported now (torch, TF, transformers: millions of objects that live to the end). Frozen,
   the garbage collector's full passes skip them: tracing and orbax's saves trigger many such passes."""
