@@ -133,6 +133,20 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
             f"{manager.directory / str(step)}")
   return state
 
+def compile_into_cache(config) -> None:
+  """Compile the train step of `config` as train_and_evaluate will (the same abstract inputs, layout and options)
+  into XLA's persistent compilation cache, whose entry train_and_evaluate then loads instead of compiling. A no-op
+  without a cache (config.compilation_cache_dir). XLA releases the GIL while it compiles, so a thread can compile
+  one stage's step while another stage trains (--mode=demo does)."""
+  if not jax.config.jax_compilation_cache_dir:
+    return
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    unet_graphdef, state_sh, frozen_sh, args = train_step.abstract_train_inputs(config, mesh)
+    step_fn = train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh)
+    step_fn.lower(*args).compile(compiler_options(config, mesh.devices.flat[0]))
+  logging.info("stage-%d train step compiled into the compilation cache", config.stage)
+
 @contextlib.contextmanager
 def preemption_notice(manager: ocp.CheckpointManager):
   """Yields preempted(step) -> bool: True at the step boundary where training saves and stops after a SIGTERM

@@ -18,8 +18,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from handi_jax import conditioning, losses, sharding
-from handi_jax.components import train_state
+from handi_jax.components import common, train_state
+from handi_jax.components import frozen as frozen_lib
+from handi_jax.components import unet as unet_lib
 from handi_jax.components.frozen import FrozenModels
+from handi_jax.data import input_pipeline
 from handi_jax.diffusion import schedules
 from handi_jax.models import vae as vae_lib
 
@@ -89,3 +92,20 @@ def jit_train_step(config, mesh, unet_graphdef, state_sh: train_state.TrainState
   return jax.jit(make_train_step(config, unet_graphdef),
                  in_shardings=(state_sh, replicated, frozen_sh, sharding.batch_sharding(mesh, 1), replicated),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
+
+
+def abstract_train_inputs(config, mesh):
+  """(unet graphdef, state shardings, frozen-model shardings, abstract args of the train step), laid out as
+  training lays them out (train_state.abstract_train_state, frozen.frozen_shardings)."""
+  unet = unet_lib.abstract_unet(config)
+  graphdef, _, _, rng_state = train_state.split_unet(unet, config)
+  abstract_state, state_sh = train_state.abstract_train_state(config, mesh, unet)
+  frozen = frozen_lib.abstract_frozen_models(config)
+  frozen_sh = frozen_lib.frozen_shardings(frozen, mesh, config)
+  batch_sh = sharding.batch_sharding(mesh, 1)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
+           for k, v in input_pipeline.batch_shapes(config, with_input_ids=True, mesh=mesh).items()}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  args = (abstract_state, common.with_shardings(rng_state, replicated), common.with_shardings(frozen, frozen_sh),
+          batch, common.with_shardings(jax.eval_shape(lambda: jax.random.key(0)), replicated))
+  return graphdef, state_sh, frozen_sh, args

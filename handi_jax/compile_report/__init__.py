@@ -59,7 +59,7 @@ import functools
 
 import jax
 
-from handi_jax import sharding
+from handi_jax import sharding, train_step
 from handi_jax.compile_report import measure, programs, table, targets, useful_flops, whole_step
 from handi_jax.compile_report.measure import REPORT_FILE
 from handi_jax.compile_report.programs import PARTS
@@ -128,7 +128,7 @@ def _measure_train_step(config, mesh, chip, measure_here, report: dict, workdir)
     if parts == "pixel_loss":
       report["programs"]["train_step"] = whole_step.combine_parts(report["programs"], chip)
     elif parts == "blocks":
-      _, _, _, step_args = programs.abstract_train_inputs(config, mesh)
+      _, _, _, step_args = train_step.abstract_train_inputs(config, mesh)
       report["programs"]["train_step"] = whole_step.combine_blocks(
           report["programs"], measure.sharded_bytes(step_args), measure.sharded_bytes(step_args[0].params), chip)
 

@@ -14,35 +14,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from handi_jax import losses, pipeline, sharding, train_step
 from handi_jax.compile_report import measure, useful_flops
 from handi_jax.components import common, train_state
-from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import unet as unet_lib
-from handi_jax.data import input_pipeline
 from handi_jax.diffusion import guided_sampling
 from handi_jax.models import vae as vae_lib
 
 PARTS = ("none", "pixel_loss", "blocks")  # config.compile_report.parts
 
 
-def abstract_train_inputs(config, mesh):
-  """(unet graphdef, state shardings, frozen-model shardings, abstract args of the train step), laid out as
-  training lays them out (train_state.abstract_train_state, frozen.frozen_shardings)."""
-  unet = unet_lib.abstract_unet(config)
-  graphdef, _, _, rng_state = train_state.split_unet(unet, config)
-  abstract_state, state_sh = train_state.abstract_train_state(config, mesh, unet)
-  frozen = frozen_lib.abstract_frozen_models(config)
-  frozen_sh = frozen_lib.frozen_shardings(frozen, mesh, config)
-  batch_sh = sharding.batch_sharding(mesh, 1)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
-           for k, v in input_pipeline.batch_shapes(config, with_input_ids=True, mesh=mesh).items()}
-  replicated = NamedSharding(mesh, PartitionSpec())
-  args = (abstract_state, common.with_shardings(rng_state, replicated), common.with_shardings(frozen, frozen_sh),
-          batch, common.with_shardings(jax.eval_shape(lambda: jax.random.key(0)), replicated))
-  return graphdef, state_sh, frozen_sh, args
-
-
 def train_step_program(config, mesh):
   """(lower function, abstract args) of train_step.jit_train_step, the step as training compiles it."""
-  unet_graphdef, state_sh, frozen_sh, args = abstract_train_inputs(config, mesh)
+  unet_graphdef, state_sh, frozen_sh, args = train_step.abstract_train_inputs(config, mesh)
   return train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh).lower, args
 
 
@@ -57,7 +38,7 @@ def _without_pixel_loss(config):
 def pixel_loss_program(config, mesh):
   """(lower function of the pixel loss + its gradient with respect to x0, abstract args): the part of the step
   that decodes, with the frozen models and the batch laid out as in training."""
-  _, _, frozen_sh, (_, _, frozen, batch, key) = abstract_train_inputs(config, mesh)
+  _, _, frozen_sh, (_, _, frozen, batch, key) = train_step.abstract_train_inputs(config, mesh)
   x0_shape = batch["frames"].shape[:-1][:2] + (config.data.height // 8, config.data.width // 8,
                                               config.model.unet.out_channels)
   x0 = jax.ShapeDtypeStruct(x0_shape, jnp.float32, sharding=batch["frames"].sharding)
@@ -83,7 +64,7 @@ def pixel_loss_program(config, mesh):
 def frozen_forward_program(config, mesh):
   """(lower function, abstract args) of the step's frozen-model forward: the VAE encode of the batch's frames and
   the text encoder on the prompts and the empty prompt."""
-  _, _, frozen_sh, (_, _, frozen, batch, _) = abstract_train_inputs(config, mesh)
+  _, _, frozen_sh, (_, _, frozen, batch, _) = train_step.abstract_train_inputs(config, mesh)
 
   def frozen_forward(frozen, batch):
     vae = nnx.merge(frozen.vae_graphdef, frozen.vae)
@@ -97,7 +78,7 @@ def frozen_forward_program(config, mesh):
 
 def optimizer_program(config, mesh):
   """(lower function, abstract args) of the step's AdamW update: (state, gradients) -> state, state donated."""
-  _, state_sh, _, (state, *_) = abstract_train_inputs(config, mesh)
+  _, state_sh, _, (state, *_) = train_step.abstract_train_inputs(config, mesh)
   tx = train_state.make_optimizer(config)
 
   def update(state, grads):
