@@ -96,6 +96,18 @@ def test_stream_is_deterministic_and_resumes_from_position(dataset):
   np.testing.assert_array_equal(_host(batch, "frames"), _host(next(reference), "frames"))
 
 
+def test_the_stream_is_not_autotuned_so_training_ends_without_waiting_for_tf_data(dataset):
+  """Deleting an autotuned tf.data iterator waits for its model thread, asleep for up to 60 s between
+  optimisations: in `make demo`, 20-56 s of standing still after a stage's last checkpoint, in C++
+  (RootDataset::Iterator::~Iterator)."""
+  path, _ = dataset
+  config = _config(2, path, **{"train.global_batch_size": 8})
+  stream = input_pipeline.InputPipeline(config, sharding.make_mesh(config))
+  next(stream)
+  options = stream._dataset.options()
+  assert options.autotune.enabled is False and options.deterministic is True
+
+
 def test_each_process_reads_its_own_files(dataset):
   path, clips = dataset
   assert len(schema.split_files(path, "train")) == 2

@@ -168,6 +168,9 @@ class InputPipeline:
 
     options = tf.data.Options()
     options.deterministic = True
+    # No autotuning: deleting an autotuned iterator waits for its model thread, which sleeps up to 60 s between
+    # optimisations (training's end stood still 20-56 s). AUTOTUNE parallelism is then the host's core count.
+    options.autotune.enabled = False
     # Shuffle, then repeat: every epoch is one full pass over this host's clips, in a new order.
     records = (tf.data.Dataset.from_tensor_slices(files)
                .shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
