@@ -71,16 +71,15 @@ def run_demo(config, workdir: str) -> dict:
   seconds["data"] = time.perf_counter() - started
 
   stages = {2: (config, workdir), 1: (stage1_config.as_stage1(config.copy_and_resolve_references()), stage1_dir)}
-  # Stage 1's step compiles into the compilation cache in a thread while stage 2 traces, compiles and trains: those
-  # leave part of the 2 cores idle, and stage 1 then loads its step from the cache.
+  # Stage 1's step is traced and compiled in a thread while stage 2 traces, compiles and trains, which leave part of
+  # the 2 cores idle; compiling either step is part of its stage's phase.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    stage1_step = pool.submit(train.compile_into_cache, stages[1][0])
+    stage1_step = pool.submit(train.compile_train_step, stages[1][0])
     for stage, (stage_config, stage_dir) in stages.items():
       started = time.perf_counter()
-      if stage == 1:
-        stage1_step.result()
       evaluators = during_training.evaluators_from_config(stage_config, stage_dir)
-      train.train_and_evaluate(stage_config, str(stage_dir), evaluators)  # compiling the step is part of this phase
+      train.train_and_evaluate(stage_config, str(stage_dir), evaluators,
+                               compiled_step=stage1_step.result() if stage == 1 else None)
       seconds[f"train stage {stage}"] = time.perf_counter() - started
 
   started = time.perf_counter()

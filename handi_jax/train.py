@@ -34,9 +34,11 @@ from handi_jax.data import input_pipeline
 Evaluator = Callable[[int, nnx.Module, frozen_lib.FrozenModels, object], tuple[dict, dict]]
 
 
-def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = ()) -> train_state.TrainState:
+def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (),
+                       compiled_step: jax.stages.Compiled | None = None) -> train_state.TrainState:
   """Train config.train.num_steps steps, resuming from the latest checkpoint in workdir; every
-  config.train.eval_every steps, run `evaluators` and write what they return (scalars, images) to the metrics."""
+  config.train.eval_every steps, run `evaluators` and write what they return (scalars, images) to the metrics.
+  compiled_step: compile_train_step(config)'s result, used instead of tracing and compiling the step here."""
   workdir = fileio.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
@@ -84,11 +86,14 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
         batch = {k: v for k, v in next(data).items() if isinstance(v, jax.Array)}  # drop host-side text
         args = (rng_state, frozen, batch, step_rng)
         if index == first:  # compile ahead of time: its own phase on the console, its time in the log
-          with tqdm.tqdm(total=1, desc=f"compile stage-{config.stage} train step", disable=quiet) as compiling:
-            started = time.perf_counter()
-            step_fn = step_fn.lower(state, *args).compile(compiler_options(config, mesh.devices.flat[0]))
-            compiling.update()
-          logging.info("train step compiled in %.1f s", time.perf_counter() - started)
+          if compiled_step is None:
+            with tqdm.tqdm(total=1, desc=f"compile stage-{config.stage} train step", disable=quiet) as compiling:
+              started = time.perf_counter()
+              step_fn = step_fn.lower(state, *args).compile(compiler_options(config, mesh.devices.flat[0]))
+              compiling.update()
+            logging.info("train step compiled in %.1f s", time.perf_counter() - started)
+          else:
+            step_fn = compiled_step
           report = ProgressReport(config.train, writer, examples_per_step=batch["frames"].shape[0],
                                   flops_per_device=step_flops(step_fn), peak_flops=peak_flops(mesh.devices.flat[0]))
           bar = tqdm.tqdm(total=num_steps, initial=first, desc=f"train stage {config.stage}", unit="step",
@@ -133,19 +138,15 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
             f"{manager.directory / str(step)}")
   return state
 
-def compile_into_cache(config) -> None:
-  """Compile the train step of `config` as train_and_evaluate will (the same abstract inputs, layout and options)
-  into XLA's persistent compilation cache, whose entry train_and_evaluate then loads instead of compiling. A no-op
-  without a cache (config.compilation_cache_dir). XLA releases the GIL while it compiles, so a thread can compile
-  one stage's step while another stage trains (--mode=demo does)."""
-  if not jax.config.jax_compilation_cache_dir:
-    return
+def compile_train_step(config) -> jax.stages.Compiled:
+  """The train step of `config` compiled as train_and_evaluate compiles it (the same program, layout and options),
+  from abstract inputs: train_and_evaluate(compiled_step=...) then neither traces nor compiles. XLA releases the
+  GIL while it compiles, so a thread can compile one stage's step while another stage trains (--mode=demo does)."""
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
     unet_graphdef, state_sh, frozen_sh, args = train_step.abstract_train_inputs(config, mesh)
     step_fn = train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh)
-    step_fn.lower(*args).compile(compiler_options(config, mesh.devices.flat[0]))
-  logging.info("stage-%d train step compiled into the compilation cache", config.stage)
+    return step_fn.lower(*args).compile(compiler_options(config, mesh.devices.flat[0]))
 
 @contextlib.contextmanager
 def preemption_notice(manager: ocp.CheckpointManager):

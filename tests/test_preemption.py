@@ -160,37 +160,18 @@ def uninterrupted(demo_dir, tmp_path_factory):
   return state, workdir, written
 
 
-class _Compiled(Exception):
-  """Raised instead of compiling: the test needs the program, not the executable."""
-
-
-def test_compile_into_cache_compiles_the_program_training_compiles(demo_dir, tmp_path, monkeypatch):
-  """--mode=demo compiles stage 1's step ahead (train.compile_into_cache) for stage 1's run to load it from the
-  persistent cache. A cache entry is keyed by the program (without source locations) and the compile options, so
-  both must be the same: from abstract inputs there, from the initialised state and a real batch here."""
-  config = _train_config(demo_dir, stage=1)
-  programs = []
-
-  def compile_(lowered, compiler_options=None):
-    programs.append((lowered.as_text(debug_info=False), compiler_options))
-    raise _Compiled
-
-  monkeypatch.setattr(jax.stages.Lowered, "compile", compile_)
-  with pytest.raises(_Compiled):
-    train.compile_into_cache(config)
-  with pytest.raises(_Compiled):
-    train.train_and_evaluate(config, str(tmp_path))
-  (ahead, ahead_options), (training, training_options) = programs
-  assert ahead_options == training_options == train.compiler_options(config, jax.devices()[0])
-  assert "jit_train_step" in ahead and ahead == training
-  # Without a persistent cache there is nothing to fill: no work.
-  directory = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", None)
-  try:
-    train.compile_into_cache(config)
-  finally:
-    jax.config.update("jax_compilation_cache_dir", directory)
-  assert len(programs) == 2
+def test_a_step_compiled_ahead_trains_as_the_step_training_compiles(demo_dir, uninterrupted, tmp_path, monkeypatch):
+  """--mode=demo compiles stage 1's step in a thread while stage 2 trains (train.compile_train_step, from abstract
+  inputs) and hands it to stage 1's run, which then neither traces nor compiles: it must train as training's own."""
+  straight, _, _ = uninterrupted
+  config = _train_config(demo_dir)
+  compiled = train.compile_train_step(config)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda *a, **k: pytest.fail("training compiled its step"))
+  state = train.train_and_evaluate(config, str(tmp_path), compiled_step=compiled)
+  assert int(state.step) == NUM_STEPS
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(state.params)),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def _train_straight(stage, demo_dir, workdir):
