@@ -7,6 +7,7 @@ handed to train_and_evaluate (handi_jax.evaluation.during_training builds them f
 imports an evaluation job.
 """
 
+import concurrent.futures
 import contextlib
 import signal
 import threading
@@ -35,10 +36,12 @@ Evaluator = Callable[[int, nnx.Module, frozen_lib.FrozenModels, object], tuple[d
 
 
 def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (),
-                       compiled_step: jax.stages.Compiled | None = None) -> train_state.TrainState:
+                       compiled_step: jax.stages.Compiled | concurrent.futures.Future | None = None
+                       ) -> train_state.TrainState:
   """Train config.train.num_steps steps, resuming from the latest checkpoint in workdir; every
   config.train.eval_every steps, run `evaluators` and write what they return (scalars, images) to the metrics.
-  compiled_step: compile_train_step(config)'s result, used instead of tracing and compiling the step here."""
+  compiled_step: compile_train_step(config)'s result, used instead of tracing and compiling the step here; or a
+  Future of it, compiling in another thread while this run initialises its models and data."""
   workdir = fileio.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
@@ -86,12 +89,16 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
         batch = {k: v for k, v in next(data).items() if isinstance(v, jax.Array)}  # drop host-side text
         args = (rng_state, frozen, batch, step_rng)
         if index == first:  # compile ahead of time: its own phase on the console, its time in the log
-          if compiled_step is None:
+          if not isinstance(compiled_step, jax.stages.Compiled):
             with tqdm.tqdm(total=1, desc=f"compile stage-{config.stage} train step", disable=quiet) as compiling:
               started = time.perf_counter()
-              step_fn = step_fn.lower(state, *args).compile(compiler_options(config, mesh.devices.flat[0]))
+              if compiled_step is None:
+                step_fn = step_fn.lower(state, *args).compile(compiler_options(config, mesh.devices.flat[0]))
+              else:
+                step_fn = compiled_step.result()
               compiling.update()
-            logging.info("train step compiled in %.1f s", time.perf_counter() - started)
+            logging.info("train step compiled in %.1f s (%s)", time.perf_counter() - started,
+                         "here" if compiled_step is None else "waited for the thread compiling it")
           else:
             step_fn = compiled_step
           report = ProgressReport(config.train, writer, examples_per_step=batch["frames"].shape[0],
@@ -138,15 +145,23 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
             f"{manager.directory / str(step)}")
   return state
 
-def compile_train_step(config) -> jax.stages.Compiled:
-  """The train step of `config` compiled as train_and_evaluate compiles it (the same program, layout and options),
-  from abstract inputs: train_and_evaluate(compiled_step=...) then neither traces nor compiles. XLA releases the
-  GIL while it compiles, so a thread can compile one stage's step while another stage trains (--mode=demo does)."""
+
+def lower_train_step(config) -> jax.stages.Lowered:
+  """The train step of `config` traced as train_and_evaluate traces it (the same program and layout), from abstract
+  inputs: no weights are initialised."""
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
     unet_graphdef, state_sh, frozen_sh, args = train_step.abstract_train_inputs(config, mesh)
-    step_fn = train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh)
-    return step_fn.lower(*args).compile(compiler_options(config, mesh.devices.flat[0]))
+    return train_step.jit_train_step(config, mesh, unet_graphdef, state_sh, frozen_sh).lower(*args)
+
+
+def compile_train_step(config, lowered: jax.stages.Lowered | None = None) -> jax.stages.Compiled:
+  """`lowered` (lower_train_step(config) if None) compiled with training's options:
+  train_and_evaluate(compiled_step=...) then neither traces nor compiles. XLA releases the GIL while it compiles, so
+  threads can compile steps while the main thread initialises or trains (--mode=demo does)."""
+  lowered = lowered or lower_train_step(config)
+  return lowered.compile(compiler_options(config, sharding.make_mesh(config).devices.flat[0]))
+
 
 @contextlib.contextmanager
 def preemption_notice(manager: ocp.CheckpointManager):
@@ -169,6 +184,7 @@ def preemption_notice(manager: ocp.CheckpointManager):
   finally:
     signal.signal(signal.SIGTERM, previous)
 
+
 def step_flops(compiled) -> float:
   """Per-device FLOPs of one train step: XLA's cost analysis with loop bodies (the chunked pixel losses) counted
   at their trip counts."""
@@ -176,12 +192,14 @@ def step_flops(compiled) -> float:
   logging.info("train step: %.4g GFLOP per device (XLA cost analysis, loops at their trip counts)", flops / 1e9)
   return flops
 
+
 def compiler_options(config, device: jax.Device) -> dict:
   """XLA options for the train step: on CPU with config.cpu_fast_compile, LLVM optimises at level 1 without its
   expensive passes (the demo's step compiles in 63 s instead of 92 s and runs 4% slower; level 0 runs 2.6x slower)."""
   if config.cpu_fast_compile and device.platform == "cpu":
     return {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 1}
   return {}
+
 
 def peak_flops(device: jax.Device) -> float | None:
   """The chip's peak dense bf16 FLOP/s from handi_jax.chips; None (and no MFU) where the table has no entry."""
@@ -192,10 +210,12 @@ def peak_flops(device: jax.Device) -> float | None:
     return None
   return chip.peak_bf16_flops
 
+
 def steps_to_checkpoint(step: int, train_config) -> int:
   """Steps from `step` to the next checkpoint: one every checkpoint_every steps, at each evaluation, at the end."""
   intervals = [train_config.checkpoint_every] + ([train_config.eval_every] if train_config.eval_every else [])
   return min([train_config.num_steps] + [(step // n + 1) * n for n in intervals]) - step
+
 
 def throughput_scalars(steps_per_sec: float, examples_per_step: int, flops_per_device: float,
                        peak_flops_per_device: float | None, steps_left_to_checkpoint: int) -> dict[str, float]:
@@ -207,6 +227,7 @@ def throughput_scalars(steps_per_sec: float, examples_per_step: int, flops_per_d
   if peak_flops_per_device:
     scalars["mfu"] = flops_per_sec / peak_flops_per_device
   return scalars
+
 
 class ProgressReport(periodic_actions.ReportProgress):
   """clu's ReportProgress every config.train.log_every steps (steps_per_sec and uptime to the writer, progress and
@@ -228,6 +249,7 @@ class ProgressReport(periodic_actions.ReportProgress):
     self._writer.write_scalars(step, throughput_scalars(
         steps_per_sec, self._examples_per_step, self._flops_per_device, self._peak_flops,
         steps_to_checkpoint(step, self._train_config)))
+
 
 class ProfileWindow:
   """config.train.profile_start_step > 0: a jax.profiler trace of the profile_num_steps steps after that step in
@@ -257,6 +279,7 @@ class ProfileWindow:
     jax.profiler.stop_trace()
     self.tracing = False
     logging.info("profile of steps %d to %s written to %s", self.start + 1, step or "the end", self.directory)
+
 
 def _flatten(tree, prefix=""):
   out = {}

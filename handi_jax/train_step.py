@@ -85,6 +85,7 @@ def make_train_step(config, unet_graphdef):
 
   return train_step
 
+
 def jit_train_step(config, mesh, unet_graphdef, state_sh: train_state.TrainState, frozen_sh: FrozenModels):
   """make_train_step jitted with the training layout: state and frozen models sharded as given, the batch split
   over the mesh's batch axes, RNG state and key replicated; the state is donated."""
