@@ -3,6 +3,7 @@ time to the next checkpoint, profiles), checkpoints, resuming, restoring, and su
 at the next step boundary and the resumed run ends where an uninterrupted one does; a checkpoint written on 8
 devices restores onto 4 with another mesh."""
 
+import concurrent.futures
 import gzip
 import json
 import logging
@@ -161,13 +162,18 @@ def uninterrupted(demo_dir, tmp_path_factory):
 
 
 def test_a_step_compiled_ahead_trains_as_the_step_training_compiles(demo_dir, uninterrupted, tmp_path, monkeypatch):
-  """--mode=demo compiles stage 1's step in a thread while stage 2 trains (train.compile_train_step, from abstract
-  inputs) and hands it to stage 1's run, which then neither traces nor compiles: it must train as training's own."""
+  """--mode=demo traces each stage's step from abstract inputs (train.lower_train_step) and compiles it in a thread
+  (train.compile_train_step) while the run initialises; the run takes the Future and then neither traces nor
+  compiles: it must train as training's own step."""
   straight, _, _ = uninterrupted
   config = _train_config(demo_dir)
-  compiled = train.compile_train_step(config)
-  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda *a, **k: pytest.fail("training compiled its step"))
-  state = train.train_and_evaluate(config, str(tmp_path), compiled_step=compiled)
+  lowered = train.lower_train_step(config)
+  compile_lowered = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: pytest.fail("training compiled its step")
+                      if self is not lowered else compile_lowered(self, *a, **k))
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    compiled = pool.submit(train.compile_train_step, config, lowered)
+    state = train.train_and_evaluate(config, str(tmp_path), compiled_step=compiled)
   assert int(state.step) == NUM_STEPS
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(state.params)),
                   strict=True):
