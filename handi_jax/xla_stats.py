@@ -11,6 +11,7 @@ program is one device's program.
 """
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -40,10 +41,14 @@ class _Instruction:
   name: str
   shape: str
   opcode: str
-  operands: list[str]
-  arguments: str     # the text inside the parentheses (a constant's value)
+  arguments: str     # the text inside the parentheses: the operands, or a constant's value
   attributes: str
   root: bool
+
+  @functools.cached_property
+  def operands(self) -> list[str]:
+    """Operand names, parsed when first asked for: most instructions' never are (a third of a parse's time)."""
+    return [] if self.opcode == "constant" else _operand_names(self.arguments)
 
 
 def _closing(text: str, start: int) -> int:
@@ -71,9 +76,7 @@ def _split_instruction(line: str) -> _Instruction | None:
     return None
   start = op.end() - 1
   end = _closing(rest, start)
-  arguments = rest[start + 1:end]
-  operands = [] if op.group(1) == "constant" else _operand_names(arguments)
-  return _Instruction(match.group(2), shape, op.group(1), operands, arguments, rest[end + 1:], bool(match.group(1)))
+  return _Instruction(match.group(2), shape, op.group(1), rest[start + 1:end], rest[end + 1:], bool(match.group(1)))
 
 
 def _operand_names(arguments: str) -> list[str]:
