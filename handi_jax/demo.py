@@ -88,7 +88,6 @@ def run_demo(config, workdir: str) -> dict:
       seconds[f"train stage {stage}"] = time.perf_counter() - started
       started = time.perf_counter()
 
-  started = time.perf_counter()
   image, mask, clip, inside = _demo_sample(config, workdir)
   caption = clip["caption"]
   # One seed for both: the true-mask video is the one stage 2 alone made before the demo trained stage 1.

@@ -97,8 +97,8 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
               else:
                 step_fn = compiled_step.result()
               compiling.update()
-            logging.info("train step compiled in %.1f s (%s)", time.perf_counter() - started,
-                         "here" if compiled_step is None else "waited for the thread compiling it")
+            logging.info("train step compiled in %.1f s" if compiled_step is None else
+                         "train step: waited %.1f s for the thread compiling it", time.perf_counter() - started)
           else:
             step_fn = compiled_step
           report = ProgressReport(config.train, writer, examples_per_step=batch["frames"].shape[0],
