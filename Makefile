@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNTIME := $(VENV)/.installed-runtime
+BYTECODE := $(VENV)/.compiled
 PYTEST_ARGS ?=
 # pytest-xdist workers: two keep this 2-core machine busy through the suite's compiles and waits; a file's tests
 # stay in one worker, so its module fixtures are built once.
@@ -20,21 +21,24 @@ $(RUNTIME): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(RUNTIME)
 
-# The suite starts about 40 Python processes (workers, command-line runs): each would compile the ~3500 sources it
-# imports (8-9 CPU-s) where PYTHONDONTWRITEBYTECODE is set, as here, because uv installs without bytecode. So the
-# test set compiles the venv's bytecode once (about 40 s on 2 cores); the demo, one process, does not wait for it.
-# A few third-party files are templates for other Python versions and do not compile: not an error.
 $(STAMP): $(RUNTIME) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
-venv: $(STAMP)
+# The suite starts about 40 Python processes (workers, command-line runs): each would compile the ~3500 sources it
+# imports (8-9 CPU-s) where PYTHONDONTWRITEBYTECODE is set, as here, because uv installs without bytecode. So the
+# tests compile the venv's bytecode once (about 40 s on 2 cores); the demo, one process, does not wait for it.
+# A few third-party files are templates for other Python versions and do not compile: not an error.
+$(BYTECODE): $(STAMP)
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
+	touch $(BYTECODE)
 
-test: $(STAMP) browser  ## default suite (everything not marked slow)
+venv: $(BYTECODE)
+
+test: $(BYTECODE) browser  ## default suite (everything not marked slow)
 	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-test-all: $(STAMP) browser  ## also the slow cases
+test-all: $(BYTECODE) browser  ## also the slow cases
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
