@@ -17,6 +17,7 @@ realistic hands.
 """
 
 import concurrent.futures
+import contextlib
 import pathlib
 import time
 
@@ -26,6 +27,7 @@ from PIL import Image
 
 from configs import stage1 as stage1_config
 from handi_jax import export, fileio, generate, prompts, train
+from handi_jax.components import train_state
 from handi_jax.data import demo_clips, input_pipeline, schema
 from handi_jax.evaluation import during_training
 from handi_jax.media import files as media_files
@@ -45,6 +47,13 @@ def _demo_sample(config, workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.P
   Image.fromarray(clip["frames"][0]).save(image)
   Image.fromarray(union).save(mask)
   return image, mask, clip, union > 0
+
+
+def has_steps_left(config, workdir: pathlib.Path) -> bool:
+  """Whether training `config` in `workdir` has steps to run: none after the stage's last checkpoint (a rerun)."""
+  with contextlib.closing(train_state.checkpoint_manager(config, workdir)) as manager:
+    latest = manager.latest_step()
+  return latest is None or latest < config.train.num_steps
 
 
 def distance_inside_mask(video: np.ndarray, clip_frames: np.ndarray, mask: np.ndarray) -> float:
@@ -74,17 +83,20 @@ def run_demo(config, workdir: str) -> dict:
   stages = {2: (config, workdir), 1: (stage1_config.as_stage1(config.copy_and_resolve_references()), stage1_dir)}
   # Tracing holds the GIL and compiling does not, so the work is ordered for the 2 cores: stage 2's step is traced
   # first, alone; then two threads compile it and trace and compile stage 1's, while stage 2 initialises and
-  # trains. Compiling either step counts in its stage's phase.
+  # trains. Compiling either step counts in its stage's phase; a stage trained already (a rerun) compiles nothing.
   started = time.perf_counter()
-  with tqdm.tqdm(total=1, desc="trace stage-2 train step") as tracing:
-    stage2_lowered = train.lower_train_step(config)
-    tracing.update()
+  compiled_steps = {}
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    compiled_steps = {2: pool.submit(train.compile_train_step, config, stage2_lowered),
-                      1: pool.submit(train.compile_train_step, stages[1][0])}
+    if has_steps_left(*stages[2]):
+      with tqdm.tqdm(total=1, desc="trace stage-2 train step") as tracing:
+        stage2_lowered = train.lower_train_step(config)
+        tracing.update()
+      compiled_steps[2] = pool.submit(train.compile_train_step, config, stage2_lowered)
+    if has_steps_left(*stages[1]):
+      compiled_steps[1] = pool.submit(train.compile_train_step, stages[1][0])
     for stage, (stage_config, stage_dir) in stages.items():
       evaluators = during_training.evaluators_from_config(stage_config, stage_dir)
-      train.train_and_evaluate(stage_config, str(stage_dir), evaluators, compiled_step=compiled_steps[stage])
+      train.train_and_evaluate(stage_config, str(stage_dir), evaluators, compiled_step=compiled_steps.get(stage))
       seconds[f"train stage {stage}"] = time.perf_counter() - started
       started = time.perf_counter()
 

@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from configs import common
-from handi_jax import sharding, train
+from handi_jax import demo, sharding, train
 from handi_jax.components import frozen as frozen_lib
 from handi_jax.components import train_state
 from handi_jax.components import unet as unet_lib
@@ -178,6 +178,15 @@ def test_a_step_compiled_ahead_trains_as_the_step_training_compiles(demo_dir, un
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.params)), jax.tree.leaves(jax.device_get(state.params)),
                   strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_rerun_of_the_demo_compiles_only_the_stages_with_steps_left(demo_dir, uninterrupted, tmp_path):
+  _, workdir, _ = uninterrupted   # trained to NUM_STEPS
+  config = _train_config(demo_dir)
+  assert not demo.has_steps_left(config, workdir)
+  config.train.num_steps = NUM_STEPS + 1
+  assert demo.has_steps_left(config, workdir)
+  assert demo.has_steps_left(config, tmp_path)   # no checkpoint yet
 
 
 def _train_straight(stage, demo_dir, workdir):
