@@ -11,7 +11,8 @@ It defines --config (default configs/stage2.py; any field overridden with --conf
 --traceback, one string flag --<name> per shortcut (it sets config.<command>.<name>) and the command's options,
 lists them all in --help, then runs job(config, workdir, **options) with:
 - the console: handi-jax's own warnings, each once, as `warning: <message>`, errors from anywhere, progress bars;
-- everything else (INFO and up, libraries, Python warnings) in <workdir>/logs/<command>-<time>.log, absl's format;
+- everything else (INFO and up, libraries, Python warnings) in <workdir>/logs/<command>-<time>.log, absl's format,
+  and what C++ libraries (MediaPipe, TensorFlow Lite, XLA) print to the process's stderr themselves;
 - XLA's persistent compilation cache (config.compilation_cache_dir);
 - an input error (USER_ERRORS, a bad flag or --config override) as one line `error: <message>` and exit status 1;
   --traceback shows the traceback instead.
@@ -107,6 +108,7 @@ def run(command: str, shortcuts: Sequence[str], default_workdir: str, workdir_he
       log_file = setup_logging(values.workdir, log_name(option_values) if log_name else command)
       if log_file is not None:
         print(f"full log in {log_file}")
+        send_native_output_to(log_file)
       enable_compilation_cache(config)
       job(config, values.workdir, **option_values)
 
@@ -289,6 +291,23 @@ def setup_logging(workdir: str, name: str | None) -> pathlib.Path | None:
   root.setLevel(std_logging.INFO)
   logging.set_verbosity(logging.INFO)
   return path
+
+
+def send_native_output_to(log_file: pathlib.Path) -> None:
+  """C++ libraries write their notices to file descriptor 2 themselves, past Python's logging (MediaPipe's
+  `W0000 ... inference_feedback_manager.cc`, TensorFlow Lite's `INFO: Created ... XNNPACK delegate`): point it at
+  the log file, which child processes then inherit too, and keep Python's sys.stderr (progress bars, the console
+  handlers, the error line) on the terminal. For a command's process only: it rebinds the process's stderr."""
+  sys.stderr.flush()
+  terminal = os.dup(2)
+  log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+  os.dup2(log, 2)
+  os.close(log)
+  console = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+  for handler in (logging.get_absl_handler().python_handler, *std_logging.getLogger("jax").handlers):
+    if isinstance(handler, std_logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
+      handler.setStream(console)
+  sys.stderr = console
 
 
 def _upload_log(handler: std_logging.FileHandler, local: pathlib.Path, remote) -> None:

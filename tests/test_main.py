@@ -182,6 +182,32 @@ def test_the_console_says_warnings_plainly_and_the_log_file_gets_everything(tmp_
   assert capsys.readouterr().err.splitlines() == ["warning: a warning of ours", "error: a library failed"]
 
 
+_NATIVE_OUTPUT = """
+import os, subprocess, sys
+from handi_jax import command_line
+
+def job(config, workdir):
+  os.write(2, b"W0000 00:00:1 1 inference_feedback_manager.cc:114] a C++ notice\\n")  # as MediaPipe writes it
+  subprocess.run(["sh", "-c", "echo a child process notice >&2"], check=True)
+  print("a line of ours on the console", file=sys.stderr)
+
+command_line.run("native", (), "runs/native", "Working directory.", job)
+"""
+
+
+def test_what_cpp_libraries_print_themselves_goes_to_the_log_file(tmp_path):
+  """MediaPipe and TensorFlow Lite write to file descriptor 2 from C++, past Python's logging."""
+  result = subprocess.run([sys.executable, "-c", _NATIVE_OUTPUT, f"--workdir={tmp_path}"], cwd=REPO_ROOT,
+                          env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert _error_lines(result) == ["a line of ours on the console"]
+  (log_file,) = (tmp_path / "logs").glob("native-*.log")
+  assert result.stdout.strip() == f"full log in {log_file}"
+  log = log_file.read_text()
+  assert "inference_feedback_manager.cc:114] a C++ notice\n" in log and "a child process notice\n" in log
+
+
 def test_distributed_arguments_come_from_the_config_else_the_environment():
   from handi_jax import main
 
