@@ -12,13 +12,14 @@ TEST_WORKERS ?= 2
 
 .PHONY: venv test test-all lint demo app browser clean
 
-# The runtime set (what `make demo` needs) installs with uv when it can (about 5x faster than pip here), else pip;
-# the test set adds torch/diffusers/pytest with pip, which reads this machine's pip configuration (CPU torch).
+# The runtime set (what `make demo` needs) and the project install with uv when it can (about 5x faster than pip
+# here), else pip; the test set adds torch/diffusers/pytest with pip, which reads this machine's pip configuration
+# (CPU torch).
 $(RUNTIME): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	($(PY) -m pip install --quiet uv==0.13.9 && $(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt) || \
-	  $(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	($(PY) -m pip install --quiet uv==0.13.9 && $(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt && \
+	  $(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .) || \
+	  ($(PY) -m pip install --quiet -r requirements.txt && $(PY) -m pip install --quiet --no-deps -e .)
 	touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME) requirements-dev.txt

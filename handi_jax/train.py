@@ -84,7 +84,8 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
     first, num_steps = int(state.step), config.train.num_steps
     stopped = False
     with jax.transfer_guard(config.train.transfer_guard), preemption_notice(manager) as preempted, \
-         ProfileWindow(config.train, workdir) as profile:
+         ProfileWindow(config.train, workdir) as profile, \
+         concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flop-count") as flop_counter:
       for index in range(first, num_steps):
         batch = {k: v for k, v in next(data).items() if isinstance(v, jax.Array)}  # drop host-side text
         args = (rng_state, frozen, batch, step_rng)
@@ -101,8 +102,10 @@ def train_and_evaluate(config, workdir: str, evaluators: Sequence[Evaluator] = (
                          "train step: waited %.1f s for the thread compiling it", time.perf_counter() - started)
           else:
             step_fn = compiled_step
+          # Counted beside the first steps: reading the program's HLO text takes seconds of Python.
           report = ProgressReport(config.train, writer, examples_per_step=batch["frames"].shape[0],
-                                  flops_per_device=step_flops(step_fn), peak_flops=peak_flops(mesh.devices.flat[0]))
+                                  flops_per_device=flop_counter.submit(step_flops, step_fn),
+                                  peak_flops=peak_flops(mesh.devices.flat[0]))
           bar = tqdm.tqdm(total=num_steps, initial=first, desc=f"train stage {config.stage}", unit="step",
                           disable=quiet)
         state, metrics = step_fn(state, *args)
@@ -234,8 +237,8 @@ class ProgressReport(periodic_actions.ReportProgress):
   ETA to the log) plus throughput_scalars at the same step rate. Steps are timed between calls, so checkpoint and
   evaluation time count: the rate is what the run achieves. Call it after every step."""
 
-  def __init__(self, train_config, writer, examples_per_step: int, flops_per_device: float,
-               peak_flops: float | None):
+  def __init__(self, train_config, writer, examples_per_step: int,
+               flops_per_device: float | concurrent.futures.Future, peak_flops: float | None):
     super().__init__(num_train_steps=train_config.num_steps, writer=writer, every_steps=train_config.log_every,
                      every_secs=None)
     self._train_config = train_config
@@ -246,6 +249,8 @@ class ProgressReport(periodic_actions.ReportProgress):
   def _apply(self, step: int, t: float):
     steps_per_sec = (step - self._previous_step) / (t - self._previous_time)  # as ReportProgress measures it
     super()._apply(step, t)
+    if isinstance(self._flops_per_device, concurrent.futures.Future):
+      self._flops_per_device = self._flops_per_device.result()
     self._writer.write_scalars(step, throughput_scalars(
         steps_per_sec, self._examples_per_step, self._flops_per_device, self._peak_flops,
         steps_to_checkpoint(step, self._train_config)))
